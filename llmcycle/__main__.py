@@ -1,0 +1,5 @@
+import sys
+
+from llmcycle.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""The `llmcycle` command: one subcommand per lifecycle stage.
+
+Every stage takes `--config RECIPE` (a YAML file, or the name of a shipped recipe) followed by any
+number of `key=value` overrides; `llmcycle <stage> --help` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from llmcycle import __version__
+from llmcycle.config import describe_fields, dump_yaml, load_config
+from llmcycle.config import field_help as F
+from llmcycle.errors import LlmcycleError
+
+
+def _options_epilog(cls: type) -> str:
+    rows = describe_fields(cls)
+    width = max(len(k) for k, *_ in rows)
+    lines = ["recipe keys (override any with key=value; default in brackets):"]
+    for key, tp, default, help_text in rows:
+        lines.append(f"  {key:<{width}}  {help_text} [{default!r}] ({tp})")
+    return "\n".join(lines)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
+    p.add_argument("--config", "-c", default=default_recipe, metavar="RECIPE",
+                   help=f"recipe YAML file or shipped recipe name (default: {default_recipe or 'built-in defaults'})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=3e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out_dir: str = F("runs/tokenizer", "where tokenizer.json and tokenizer_config.json are written")
+    corpus: str = F("python", "'python' (embedded corpus), or a .jsonl/.txt file or folder")
+    kind: Literal["bpe", "wordpiece", "unigram"] = F("bpe", "tokenizer model")
+    vocab_size: int = F(4096, "vocabulary size including special tokens")
+    min_frequency: int = F(2, "minimum frequency of a merge / token")
+    heldout_fraction: float = F(0.05, "documents held out to measure compression")
+    max_bytes: int | None = F(None, "cap on corpus bytes")
+    model_max_length: int = F(2048, "model_max_length written to tokenizer_config.json")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from llmcycle.data.pycorpus import split_heldout
+    from llmcycle.data.sources import load_documents
+    from llmcycle.manifest import write_manifest
+    from llmcycle.tokenizer.train import bytes_per_token, train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    t0 = time.time()
+    docs = load_documents(cfg.corpus, cfg.max_bytes)
+    train_docs, val_docs = split_heldout(docs, cfg.heldout_fraction)
+    print(f"corpus: {len(docs)} documents, {len(train_docs)} for training, {len(val_docs)} held out")
+    tok = train_tokenizer((d.text for d in train_docs), kind=cfg.kind, vocab_size=cfg.vocab_size,
+                          min_frequency=cfg.min_frequency, model_max_length=cfg.model_max_length)
+    out = Path(cfg.out_dir)
+    tok.save_pretrained(out)
+    bpt = bytes_per_token(tok, [d.text for d in val_docs]) if val_docs else float("nan")
+    from dataclasses import asdict
+
+    from llmcycle.data.document import corpus_hash
+
+    write_manifest(out, stage="tokenizer", config=asdict(cfg), inputs={"corpus": cfg.corpus,
+                   "corpus_sha256": corpus_hash(docs)}, metrics={"heldout_bytes_per_token": bpt,
+                   "vocab_size": tok.vocab_size, "seconds": time.time() - t0})
+    print(f"tokenizer: {cfg.kind}, {tok.vocab_size} tokens, {bpt:.3f} bytes/token on held-out text "
+          f"[{time.time() - t0:.1f}s]")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from llmcycle.train.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from llmcycle.train.pretrain import pretrain
+
+    pretrain(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job. Until the full lifecycle graph lands: corpus -> tokenizer -> pre-training."""
+    from llmcycle.train.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, args.recipe, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from llmcycle.train.pretrain import pretrain
+
+    t0 = time.time()
+    # Resumes from the last checkpoint when one exists, so an interrupted run just continues.
+    result = pretrain(cfg, resume=not args.fresh)
+    minutes = (time.time() - t0) / 60
+    print("\nsummary")
+    rows = [("steps", result["steps"]), ("held-out loss", result.get("val_loss")),
+            ("held-out bits/byte", result.get("val_bpb")), ("unigram baseline bits/byte", result.get("unigram_bpb")),
+            ("wall time (min)", minutes), ("model", Path(cfg.out_dir) / "model")]
+    for name, value in rows:
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {name:<28} {shown}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmcycle.model import Transformer, generate
+    from llmcycle.tokenizer import Tokenizer
+
+    model = Transformer.from_pretrained(args.model_dir)
+    tok = Tokenizer.from_pretrained(args.model_dir)
+    if args.chat:
+        ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt, add_bos=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   stop_ids=tok.end_of_turn_ids, generator=gen)
+    print(args.prompt + tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="llmcycle", formatter_class=fmt,
+        description="The whole life of a language model: data, tokenizer, pre-training, and on.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmcycle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+
+    from llmcycle.train.config import PretrainConfig
+
+    p = sub.add_parser("run", help="run the lifecycle from one recipe (default: embedded corpus, tiny model)",
+                       formatter_class=fmt, epilog=_options_epilog(PretrainConfig))
+    p.add_argument("recipe", nargs="?", default="default", help="recipe YAML or shipped name (default: default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    p.add_argument("--fresh", action="store_true", help="do not resume; fail if out_dir has checkpoints")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tp = tsub.add_parser("train", help="train a BPE / WordPiece / Unigram tokenizer with a chat template",
+                         formatter_class=fmt, epilog=_options_epilog(TokenizerTrainConfig))
+    _add_recipe_args(tp, None)
+    tp.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("pretrain", help="pre-train a causal or masked LM (torchrun for many processes)",
+                       formatter_class=fmt, epilog=_options_epilog(PretrainConfig))
+    _add_recipe_args(p, "tiny")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model directory")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens (default: 40)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LlmcycleError as e:
+        print(f"llmcycle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmcycle: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Every artifact carries a manifest: what made it, from which inputs, with which results.
+
+`manifest.json` in an artifact directory records the stage, its full configuration, the content
+hashes of its inputs and of its own files, its metrics, and the versions of llmcycle, torch and
+Python. Lineage from a served model back to the raw data follows these files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        out[str(f.relative_to(directory))] = h.hexdigest()
+    return out
+
+
+def write_manifest(
+    directory: Path, stage: str, config: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
+    import torch
+
+    from llmcycle import __version__
+
+    manifest = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "inputs": inputs,
+        "outputs": file_hashes(directory),
+        "metrics": metrics,
+        "versions": {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None

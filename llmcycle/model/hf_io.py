@@ -1,0 +1,158 @@
+"""Model directories in the Hugging Face layout.
+
+`config.json`, `model.safetensors` (or `model-00001-of-0000N.safetensors` + `model.safetensors.index.json`
+when large) and `generation_config.json`. Our parameter names are the HF names, so saving is a
+`state_dict()` and loading is `load_state_dict()`: no renaming table to drift out of date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.model.config import ModelConfig
+from llmcycle.model.transformer import Transformer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that we recompute ourselves.
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+def save_model(model: Transformer, path: str | Path, max_shard_size: int = 2 * 1024**3) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shared with embed_tokens; safetensors refuses aliases
+    dtypes = {v.dtype for v in state.values()}
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    _write_json(path / "config.json", hf)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    _write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+
+    shards = _split_shards(state, max_shard_size)
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory (single file or sharded), with clear errors for bad files."""
+    path = Path(path)
+    files: list[Path]
+    if (path / INDEX_FILE).exists():
+        try:
+            index = json.loads((path / INDEX_FILE).read_text())
+            files = sorted({path / f for f in index["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LlmcycleError(f"{path / INDEX_FILE}: not a valid safetensors index ({e}).") from None
+    elif (path / SINGLE_FILE).exists():
+        files = [path / SINGLE_FILE]
+    elif (path / "pytorch_model.bin").exists():
+        raise LlmcycleError(
+            f"{path}: holds only pytorch_model.bin (pickle); llmcycle reads safetensors only. Convert it "
+            "with transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)."
+        )
+    else:
+        raise LlmcycleError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found; is this a model directory?")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise LlmcycleError(f"{f}: listed in {INDEX_FILE} but missing.")
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LlmcycleError(f"{f}: corrupt or truncated safetensors file ({e}).") from None
+    return state
+
+
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """Load a model directory written by llmcycle or by transformers (Llama, Qwen2, Mistral).
+
+    dtype None loads float32 (the training default); pass torch.bfloat16 etc. for inference.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LlmcycleError(f"{path}: model directory not found.")
+    config = ModelConfig.from_json_file(path / "config.json")
+    state = read_state_dict(path)
+    return model_from_state(config, state, source=str(path), device=device, dtype=dtype)
+
+
+def model_from_state(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    # Build on the meta device: no time spent initialising weights we overwrite next.
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device=device)
+    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_KEYS)}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+        raise LlmcycleError(f"{source}: weights do not match config.json: {'; '.join(parts)}.")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise LlmcycleError(
+                f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(shape)}."
+            )
+    model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(dtype=dtype)

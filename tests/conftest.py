@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run on CI's 2 cores; keep torch from oversubscribing when pytest runs subprocesses too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    """A small slice of the embedded corpus, a 512-token BPE tokenizer and train/val shards, built once."""
+    from llmcycle.config import load_config
+    from llmcycle.train.config import PretrainConfig
+    from llmcycle.train.distributed import DistInfo
+    from llmcycle.train.prepare import prepare_data
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    cfg = load_config(PretrainConfig, None, [f"out_dir={out}", "data.max_bytes=400000", "tokenizer.vocab_size=512",
+                                             "data.heldout_fraction=0.1", "train.seq_len=64"])
+    prepared = prepare_data(cfg, out, DistInfo(), log=lambda *a: None)
+    return {
+        "tokenizer": str(prepared.tokenizer_dir),
+        "train": str(out / "data" / "train"),
+        "val": str(out / "data" / "val"),
+        "overrides": [f"tokenizer.path={prepared.tokenizer_dir}", f"data.train_shards={out / 'data' / 'train'}",
+                      f"data.val_shards={out / 'data' / 'val'}"],
+    }
+
+
+def tiny_train_overrides(out_dir: Path, steps: int = 20, **extra) -> list[str]:
+    base = {
+        "out_dir": str(out_dir), "model.size": "tiny", "model.hidden_size": 64, "model.intermediate_size": 128,
+        "model.num_hidden_layers": 2, "train.seq_len": 64, "train.batch_size": 8, "train.max_steps": steps,
+        "train.warmup_steps": 5, "train.lr": 3e-3, "train.dtype": "fp32", "train.threads": 1,
+        "eval.every": 10, "eval.batches": 2, "eval.sample_every": 0, "eval.sample_tokens": 8,
+        "checkpoint.every": 10, "checkpoint.keep": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(args: list[str], **kw):
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "llmcycle", *args], capture_output=True, text=True, env=env, **kw)
