@@ -34,7 +34,7 @@ def tiny_train_overrides(out_dir: Path, steps: int = 20, **extra) -> list[str]:
         "out_dir": str(out_dir), "model.size": "tiny", "model.hidden_size": 64, "model.intermediate_size": 128,
         "model.num_hidden_layers": 2, "train.seq_len": 64, "train.batch_size": 8, "train.max_steps": steps,
         "train.warmup_steps": 5, "train.lr": 3e-3, "train.dtype": "fp32", "train.threads": 1,
-        "eval.every": 10, "eval.batches": 2, "eval.sample_every": 0, "eval.sample_tokens": 8,
+        "eval.every": 10, "eval.sequences": 16, "eval.sample_every": 0, "eval.sample_tokens": 8,
         "checkpoint.every": 10, "checkpoint.keep": 2,
     }
     base.update(extra)

@@ -152,3 +152,54 @@ def test_empty_corpus_is_refused(tmp_path):
     r = run_cli(["pretrain", f"out_dir={tmp_path / 'out'}", f"data.corpus={empty}"])
     assert r.returncode == 2
     assert "no non-empty documents" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grad_accumulation_matches_the_full_batch(tiny_data, tmp_path):
+    full = pretrain(_cfg(tiny_data, tmp_path / "full", steps=4, **{"train.batch_size": 8}), log=lambda *a: None)
+    accum = pretrain(_cfg(tiny_data, tmp_path / "accum", steps=4, **{"train.batch_size": 4, "train.grad_accum": 2}),
+                     log=lambda *a: None)
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+    assert accum["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)
+
+
+def test_continued_pretraining_starts_from_the_given_model(tiny_data, tmp_path):
+    first = tmp_path / "first"
+    pretrain(_cfg(tiny_data, first, steps=30), log=lambda *a: None)
+    first_losses = _losses(first)
+    # Continue from the final model directory: its tokenizer comes along, the loss starts where it ended.
+    overrides = [o for o in tiny_data["overrides"] if not o.startswith("tokenizer.path")]
+    cfg = load_config(PretrainConfig, None, overrides + tiny_train_overrides(tmp_path / "second", 5)
+                      + [f"init_from={first / 'model'}"])
+    pretrain(cfg, log=lambda *a: None)
+    second = _losses(tmp_path / "second")
+    assert second[1] < first_losses[1] - 0.5
+    assert second[1] == pytest.approx(first_losses[30], abs=0.5)
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes(tiny_data, tmp_path):
+    one = tmp_path / "one"
+    pretrain(_cfg(tiny_data, one, steps=8, **{"train.batch_size": 8, "checkpoint.every": 4}), log=lambda *a: None)
+    two = tmp_path / "two"
+    import os
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def torchrun(steps: int, *extra: str):
+        args = [*tiny_data["overrides"], *tiny_train_overrides(two, steps, **{"train.batch_size": 4,
+                                                                              "train.parallel": "fsdp",
+                                                                              "checkpoint.every": 4})]
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "llmcycle", "pretrain", *args, *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    first = torchrun(4)  # stop at step 4, then resume sharded to step 8
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(8, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    l1, l2 = _losses(one), _losses(two)
+    assert sorted(l2) == list(range(1, 9))
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=1e-4), s
+    a = Transformer.from_pretrained(one / "model").state_dict()
+    b = Transformer.from_pretrained(two / "model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -25,11 +25,15 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
-def save_model(model: Transformer, path: str | Path, max_shard_size: int = 2 * 1024**3) -> None:
+def save_model(
+    model: Transformer, path: str | Path, max_shard_size: int = 2 * 1024**3, state_dict: dict | None = None
+) -> None:
+    """Write `model` as a HF model directory. `state_dict` replaces model.state_dict() when the weights
+    live elsewhere (e.g. gathered from FSDP shards onto one process)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state_dict or model.state_dict()).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with embed_tokens; safetensors refuses aliases
     dtypes = {v.dtype for v in state.values()}

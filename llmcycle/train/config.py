@@ -56,6 +56,7 @@ class TrainSection:
     dtype: Literal["auto", "fp32", "bf16"] = F("auto", "autocast dtype; auto = bf16 where the device is fast at it")
     compile: bool = F(False, "torch.compile the model (about 25 s to compile on CPU)")
     activation_checkpointing: bool = F(False, "recompute activations in backward to save memory")
+    parallel: Literal["ddp", "fsdp"] = F("ddp", "under torchrun: replicate (ddp) or shard (fsdp, FSDP2) the model")
     device: str = F("auto", "auto, cpu, cuda, cuda:N")
     seed: int = F(1337, "seed for initialisation, data order and masking")
     threads: int | None = F(None, "torch CPU threads (default: torch's choice)")
@@ -64,7 +65,7 @@ class TrainSection:
 @dataclass
 class EvalSection:
     every: int = F(100, "held-out evaluation every N steps (and at the end)")
-    batches: int = F(8, "held-out batches per evaluation")
+    sequences: int = F(128, "held-out sequences (of train.seq_len) per evaluation, the same ones each time")
     sample_every: int = F(200, "print sampled continuations every N steps (0: only at the end)")
     sample_tokens: int = F(40, "tokens per sampled continuation")
     prompts: list[str] = F(["def ", "The ", "import ", "class "], "fixed prompts for sampled continuations")

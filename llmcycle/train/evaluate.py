@@ -22,12 +22,13 @@ def heldout_metrics(
     token_bytes: torch.Tensor,
     seq_len: int,
     batch_size: int,
-    batches: int,
+    sequences: int,
     autocast: AbstractContextManager,
     objective: str = "causal",
     mask_id: int | None = None,
 ) -> dict[str, float]:
-    """Loss over the same fixed held-out rows every time (a fresh loader with seed 0).
+    """Loss over the same `sequences` held-out rows every time (a fresh loader with seed 0), whatever
+    the batch size, so runs with different batch shapes are evaluated on identical text.
 
     Bits per byte divides the summed loss (in bits) by the UTF-8 bytes of the predicted tokens, so it
     compares across tokenizers; specials count zero bytes.
@@ -36,11 +37,12 @@ def heldout_metrics(
     model.eval()
     device = next(model.parameters()).device
     loader = PackedLoader(val, seq_len, batch_size, seed=0)
-    batches = max(1, min(batches, loader.rows_per_epoch // batch_size))
+    remaining = max(1, min(sequences, loader.rows_per_epoch))
     gen = torch.Generator().manual_seed(0)
     loss_sum, count, nbytes = 0.0, 0, 0
-    for _ in range(batches):
-        x = loader.next_batch()
+    while remaining > 0:
+        x = loader.next_batch()[:remaining]
+        remaining -= x.shape[0]
         if objective == "masked":
             inputs, targets = mask_tokens(x[:, :-1], mask_id, token_bytes.numel(), 0.15, gen)
         else:

@@ -19,12 +19,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from llmcycle.config import dump_yaml
 from llmcycle.data.loader import PackedLoader
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig, config_for_size, describe
+from llmcycle.model.hf_io import save_model
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import checkpoint as ckpt
 from llmcycle.train.config import PretrainConfig
@@ -185,13 +194,14 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
     model.activation_checkpointing = t.activation_checkpointing
     log(f"model: {describe(model.config)} on {device}")
 
+    train_model = _wrap(model, cfg, dist, device)  # before the optimizer: FSDP replaces parameters
     optimizer = make_optimizer(model, cfg, device)
     loader = PackedLoader(data.train, t.seq_len, t.batch_size * t.grad_accum, seed=t.seed,
                           rank=dist.rank, world_size=dist.world_size)
     mask_gen = torch.Generator().manual_seed(t.seed + 1 + dist.rank)
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         mask_gen.set_state(state["rng"]["mask"][dist.rank] if dist.rank < len(state["rng"]["mask"])
@@ -199,7 +209,6 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
         start_step = int(state["step"])
         log(f"resume: continuing {resume_from} at step {start_step}")
 
-    train_model = _wrap(model, cfg, dist, device)
     amp_dtype = autocast_dtype(t.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
@@ -220,19 +229,29 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
         f"{loader.tokens_per_epoch:,} tokens per epoch")
 
     def evaluate(step: int) -> dict:
-        m = heldout_metrics(model, data.val, token_bytes, t.seq_len, t.batch_size, cfg.eval.batches,
+        m = heldout_metrics(model, data.val, token_bytes, t.seq_len, t.batch_size, cfg.eval.sequences,
                             autocast(), t.objective, tokenizer.mask_id)
         if baseline is not None:
             m["unigram_bpb"] = baseline
         return {"step": step, **m}
 
-    def save(step: int, mask_states: list[torch.Tensor]) -> Path:
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            _copy_tokenizer(data.tokenizer_dir, tmp)
-            torch.save(_trainer_state(step, optimizer, loader, mask_states, cfg, model), tmp / TRAINER_STATE)
-            (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
-        return ckpt.save_checkpoint(ckpt_root, step, write, cfg.checkpoint.keep)
+    def save(step: int) -> None:
+        # Collectives first (every rank takes part): full weights, optimizer state and masking RNGs.
+        model_state, optim_state = _full_state(model, optimizer)
+        mask_states = _gather_mask_states(mask_gen, dist)
+        if dist.is_main:
+            def write(tmp: Path) -> None:
+                save_model(model, tmp, state_dict=model_state)
+                _copy_tokenizer(data.tokenizer_dir, tmp)
+                state = _trainer_state(step, optim_state, loader, mask_states, cfg, model)
+                torch.save(state, tmp / TRAINER_STATE)
+                (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
+            ckpt.save_checkpoint(ckpt_root, step, write, cfg.checkpoint.keep)
+        barrier(dist)
+
+    # With FSDP every forward is a collective, so evaluation and sampling run on all ranks.
+    sharded = dist.enabled and t.parallel == "fsdp"
+    eval_here = dist.is_main or sharded
 
     last_eval: dict = {}
     step = start_step
@@ -279,6 +298,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
                 f"is {last or 'none (no checkpoint was written yet)'}; lower train.lr or raise warmup_steps."
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -290,42 +311,44 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
         bar.update(1)
 
         final = step == t.max_steps
-        if cfg.eval.every and (step % cfg.eval.every == 0 or final) and dist.is_main:
+        if cfg.eval.every and (step % cfg.eval.every == 0 or final) and eval_here:
             last_eval = evaluate(step)
             metrics.write({"eval": True, **last_eval})
-            msg = f"eval step {step}: val_loss {last_eval['val_loss']:.3f}"
-            if "val_bpb" in last_eval:
-                msg += f", {last_eval['val_bpb']:.3f} bits/byte (unigram baseline {baseline:.3f})"
-            bar.write(msg)
-        if t.objective == "causal" and dist.is_main and (
+            if dist.is_main:
+                msg = f"eval step {step}: val_loss {last_eval['val_loss']:.3f}"
+                if "val_bpb" in last_eval:
+                    msg += f", {last_eval['val_bpb']:.3f} bits/byte (unigram baseline {baseline:.3f})"
+                bar.write(msg)
+        if t.objective == "causal" and eval_here and (
                 final or (cfg.eval.sample_every and step % cfg.eval.sample_every == 0)):
             samples = sample_continuations(model, tokenizer, cfg.eval.prompts, cfg.eval.sample_tokens)
             metrics.write({"step": step, "samples": [{"prompt": p, "text": s} for p, s in samples]})
-            for p, s in samples:
+            for p, s in samples if dist.is_main else []:
                 bar.write(f"  sample {p!r} -> {(p + s)[:120]!r}")
         if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or final):
-            mask_states = _gather_mask_states(mask_gen, dist)  # a collective: every rank takes part
-            if dist.is_main:
-                save(step, mask_states)
-            barrier(dist)
+            save(step)
     bar.close()
-    if dist.enabled:
+    if dist.enabled and not sharded:
         _check_ranks_in_sync(model, dist)
+    final_state, _ = _full_state(model, None)
 
     result = {"steps": step, "final_loss": step_loss if step > start_step else None, **last_eval,
               "train_seconds": time.time() - t_start, "tokens_per_step": tokens_per_step}
     if dist.is_main:
         final_dir = out_dir / "model"
-        _publish_final(model, data.tokenizer_dir, final_dir, cfg, data.info, result)
+        _publish_final(model, final_state, data.tokenizer_dir, final_dir, cfg, data.info, result)
         log(f"done: final model in {final_dir} (checkpoints in {ckpt_root}, metrics in {out_dir / 'metrics.jsonl'})")
     return result
 
 
 def _wrap(model: Transformer, cfg: PretrainConfig, dist: DistInfo, device: torch.device) -> torch.nn.Module:
     m: torch.nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
+    if dist.enabled and cfg.train.parallel == "fsdp":
+        # FSDP2: each block's parameters sharded across ranks, gathered just in time for compute.
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif dist.enabled:
         m = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         m = torch.compile(m)
@@ -351,10 +374,19 @@ def _gather_mask_states(mask_gen: torch.Generator, dist: DistInfo) -> list[torch
     return gathered
 
 
-def _trainer_state(step, optimizer, loader, mask_states, cfg, model) -> dict:
+def _full_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict | None]:
+    """Unsharded weights (and optimizer state, keyed by parameter name) on the CPU; works for a plain,
+    DDP or FSDP model alike. Under FSDP this is a collective: call it on every rank."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def _trainer_state(step, optim_state, loader, mask_states, cfg, model) -> dict:
     return {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim_state,
         "loader": loader.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "mask": mask_states},
         "recipe": json.dumps(asdict(cfg)),
@@ -391,12 +423,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _publish_final(model, tokenizer_dir: Path, final_dir: Path, cfg, data_info: dict, result: dict) -> None:
+def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg, data_info: dict, result: dict) -> None:
     from llmcycle.manifest import write_manifest
 
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(model, tmp, state_dict=model_state)
     _copy_tokenizer(tokenizer_dir, tmp)
     (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
     write_manifest(tmp, stage="pretrain", config=asdict(cfg), inputs={"data": data_info}, metrics=result)
