@@ -27,6 +27,7 @@ def test_run_then_generate(tiny_data, tmp_path):
     again = run_cli(args)
     assert again.returncode == 0, again.stderr
     assert "resume: continuing" in again.stdout
+    assert "None" not in again.stdout.split("summary")[1]  # nothing left to train, still evaluated
     g = run_cli(["generate", str(out / "model"), "--prompt", "import ", "--max-new-tokens", "5"])
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("import ")

@@ -328,6 +328,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
         if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or final):
             save(step)
     bar.close()
+    if not last_eval and eval_here:  # resumed at the end already: still report where the model stands
+        last_eval = evaluate(step)
     if dist.enabled and not sharded:
         _check_ranks_in_sync(model, dist)
     final_state, _ = _full_state(model, None)
