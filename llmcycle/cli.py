@@ -35,6 +35,15 @@ def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> 
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
+def _load_recipe(cls: type, recipe: str | None, args: argparse.Namespace):
+    """The checked recipe, or None after printing it for --print-config."""
+    cfg = load_config(cls, recipe, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
 @dataclass
 class TokenizerTrainConfig:
     out_dir: str = F("runs/tokenizer", "where tokenizer.json and tokenizer_config.json are written")
@@ -53,9 +62,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from llmcycle.manifest import write_manifest
     from llmcycle.tokenizer.train import bytes_per_token, train_tokenizer
 
-    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
+    cfg = _load_recipe(TokenizerTrainConfig, args.config, args)
+    if cfg is None:
         return 0
     t0 = time.time()
     docs = load_documents(cfg.corpus, cfg.max_bytes)
@@ -82,9 +90,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from llmcycle.train.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
+    cfg = _load_recipe(PretrainConfig, args.config, args)
+    if cfg is None:
         return 0
     from llmcycle.train.pretrain import pretrain
 
@@ -96,9 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job. Until the full lifecycle graph lands: corpus -> tokenizer -> pre-training."""
     from llmcycle.train.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, args.recipe, args.overrides)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
+    cfg = _load_recipe(PretrainConfig, args.recipe, args)
+    if cfg is None:
         return 0
     from llmcycle.train.pretrain import pretrain
 
