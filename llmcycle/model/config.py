@@ -134,6 +134,10 @@ class ModelConfig:
             scaling["rope_type"] = kind
             scaling.pop("type", None)
             scaling.pop("rope_theta", None)
+            needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings"), "linear": ("factor",)}.get(kind, ())
+            if missing := [k for k in needed if scaling.get(k) is None]:
+                raise LlmcycleError(f"{source}: {kind} rope scaling needs {', '.join(missing)}.")
             if kind == "default":
                 scaling = None
         sliding = d.get("sliding_window")
@@ -154,7 +158,8 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=scaling,
-            tie_word_embeddings=d.get("tie_word_embeddings", model_type != "llama"),
+            # transformers' own default when the key is absent: untied for all three classes.
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)) if model_type == "llama" else False,
             qkv_bias=model_type == "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,

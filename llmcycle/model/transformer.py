@@ -18,6 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from llmcycle.model.config import ModelConfig
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; older releases expand k/v.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -75,6 +78,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     # x: [B, H, T, D]; cos/sin: [T, D] or [B, T, D] (HF's rotate-half convention, not interleaved).
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # Under bf16 autocast q/k come out of the projections in bf16 while cos/sin follow the fp32
+    # residual stream: match q/k instead of promoting them (and the whole rotation) to fp32.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -101,14 +107,18 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+        gqa = {}
         if self.n_kv != self.n_heads:
-            # Expanding k/v is what SDPA's enable_gqa does internally on CPU; doing it here keeps
-            # one code path that every backend (and torch.compile) handles.
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if _SDPA_GQA:
+                # The CPU flash kernel (and CUDA's) index shared k/v heads directly: no copies of k/v
+                # forward, no reduction over the copies backward (~10% of attention time on CPU).
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_heads // self.n_kv
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # SDPA's is_causal aligns the mask top-left, exact only when queries and keys coincide.
         causal = self.is_causal and attn_mask is None and q.shape[2] == k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
