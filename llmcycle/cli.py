@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory")
     p.add_argument("model_dir")
-    p.add_argument("--prompt", default="def ", help="text to continue (default: 'def ')")
+    p.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens (default: 40)")

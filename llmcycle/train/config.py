@@ -68,7 +68,9 @@ class EvalSection:
     sequences: int = F(128, "held-out sequences (of train.seq_len) per evaluation, the same ones each time")
     sample_every: int = F(200, "print sampled continuations every N steps (0: only at the end)")
     sample_tokens: int = F(40, "tokens per sampled continuation")
-    prompts: list[str] = F(["def ", "The ", "import ", "class "], "fixed prompts for sampled continuations")
+    # No trailing spaces: byte-level BPE glues a word's leading space to the word, so a prompt ending in a
+    # space asks the model to continue from a token boundary it has rarely seen.
+    prompts: list[str] = F(["def", "The", "import", "class"], "fixed prompts for sampled continuations")
 
 
 @dataclass
