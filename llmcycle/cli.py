@@ -103,6 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job. Until the full lifecycle graph lands: corpus -> tokenizer -> pre-training."""
     from llmcycle.train.config import PretrainConfig
 
+    if args.recipe and "=" in args.recipe:  # `llmcycle run train.lr=1e-3`: an override, not a recipe
+        args.overrides.insert(0, args.recipe)
+        args.recipe = "default"
     cfg = _load_recipe(PretrainConfig, args.recipe, args)
     if cfg is None:
         return 0

@@ -67,3 +67,17 @@ def test_tokenizer_train_config_defaults():
     assert cfg.kind == "unigram" and cfg.vocab_size == 1000
     with pytest.raises(ConfigError, match="choose one of"):
         load_config(TokenizerTrainConfig, None, ["kind=sentencepiece"])
+
+
+def test_model_size_checked_up_front():
+    from llmcycle.model.config import SIZES
+
+    with pytest.raises(ConfigError, match="choose one of: tiny"):
+        load_config(PretrainConfig, "tiny", ["model.size=huge"])
+    assert set(SIZES) == {"tiny", "mini", "small", "base", "medium", "1b"}  # the recipe's choices
+
+
+def test_run_takes_overrides_without_a_recipe(capsys):
+    assert main(["run", "train.max_steps=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "out_dir: runs/default" in out

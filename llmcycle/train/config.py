@@ -27,7 +27,7 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    size: str = F("tiny", "named size: tiny, mini, small, base, medium, 1b")
+    size: Literal["tiny", "mini", "small", "base", "medium", "1b"] = F("tiny", "named size (llmcycle.model.SIZES)")
     hidden_size: int | None = F(None, "override the size's hidden width")
     intermediate_size: int | None = F(None, "override the MLP width")
     num_hidden_layers: int | None = F(None, "override the number of layers")
