@@ -7,25 +7,20 @@ Python. Lineage from a served model back to the raw data follows these files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+from llmcycle.hashing import sha256_file
+
 MANIFEST = "manifest.json"
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    out = {}
-    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        out[str(f.relative_to(directory))] = h.hexdigest()
-    return out
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(f.relative_to(directory)): sha256_file(f) for f in files}
 
 
 def write_manifest(

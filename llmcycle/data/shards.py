@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.hashing import sha256_file
 
 FORMAT = "llmcycle-token-shards"
 VERSION = 1
@@ -244,14 +245,6 @@ def _with_sentinel(items: Iterable[str]):
     yield None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardSet:
     """Read-only view of a shard set; token files are memory-mapped, offsets held in memory."""
 
@@ -297,7 +290,7 @@ class ShardSet:
             self._check_size(idx_path, (n_docs + 1) * _IDX_DTYPE.itemsize)
             if verify:
                 for path, key in ((bin_path, "sha256_bin"), (idx_path, "sha256_idx")):
-                    if _sha256_file(path) != entry.get(key):
+                    if sha256_file(path) != entry.get(key):
                         raise LlmcycleError(f"{path} does not match its sha256 in {side}; the file is corrupt.")
             idx = np.fromfile(idx_path, dtype=_IDX_DTYPE)
             if idx[0] != 0 or idx[-1] != n_tok or np.any(np.diff(idx) < 0):

@@ -14,7 +14,6 @@ either the previous checkpoint as latest or the new one complete, never a half-w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,17 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.hashing import sha256_file
 
 MANIFEST = "checkpoint.json"
 LATEST = "latest"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
