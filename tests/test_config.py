@@ -81,3 +81,9 @@ def test_run_takes_overrides_without_a_recipe(capsys):
     assert main(["run", "train.max_steps=3", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "out_dir: runs/default" in out
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "tiny-mlm", "mini"])
+def test_every_shipped_recipe_is_valid(name):
+    cfg = load_config(PretrainConfig, name)
+    assert cfg.train.max_steps > 0 and cfg.out_dir.startswith("runs/")
