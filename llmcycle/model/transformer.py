@@ -90,7 +90,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.is_causal = config.is_causal
+        self.config = config  # read is_causal from it: one switch turns the whole model into an encoder
         self.sliding_window = config.sliding_window
         h = config.hidden_size
         qkv_bias = config.attention_bias or config.qkv_bias
@@ -117,7 +117,7 @@ class Attention(nn.Module):
                 rep = self.n_heads // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # SDPA's is_causal aligns the mask top-left, exact only when queries and keys coincide.
-        causal = self.is_causal and attn_mask is None and q.shape[2] == k.shape[2]
+        causal = self.config.is_causal and attn_mask is None and q.shape[2] == k.shape[2]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -39,6 +39,7 @@ def heldout_metrics(
     loader = PackedLoader(val, seq_len, batch_size, seed=0)
     remaining = max(1, min(sequences, loader.rows_per_epoch))
     gen = torch.Generator().manual_seed(0)
+    token_bytes = token_bytes.to(device)
     loss_sum, count, nbytes = 0.0, 0, 0
     while remaining > 0:
         x = loader.next_batch()[:remaining]
@@ -55,7 +56,7 @@ def heldout_metrics(
         ).item()
         valid = targets != IGNORE
         count += int(valid.sum())
-        nbytes += int(token_bytes.to(device)[targets.clamp(min=0)][valid].sum())
+        nbytes += int(token_bytes[targets.clamp(min=0)][valid].sum())
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

@@ -95,7 +95,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     t = cfg.train
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     try:
@@ -181,8 +181,6 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
         model = Transformer.from_pretrained(cfg.init_from, device=device)
         state = None
         model.config.is_causal = t.objective == "causal"
-        for layer in model.model.layers:
-            layer.self_attn.is_causal = model.config.is_causal
     else:
         model = Transformer(build_model_config(cfg, tokenizer)).to(device)
         state = None
@@ -195,7 +193,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
     log(f"model: {describe(model.config)} on {device}")
 
     train_model = _wrap(model, cfg, dist, device)  # before the optimizer: FSDP replaces parameters
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     loader = PackedLoader(data.train, t.seq_len, t.batch_size * t.grad_accum, seed=t.seed,
                           rank=dist.rank, world_size=dist.world_size)
     mask_gen = torch.Generator().manual_seed(t.seed + 1 + dist.rank)
