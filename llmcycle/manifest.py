@@ -42,7 +42,3 @@ def write_manifest(
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
 
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
