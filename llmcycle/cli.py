@@ -28,6 +28,14 @@ def _options_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
+def _step_list() -> str:
+    from llmcycle.data.readers import READERS
+    from llmcycle.data.steps import step_names
+
+    return ("\n\nreaders (inputs[].type): " + ", ".join(sorted(READERS))
+            + "\nsteps: " + ", ".join(step_names()) + "\n(parameters of each: docs/data.md)")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
     p.add_argument("--config", "-c", default=default_recipe, metavar="RECIPE",
                    help=f"recipe YAML file or shipped recipe name (default: {default_recipe or 'built-in defaults'})")
@@ -84,6 +92,32 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     print(f"tokenizer: {cfg.kind}, {tok.vocab_size} tokens, {bpt:.3f} bytes/token on held-out text "
           f"[{time.time() - t0:.1f}s]")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from llmcycle.data.config import DataConfig
+
+    if args.executor:
+        args.overrides.append(f"executor={args.executor}")
+    if args.ray_address:
+        args.overrides.append(f"ray_address={args.ray_address}")
+    if args.workers is not None:
+        args.overrides.append(f"workers={args.workers}")
+    cfg = _load_recipe(DataConfig, args.config, args)
+    if cfg is None:
+        return 0
+    from llmcycle.data.run import check_config, run_data
+
+    if args.check:
+        plan = check_config(cfg)
+        print(f"recipe ok: {len(plan.tasks)} tasks, steps: {', '.join(n for n, _ in plan.steps) or 'none'}")
+        return 0
+    if args.fresh:
+        import shutil
+
+        shutil.rmtree(Path(cfg.out_dir) / "work", ignore_errors=True)
+    run_data(cfg)
     return 0
 
 
@@ -169,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=fmt, epilog=_options_epilog(TokenizerTrainConfig))
     _add_recipe_args(tp, None)
     tp.set_defaults(func=cmd_tokenizer_train)
+
+    from llmcycle.data.config import DataConfig
+
+    p = sub.add_parser("data", help="collect, clean, deduplicate, tokenize and shard text (local or Ray)",
+                       formatter_class=fmt, epilog=_options_epilog(DataConfig) + _step_list())
+    _add_recipe_args(p, "data")
+    p.add_argument("--executor", choices=["local", "ray"], help="where tasks run (default: the recipe's, local)")
+    p.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes / Ray CPUs (default: all cores)")
+    p.add_argument("--check", action="store_true", help="check the recipe (readers, steps, paths) and exit")
+    p.add_argument("--fresh", action="store_true", help="discard finished tasks of earlier runs and start over")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("pretrain", help="pre-train a causal or masked LM (torchrun for many processes)",
                        formatter_class=fmt, epilog=_options_epilog(PretrainConfig))

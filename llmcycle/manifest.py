@@ -18,13 +18,16 @@ from llmcycle.hashing import sha256_file
 MANIFEST = "manifest.json"
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under `directory` but the manifest and the top-level entries in `skip`."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and p.relative_to(directory).parts[0] not in skip)
     return {str(f.relative_to(directory)): sha256_file(f) for f in files}
 
 
 def write_manifest(
-    directory: Path, stage: str, config: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any]
+    directory: Path, stage: str, config: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
+    skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     import torch
 
@@ -35,7 +38,7 @@ def write_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
         "inputs": inputs,
-        "outputs": file_hashes(directory),
+        "outputs": file_hashes(directory, skip),
         "metrics": metrics,
         "versions": {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -192,9 +192,13 @@ def split_heldout(
     """
     if not 0.0 <= heldout_fraction <= 1.0:
         raise LlmcycleError(f"split_heldout: heldout_fraction must be in [0, 1], got {heldout_fraction}.")
-    threshold = int(heldout_fraction * 2**64)
     train, heldout = [], []
     for d in docs:
-        h = int.from_bytes(hashlib.sha256((salt + split_key(d)).encode("utf-8")).digest()[:8], "big")
-        (heldout if h < threshold else train).append(d)
+        (heldout if is_heldout(d, heldout_fraction, salt) else train).append(d)
     return train, heldout
+
+
+def is_heldout(doc: Document, heldout_fraction: float, salt: str = "llmcycle-heldout") -> bool:
+    """The held-out decision of `split_heldout` for one document."""
+    h = int.from_bytes(hashlib.sha256((salt + split_key(doc)).encode("utf-8")).digest()[:8], "big")
+    return h < int(heldout_fraction * 2**64)
