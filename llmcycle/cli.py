@@ -33,7 +33,7 @@ def _step_list() -> str:
     from llmcycle.data.steps import step_names
 
     return ("\n\nreaders (inputs[].type): " + ", ".join(sorted(READERS))
-            + "\nsteps: " + ", ".join(step_names()) + "\n(parameters of each: docs/data.md)")
+            + "\nsteps: " + ", ".join(step_names()) + "\n(parameters: docs/data-readers.md, docs/data-filters.md, docs/data-dedup.md)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, default_recipe: str | None) -> None:

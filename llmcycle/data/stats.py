@@ -44,11 +44,13 @@ class StepStats:
         d = asdict(self)
         d["dropped"] = dict(sorted(self.dropped.items()))
         d["counters"] = dict(sorted(self.counters.items()))
+        d["docs_per_s"] = round(self.docs_in / self.seconds, 1) if self.seconds >= 1e-3 else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepStats:
         d = dict(d)
+        d.pop("docs_per_s", None)
         d["dropped"] = Counter(d.get("dropped", {}))
         d["counters"] = Counter(d.get("counters", {}))
         return cls(**d)
@@ -91,9 +93,10 @@ def funnel_table(stats: list[StepStats]) -> str:
     rows = [("step", "docs in", "docs out", "kept %", "bytes out", "seconds", "docs/s")]
     for s in stats:
         kept = 100.0 * s.docs_out / s.docs_in if s.docs_in else 100.0
-        rate = s.docs_in / s.seconds if s.seconds > 0 else float("inf")
+        # under a millisecond (a step that applied to no document) a rate means nothing
+        rate = f"{s.docs_in / s.seconds:,.0f}" if s.seconds >= 1e-3 else "-"
         rows.append((s.name, f"{s.docs_in:,}", f"{s.docs_out:,}", f"{kept:.1f}", _human_bytes(s.bytes_out),
-                     f"{s.seconds:.2f}", f"{rate:,.0f}" if rate != float("inf") else "-"))
+                     f"{s.seconds:.2f}", rate))
         for reason, n in sorted(s.dropped.items(), key=lambda kv: (-kv[1], kv[0])):
             rows.append((f"  - {reason}", "", f"-{n:,}", "", "", "", ""))
         for name, n in sorted(s.counters.items()):
