@@ -16,7 +16,11 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-_xxh3 = xxhash.xxh3_64_intdigest
+_xxh3_bytes = xxhash.xxh3_64_intdigest
+
+
+def _xxh3(key: str) -> int:
+    return _xxh3_bytes(key.encode("utf-8", "surrogatepass"))  # xxhash >= 4 hashes bytes only
 
 
 def line_key(line: str) -> str:

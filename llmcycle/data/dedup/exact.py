@@ -24,7 +24,7 @@ def normalize_exact(text: str) -> str:
 
 
 def exact_signature(text: str) -> np.ndarray:
-    h = xxhash.xxh3_128_intdigest(normalize_exact(text))
+    h = xxhash.xxh3_128_intdigest(normalize_exact(text).encode("utf-8", "surrogatepass"))
     return np.array([h >> 64, h & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
 
 

@@ -122,6 +122,8 @@ def simple_words(text: str, numbers: bool = True) -> list[str]:
 
 def word_hashes(words: list[str] | list[bytes]) -> np.ndarray:
     """xxh3-64 of each word's UTF-8 bytes (str or bytes: the same value), as uint64."""
+    if words and isinstance(words[0], str):  # xxhash >= 4 hashes bytes only
+        words = [w.encode("utf-8", "surrogatepass") for w in words]
     return np.fromiter(map(_xxh3, words), dtype=np.uint64, count=len(words))
 
 
