@@ -42,7 +42,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from llmcycle.data.document import Document
 
@@ -66,14 +66,6 @@ NEAR_WORDS = ("river", "garden", "window", "silver", "market", "yellow", "planet
 
 # ---------------------------------------------------------------------------------------------------
 # machine
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def machine_info() -> dict:

@@ -22,29 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import string
-import subprocess
 import time
 from collections.abc import Callable
 
 import numpy as np
 from datasketch import MinHash
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from llmcycle.data.dedup.minhash import MinHasher, estimate_jaccard, shingle_hashes, simple_words, word_hashes
 
 NUM_PERM = 112
 NGRAM = 5
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def shingle_strings(words: list[str]) -> list[bytes]:

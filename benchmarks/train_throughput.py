@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 from llmcycle.model import ModelConfig, Transformer
 from llmcycle.model.config import describe
@@ -29,14 +28,6 @@ from llmcycle.model.config import describe
 BENCH_CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                     num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,
                     max_position_embeddings=2048)
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0) -> float:
