@@ -133,6 +133,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _posttrain_command(module: str, config: str, func: str):
+    """`llmcycle sft|reward|dpo|ppo|grpo`: load the recipe, run the trainer, resume on --resume."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        mod = importlib.import_module(module)
+        cfg = _load_recipe(getattr(mod, config), args.config, args)
+        if cfg is None:
+            return 0
+        getattr(mod, func)(cfg, resume=args.resume)
+        return 0
+
+    return run
+
+
+# (command, module, config class, function, help)
+POSTTRAIN_COMMANDS = (
+    ("sft", "llmcycle.train.sft", "SFTConfig", "sft",
+     "supervised fine-tuning on conversations / instructions (loss on assistant tokens)"),
+    ("reward", "llmcycle.train.reward", "RewardConfig", "train_reward",
+     "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
+    ("dpo", "llmcycle.train.dpo", "DPOConfig", "dpo",
+     "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
+)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job. Until the full lifecycle graph lands: corpus -> tokenizer -> pre-training."""
     from llmcycle.train.config import PretrainConfig
@@ -221,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p, "tiny")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     p.set_defaults(func=cmd_pretrain)
+
+    import importlib
+
+    for name, module, config, func, help_text in POSTTRAIN_COMMANDS:
+        cls = getattr(importlib.import_module(module), config)
+        p = sub.add_parser(name, help=help_text, formatter_class=fmt, epilog=_options_epilog(cls))
+        _add_recipe_args(p, None)
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+        p.set_defaults(func=_posttrain_command(module, config, func))
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory")
     p.add_argument("model_dir")

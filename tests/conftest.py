@@ -46,3 +46,27 @@ def run_cli(args: list[str], **kw):
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "llmcycle", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tiny_data, tmp_path_factory) -> str:
+    """A randomly initialised 2-layer model with the tiny tokenizer: the starting point of post-training tests."""
+    import shutil
+
+    import torch
+
+    from llmcycle.model.config import ModelConfig
+    from llmcycle.model.transformer import Transformer
+    from llmcycle.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    Transformer(cfg).save_pretrained(out)
+    for f in Path(tiny_data["tokenizer"]).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    return str(out)

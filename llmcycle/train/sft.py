@@ -1,0 +1,175 @@
+"""Supervised fine-tuning (`llmcycle sft`): conversations and instructions, loss on the assistant's tokens.
+
+Examples are rendered through the tokenizer's chat template; by default only assistant tokens (content and
+end-of-turn) are trained. With packing, examples are laid end to end in rows of `max_length` tokens with
+positions restarting per example and a block-diagonal causal mask, so no example attends to another and
+its loss is what it would be alone. The loss is summed over trained tokens and divided by the trained
+tokens of the whole optimizer step (all micro-batches, all processes): long and short examples weigh per
+token, whatever the accumulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from llmcycle.config import field_help as Fh
+from llmcycle.errors import LlmcycleError
+from llmcycle.model.transformer import Transformer
+from llmcycle.train.batching import packed_batch, pad_batch, plan_packs
+from llmcycle.train.chat_data import Rejects, load_sft, require_examples
+from llmcycle.train.examples import SFTExample
+from llmcycle.train.masking import IGNORE
+from llmcycle.train.post_eval import exact_match, heldout_loss
+from llmcycle.train.posttrain import (
+    CheckpointSection,
+    DataSection,
+    EpochLoader,
+    OptimSection,
+    Session,
+    chunks,
+    file_inputs,
+    first_evaluation,
+    model_input,
+    resolve_data,
+    total_steps,
+    train_loop,
+)
+
+
+@dataclass
+class SFTData(DataSection):
+    loss_on: Literal["assistant", "all"] = Fh("assistant", "train on assistant tokens only, or on every token")
+    packing: bool = Fh(True, "pack several examples per row (no attention across them); false pads one per row")
+
+
+@dataclass
+class SFTOptim(OptimSection):
+    lr: float = Fh(1e-3, "peak learning rate")
+    epochs: float = Fh(3.0, "passes over the training set (ignored when max_steps > 0)")
+
+
+@dataclass
+class SFTEval:
+    every: int = Fh(50, "held-out evaluation every N steps (and before the first and after the last)")
+    max_examples: int = Fh(256, "held-out examples for the loss")
+    generate: int = Fh(64, "held-out examples answered greedily for exact match (0: none)")
+    max_new_tokens: int = Fh(24, "tokens generated per answer")
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = Fh("runs/sft", "output directory (checkpoints, final model, metrics)")
+    model: str = Fh("runs/default/model", "model directory to fine-tune (Hugging Face layout, with its tokenizer)")
+    data: SFTData = field(default_factory=SFTData)
+    train: SFTOptim = field(default_factory=SFTOptim)
+    eval: SFTEval = field(default_factory=SFTEval)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+def examples_hash(examples: list[SFTExample]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e.ids, e.trained)).encode())
+    return h.hexdigest()
+
+
+def sft_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed cross-entropy over trained tokens, with token accuracy and count (sums, for Session.step)."""
+    logits = batch.forward(model)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    trained = batch.targets != IGNORE
+    correct = ((logits.detach().argmax(-1) == batch.targets) & trained).sum()
+    return loss, {"mean_token_accuracy": float(correct)}
+
+
+def sft(cfg: SFTConfig, resume: bool = False, log=print) -> dict:
+    with Session("sft", cfg, resume, log) as s:
+        return _sft(cfg, s)
+
+
+def _sft(cfg: SFTConfig, s: Session) -> dict:
+    d, t = cfg.data, cfg.train
+    tok = s.load_tokenizer(cfg.model)
+    train_paths, eval_paths = resolve_data(d, s.out_dir, "sft")
+    rejects = Rejects()
+    train = load_sft(train_paths, tok, d.max_length, rejects, loss_on=d.loss_on)
+    require_examples(train, rejects, "SFT training", train_paths)
+    s.log(f"data: {len(train)} training examples from {', '.join(map(str, train_paths))}")
+    if rejects.total() or rejects.truncated:
+        s.log(rejects.summary())
+    eval_rejects = Rejects()
+    heldout = load_sft(eval_paths, tok, d.max_length, eval_rejects, loss_on=d.loss_on) if eval_paths else []
+    if eval_rejects.total():
+        s.log("held-out data:\n" + eval_rejects.summary())
+
+    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
+    model = modules["policy"]
+    wrapped = s.wrapped["policy"]
+    if model.config.vocab_size < tok.vocab_size:
+        raise LlmcycleError(f"{cfg.model}: the tokenizer has more tokens than the model's vocabulary.")
+    if d.max_length > model.config.max_position_embeddings:
+        s.log(f"note: data.max_length {d.max_length} exceeds the model's context "
+              f"{model.config.max_position_embeddings}; positions past it were never trained")
+    data_hash = examples_hash(train)
+    if s.state is not None and s.state["extra"].get("data_hash") != data_hash:
+        raise LlmcycleError(f"the training data differ from those of checkpoint {s.resume_from}; cannot resume.")
+
+    # Units of data: packed rows, or single examples. Packing uses a seeded order so it is reproducible.
+    pad_id = tok.pad_id if tok.pad_id is not None else 0
+    if d.packing:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(t.seed)).tolist()
+        plan = plan_packs([len(train[i].ids) - 1 for i in order], d.max_length)
+        units = [[order[j] for j in row] for row in plan]
+    else:
+        units = [[i] for i in range(len(train))]
+    loader = EpochLoader(len(units), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
+    if s.state is not None:
+        loader.load_state_dict(s.state["loader"])
+    max_steps = total_steps(t, loader)
+    n_tokens = sum(sum(e.trained[1:]) for e in train)
+    s.log(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
+          f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")
+
+    def make_batch(unit_ids: list[int]):
+        if d.packing:
+            rows = [[(train[i].ids, train[i].trained) for i in units[u]] for u in unit_ids]
+            return packed_batch(rows, pad_id).to(s.device)
+        return pad_batch([(train[units[u][0]].ids, train[units[u][0]].trained) for u in unit_ids], pad_id).to(s.device)
+
+    with_ref = [e for e in heldout if e.reference is not None and e.prompt_ids][: cfg.eval.generate]
+
+    def evaluate() -> dict:
+        if not heldout or not s.dist.is_main:
+            return {}
+        m = heldout_loss(model, heldout[: cfg.eval.max_examples], pad_id, t.batch_size, s.device, s.autocast)
+        if with_ref:
+            em = exact_match(model, tok, [e.prompt_ids for e in with_ref], [e.reference for e in with_ref],
+                             cfg.eval.max_new_tokens)
+            m.update(eval_exact_match=em["exact_match"], eval_exact_match_n=em["exact_match_n"],
+                     eval_samples=em["samples"])
+        return m
+
+    first_eval = first_evaluation(s, evaluate, _eval_line)
+    last_eval = train_loop(
+        s, "sft", max_steps, loader, lambda idx: [make_batch(list(c)) for c in chunks(idx, t.batch_size)],
+        lambda b: float((b.targets != IGNORE).sum()), lambda b: sft_loss(wrapped, b), evaluate, cfg.eval.every,
+        _eval_line, {"data_hash": data_hash, "first_eval": first_eval})
+    result = {"train_examples": len(train), "rejected": rejects.to_dict(), "eval_rejected": eval_rejects.to_dict(),
+              "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
+              **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
+    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}, result)
+    s.log(f"done: fine-tuned model in {final}")
+    return result
+
+
+def _eval_line(step: int, m: dict) -> str:
+    line = f"eval step {step}: eval_loss {m['eval_loss']:.3f}, token accuracy {m['eval_mean_token_accuracy']:.3f}"
+    if "eval_exact_match" in m:
+        line += f", exact match {m['eval_exact_match']:.3f} of {m['eval_exact_match_n']}"
+    return line
