@@ -157,6 +157,10 @@ POSTTRAIN_COMMANDS = (
      "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
     ("dpo", "llmcycle.train.dpo", "DPOConfig", "dpo",
      "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
+    ("ppo", "llmcycle.train.ppo", "PPOConfig", "ppo",
+     "online RL from a reward model with a value model (PPO, KL-penalised, GAE)"),
+    ("grpo", "llmcycle.train.grpo", "GRPOConfig", "grpo",
+     "online RL from verifiable rewards: groups of samples per prompt (GRPO)"),
 )
 
 

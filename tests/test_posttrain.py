@@ -64,7 +64,9 @@ def word_data(tmp_path_factory) -> dict:
     return {"sft_train": _write_jsonl(d / "sft_train.jsonl", _sft_records(160, 1)),
             "sft_eval": _write_jsonl(d / "sft_eval.jsonl", _sft_records(32, 2)),
             "pref_train": _write_jsonl(d / "pref_train.jsonl", _pref_records(160, 3)),
-            "pref_eval": _write_jsonl(d / "pref_eval.jsonl", _pref_records(48, 4))}
+            "pref_eval": _write_jsonl(d / "pref_eval.jsonl", _pref_records(48, 4)),
+            "prompts": _write_jsonl(d / "prompts.jsonl", [
+                {"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in _sft_records(40, 5)])}
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +250,15 @@ def _kill_after(args: list[str], out: Path, min_step: int, timeout: float = 180)
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
 
 
-@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+KILL_DATA = {"sft": {"data.train": "sft_train"}, "reward": {"data.train": "pref_train"},
+             "dpo": {"data.train": "pref_train"},
+             "grpo": {"data.train": "prompts", "num_generations": 4, "generation.max_new_tokens": 6, "train.grad_accum": 1}}
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo", "grpo"])
 def test_kill_and_resume_matches_an_uninterrupted_run(command, sft_model, word_data, tmp_path):
     steps = 10
-    data = {"sft": {"data.train": word_data["sft_train"]}}.get(command, {"data.train": word_data["pref_train"]})
+    data = {k: word_data.get(v, v) for k, v in KILL_DATA[command].items()}
     extra = {**data, "data.eval": None, "checkpoint.every": 4, "train.lr": 1e-3}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run_cli([command, *_opts(ref, sft_model[0], steps, **extra)], timeout=300).returncode == 0

@@ -446,8 +446,10 @@ def train_loop(s: Session, desc: str, max_steps: int, loader: EpochLoader, micro
                dynamic_ncols=True)
     while s.step_count < max_steps:
         lr = s.set_lr(max_steps)
+        t0 = time.perf_counter()
         record = s.step(micro_batches(loader.next_step()), count, loss_fn)
-        record.update(step=s.step_count, lr=lr, epoch=round(loader.epoch + loader.cursor / loader.n, 4))
+        record.update(step=s.step_count, lr=lr, epoch=round(loader.epoch + loader.cursor / loader.n, 4),
+                      step_seconds=round(time.perf_counter() - t0, 5))
         log_step(s, bar, record)
         final = s.step_count == max_steps
         if eval_every and (s.step_count % eval_every == 0 or final):
