@@ -1,9 +1,11 @@
 """Our losses against TRL 1.16's own trainers, on one tiny random Llama.
 
 TRL keeps its losses inside the trainers, so each test builds the real trainer (DPO with each loss type,
-CPO with loss_type="simpo", ORPO, KTO, Reward) around a tiny `LlamaForCausalLM`, collates a hand-built
+CPO with loss_type="simpo", ORPO, KTO, Reward, SFT) around a tiny `LlamaForCausalLM`, collates a hand-built
 batch with the trainer's own data collator and calls its `compute_loss`. Our side runs the same weights
-through our `Transformer` and `token_logps` on the same hand-built ids and feeds `llmcycle.train.losses`.
+through our `Transformer` and the production code on the same hand-built ids: completion log-probs through
+`llmcycle.train.dpo.completion_logps` (what the DPO-family trainers run) fed to `llmcycle.train.losses`,
+and SFT through `llmcycle.train.sft.sft_loss` on padded and packed batches.
 The policy is a perturbed copy of the reference so DPO/KTO log-ratios are not all zero.
 """
 
@@ -24,7 +26,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
 from llmcycle.model import Transformer  # noqa: E402
-from llmcycle.train.logps import token_logps  # noqa: E402
+from llmcycle.train.batching import packed_batch, pad_batch  # noqa: E402
+from llmcycle.train.dpo import completion_logps  # noqa: E402
 from llmcycle.train.losses import (  # noqa: E402
     bradley_terry_loss,
     dpo_loss,
@@ -34,6 +37,7 @@ from llmcycle.train.losses import (  # noqa: E402
     simpo_loss,
 )
 from llmcycle.train.masking import IGNORE  # noqa: E402
+from llmcycle.train.sft import sft_loss  # noqa: E402
 
 ATOL = 1e-5
 VOCAB = 64
@@ -111,17 +115,9 @@ def trl_loss(trainer, batch) -> float:
 
 @torch.no_grad()
 def seq_logps(model: Transformer, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of each completion given its prompt, and the completion lengths."""
-    rows = [p + c for p, c in zip(prompts, completions)]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
-    targets = torch.full_like(ids, IGNORE)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        # position t predicts token t+1: the completion's tokens are predicted from len(p)-1 on
-        targets[i, len(p) - 1:len(p) - 1 + len(c)] = torch.tensor(c)
-    # Right padding under a causal mask: real tokens never see the pads, no attention mask needed.
-    logps = token_logps(model(ids), targets)
-    return logps.sum(-1), torch.tensor([len(c) for c in completions])
+    """Summed log-probs of each completion given its prompt, and the completion lengths: the production
+    function the DPO-family trainers run, so these tests cover their code path."""
+    return completion_logps(model, list(zip(prompts, completions)), PAD, torch.device("cpu"))
 
 
 def assert_close(ours_value: float, trl_value: float) -> None:
@@ -306,3 +302,69 @@ def test_bradley_terry_matches_trl_reward_trainer(dirs, with_margin, center):
     rejected = scores([p + r for p, r in zip(PROMPTS, REJECTED)])
     losses = bradley_terry_loss(chosen, rejected, torch.tensor(margins) if with_margin else None, center)
     assert_close(losses.mean().item(), expected)
+
+
+# ---- SFT (SFTTrainer, completion-only loss) -----------------------------------------------------
+
+
+@torch.no_grad()
+def sft_sequences(model: Transformer) -> list[tuple[list[int], list[bool]]]:
+    """Four sequences of different lengths with their trained masks (one multi-turn, trained on two separate
+    answers). Every other answer token is the model's own greedy choice, so token accuracy is neither 0 nor 1."""
+    turns = [  # (prompt, answer length) per turn
+        [([BOS, 10, 11, 12], 3)],
+        [([BOS, 13], 1)],
+        [([BOS, 15, 16], 2), ([17, 18], 2)],
+        [([BOS, 20, 21, 22, 23], 6)],
+    ]
+    seqs = []
+    for conversation in turns:
+        ids: list[int] = []
+        trained: list[bool] = []
+        for prompt, n in conversation:
+            ids += prompt
+            trained += [False] * len(prompt)
+            for k in range(n):
+                greedy = int(model(torch.tensor([ids]))[0, -1].argmax())
+                ids.append(greedy if k % 2 == 0 else 30 + len(ids))
+            ids.append(EOS)
+            trained += [True] * (n + 1)
+        seqs.append((ids, trained))
+    return seqs
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_sft_matches_trl(dirs, padding_free):
+    from trl import SFTConfig, SFTTrainer
+
+    policy = ours(dirs["policy"])
+    seqs = sft_sequences(policy)
+    assert len({len(ids) for ids, _ in seqs}) == len(seqs)
+    # Pre-tokenized rows with a completion mask: TRL's dataset preparation turns them into labels (-100 off the
+    # mask), its collator pads them (or, padding-free, flattens them into one row with restarting positions).
+    data = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in seqs],
+                                       "completion_mask": [[int(t) for t in m] for _, m in seqs]})
+    args = SFTConfig(**common_args(dirs), completion_only_loss=True, padding_free=padding_free, max_length=None)
+    trainer = SFTTrainer(model=hf_lm(dirs["policy"]), args=args, train_dataset=data, processing_class=_tokenizer())
+    rows = [trainer.train_dataset[i] for i in range(len(seqs))]
+    # TRL's labels follow our convention: labels[i] = ids[i] where token i is trained (shifted in the loss).
+    assert [r["labels"] for r in rows] == [[t if m else IGNORE for t, m in zip(ids, mask)] for ids, mask in seqs]
+    batch = trainer.data_collator([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    if padding_free:
+        assert set(batch) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                              "max_length_q", "max_length_k", "seq_idx"}
+        assert batch["input_ids"].shape == (1, sum(len(ids) for ids, _ in seqs))
+    else:
+        assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    expected = trl_loss(trainer, batch)
+    trl_accuracy = trainer._metrics["train"]["mean_token_accuracy"][-1]
+    assert 0.1 < trl_accuracy < 0.9
+
+    # Ours: one example per row, and packed two per row (block-diagonal attention, restarting positions).
+    n_trained = sum(sum(mask[1:]) for _, mask in seqs)
+    for batch in (pad_batch(seqs, PAD), packed_batch([[seqs[0], seqs[2]], [seqs[1], seqs[3]]], PAD)):
+        assert int((batch.targets != IGNORE).sum()) == n_trained
+        with torch.no_grad():
+            loss, metrics = sft_loss(policy, batch)
+        assert_close(loss.item() / n_trained, expected)
+        assert_close(metrics["mean_token_accuracy"] / n_trained, trl_accuracy)
