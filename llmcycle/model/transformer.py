@@ -190,11 +190,14 @@ class Transformer(nn.Module):
         kv_cache=None,
         attention_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or the final hidden states).
 
         positions: [T] or [B, T]; default 0..T-1 (offset by the KV cache's length).
         attention_mask: optional boolean [B, 1, Tq, Tk] (True = attend) or [B, Tk] padding mask.
+        logits_mask: optional boolean [B, T]; logits only where True, as [N, vocab]. Post-training trains a
+        small fraction of positions (the answers), and the vocabulary projection of the rest is wasted work.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -211,7 +214,9 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x if logits_mask is None else x[logits_mask])
 
     def _attention_mask(self, attention_mask, B, T, past, device):
         """Return None when SDPA's own is_causal is exact (the fast path), else a boolean mask."""

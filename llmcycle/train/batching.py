@@ -39,6 +39,12 @@ class Batch:
     def forward(self, model: torch.nn.Module) -> torch.Tensor:
         return model(self.input_ids, positions=self.positions, attention_mask=self.attn_mask)
 
+    def forward_trained(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [N, V] at the N positions that have a target, those targets [N] and their examples [N]."""
+        mask = self.targets != IGNORE
+        logits = model(self.input_ids, positions=self.positions, attention_mask=self.attn_mask, logits_mask=mask)
+        return logits, self.targets[mask], self.segments[mask]
+
 
 def shift(ids: Sequence[int], trained: Sequence[bool]) -> tuple[list[int], list[int]]:
     """(inputs, targets): predict ids[i+1] from ids[:i+1]; untrained targets become IGNORE."""

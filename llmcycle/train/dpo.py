@@ -29,7 +29,6 @@ from llmcycle.train.chat_data import Rejects, load_preferences, load_unpaired, r
 from llmcycle.train.distributed import all_reduce_sum
 from llmcycle.train.examples import PreferenceExample, UnpairedExample
 from llmcycle.train.logps import token_logps
-from llmcycle.train.masking import IGNORE
 from llmcycle.train.post_eval import exact_match
 from llmcycle.train.posttrain import (
     CheckpointSection,
@@ -90,11 +89,10 @@ def completion_logps(model: torch.nn.Module, seqs: list[tuple[list[int], list[in
     """Summed log-prob of each completion given its prompt, and its token count: [N], [N]."""
     rows = [(p + c, [False] * len(p) + [True] * len(c)) for p, c in seqs]
     batch = pad_batch(rows, pad_id).to(device)
-    logps = token_logps(batch.forward(model), batch.targets)
+    logits, targets, segments = batch.forward_trained(model)
+    logps = token_logps(logits, targets)
     n = len(seqs)
-    sums = per_example_sum(logps, batch.segments, n)
-    counts = per_example_sum((batch.targets != IGNORE).float(), batch.segments, n)
-    return sums, counts
+    return per_example_sum(logps, segments, n), per_example_sum(torch.ones_like(logps), segments, n)
 
 
 def pair_seqs(pairs: list[PreferenceExample]) -> list[tuple[list[int], list[int]]]:

@@ -12,7 +12,6 @@ from llmcycle.model.generate import generate
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.batching import pad_batch
 from llmcycle.train.examples import SFTExample
-from llmcycle.train.masking import IGNORE
 
 
 @torch.no_grad()
@@ -25,12 +24,10 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[SFTExample], pad_id:
     for i in range(0, len(examples), batch_size):
         batch = pad_batch([(e.ids, e.trained) for e in examples[i: i + batch_size]], pad_id).to(device)
         with autocast():
-            logits = batch.forward(model)
-        loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                          ignore_index=IGNORE, reduction="sum"))
-        trained = batch.targets != IGNORE
-        correct += int(((logits.argmax(-1) == batch.targets) & trained).sum())
-        n += int(trained.sum())
+            logits, targets, _ = batch.forward_trained(model)
+        loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        n += len(targets)
     model.train(was_training)
     return {"eval_loss": loss_sum / max(n, 1), "eval_mean_token_accuracy": correct / max(n, 1), "eval_tokens": n}
 

@@ -79,12 +79,11 @@ def examples_hash(examples: list[SFTExample]) -> str:
 
 
 def sft_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed cross-entropy over trained tokens, with token accuracy and count (sums, for Session.step)."""
-    logits = batch.forward(model)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    trained = batch.targets != IGNORE
-    correct = ((logits.detach().argmax(-1) == batch.targets) & trained).sum()
+    """Summed cross-entropy over trained tokens, with the count of correct argmax predictions (sums, for
+    Session.step). Logits are computed at trained positions only."""
+    logits, targets, _ = batch.forward_trained(model)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    correct = (logits.detach().argmax(-1) == targets).sum()
     return loss, {"mean_token_accuracy": float(correct)}
 
 
