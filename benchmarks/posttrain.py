@@ -7,7 +7,7 @@ both sides, in one command:
 
 - llmcycle: `llmcycle.train.sft.sft(cfg)` and `llmcycle.train.dpo.dpo(cfg)` called as functions, with
   nothing added to them; the benchmark wraps `Session.set_lr` (called at the start of every step),
-  `MetricsLog.write` (at its end) and `Batch.forward` (to count tokens) from the outside.
+  `MetricsLog.write` (at its end) and `Batch.forward`/`forward_trained` (to count tokens) from the outside.
 - TRL: `trl.SFTTrainer` / `trl.DPOTrainer` with a `TrainerCallback` (`on_train_begin`, `on_step_end`) and
   `compute_loss` wrapped to count tokens; the data read with `datasets.load_dataset("json", ...)`.
 
@@ -190,7 +190,8 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
     from llmcycle.config import load_config
 
     # Hooks from the outside: llmcycle's code is run unchanged.
-    set_lr, write, forward = posttrain.Session.set_lr, pretrain.MetricsLog.write, batching.Batch.forward
+    set_lr, write = posttrain.Session.set_lr, pretrain.MetricsLog.write
+    forward, forward_trained = batching.Batch.forward, batching.Batch.forward_trained
 
     def timed_set_lr(self, max_steps):  # called first thing in every step of every post-training loop
         clock.begin()
@@ -201,13 +202,20 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
             clock.end(record.get("loss"))
         return write(self, record)
 
-    def counted_forward(self, model):  # training forwards only (the reference pass runs without grad)
+    def count(batch) -> None:  # training forwards only (the reference pass runs without grad)
         if torch.is_grad_enabled():
-            clock.count(int((self.segments >= 0).sum()), self.input_ids.numel())
+            clock.count(int((batch.segments >= 0).sum()), batch.input_ids.numel())
+
+    def counted_forward(self, model):
+        count(self)
         return forward(self, model)
 
+    def counted_forward_trained(self, model):
+        count(self)
+        return forward_trained(self, model)
+
     posttrain.Session.set_lr, pretrain.MetricsLog.write = timed_set_lr, timed_write
-    batching.Batch.forward = counted_forward
+    batching.Batch.forward, batching.Batch.forward_trained = counted_forward, counted_forward_trained
 
     common = [f"out_dir={out}", f"model={inputs['model']}", "data.eval=null", f"data.max_length={a.max_length}",
               f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}", "train.grad_accum=1",
