@@ -193,9 +193,9 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
     set_lr, write = posttrain.Session.set_lr, pretrain.MetricsLog.write
     forward, forward_trained = batching.Batch.forward, batching.Batch.forward_trained
 
-    def timed_set_lr(self, max_steps):  # called first thing in every step of every post-training loop
+    def timed_set_lr(self, max_steps, position=None):  # called first thing in every post-training step
         clock.begin()
-        return set_lr(self, max_steps)
+        return set_lr(self, max_steps, position)
 
     def timed_write(self, record):  # a step's record, written right after its optimizer step
         if not record.get("eval"):

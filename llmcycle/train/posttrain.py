@@ -310,8 +310,10 @@ class Session:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def set_lr(self, max_steps: int) -> float:
-        lr = lr_at(self.step_count, self.opt.lr, self.opt.warmup_steps, max_steps, self.opt.min_lr_ratio)
+    def set_lr(self, max_steps: int, position: int | None = None) -> float:
+        """Set the scheduled LR for `position` (default: the optimizer step; PPO/GRPO pass their iteration)."""
+        at = self.step_count if position is None else position
+        lr = lr_at(at, self.opt.lr, self.opt.warmup_steps, max_steps, self.opt.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr

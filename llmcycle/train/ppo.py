@@ -71,10 +71,8 @@ from llmcycle.train.rollout import (
     rollout_batch,
     rollout_logps,
     rollout_values,
-    set_lr,
     stop_ids,
 )
-from llmcycle.train.schedule import lr_at
 
 
 @dataclass
@@ -303,8 +301,7 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
     bar = tqdm(total=max_steps, initial=iteration, desc="ppo", unit="it", disable=not s.dist.is_main,
                dynamic_ncols=True)
     while iteration < max_steps:
-        lr = lr_at(iteration, t.lr, t.warmup_steps, max_steps, t.min_lr_ratio)
-        set_lr(s.optimizer, lr)
+        lr = s.set_lr(max_steps, iteration)
         examples = [train[i] for i in loader.next_step()]
         gen = torch.Generator(device=s.device).manual_seed(iteration_seed(t.seed, iteration, s.dist.rank))
         t0 = time.perf_counter()

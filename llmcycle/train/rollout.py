@@ -295,11 +295,6 @@ def reduce_sums(sums: dict[str, float], session) -> dict[str, float]:
     return dict(zip(keys, all_reduce_sum(t, session.dist).tolist()))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def prompts_hash(examples: list[PromptExample]) -> str:
     h = hashlib.sha256()
     for e in examples:
