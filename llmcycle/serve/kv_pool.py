@@ -1,0 +1,167 @@
+"""Paged KV storage and the per-forward adapter that lets the unchanged `Transformer` read it.
+
+`KVPool` holds the K/V of every layer in fixed-size blocks; `BlockManager` (tensor-free) decides which
+physical blocks each sequence owns. `PagedBatch` is a throwaway object for ONE forward over a batch of
+sequences that implements the model's kv_cache protocol (`update(layer, k, v)`, `advance(n)`, `length`):
+it scatters each row's new K/V into that row's slots and gathers the row's whole context back as a
+dense, right-padded [B, kv_heads, T_keys, head_dim] tensor for SDPA.
+
+This gather is the plain-PyTorch reference path (nano-vllm replaces it with a paged flash-attention
+kernel): it copies each row's context every layer, which is simple and exact, not fast.
+
+Batch layout: row b has `num_cached[b]` tokens already in the pool and `num_new[b]` new tokens this step
+(a prefill chunk, or 1 for decode). New tokens are right-padded to T_new = max(num_new); key j of row b
+is the token at position j, valid for j < num_cached[b] + num_new[b].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmcycle.model.config import ModelConfig
+from llmcycle.model.transformer import Transformer
+
+
+class KVPool:
+    """K and V for all layers as two tensors [layers, num_blocks, block_size, kv_heads, head_dim].
+
+    One allocation per K and V rather than one per layer: a single buffer is what a memory budget is
+    carved into, and `k[layer]` is a free view. Token-major inside a block (block_size before kv_heads)
+    so a flat *slot* id (block * block_size + offset) addresses one token's [kv_heads, head_dim] row:
+    writes and gathers are a single index op over `slots_k(layer)`. It is also the layout of nano-vllm
+    and of flash-attention's paged KV cache, so a fused kernel can later read the same tensors.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        self.config = config
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (
+            config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def slots_k(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s keys as [num_blocks * block_size, kv_heads, head_dim] (a view)."""
+        return self.k[layer].flatten(0, 1)
+
+    def slots_v(self, layer: int) -> torch.Tensor:
+        return self.v[layer].flatten(0, 1)
+
+
+class PagedBatch:
+    """The model's kv_cache for one forward over a batch of paged sequences."""
+
+    def __init__(
+        self, pool: KVPool, block_tables: list[list[int]], num_cached: list[int], num_new: list[int]
+    ) -> None:
+        if not (len(block_tables) == len(num_cached) == len(num_new)) or not block_tables:
+            raise ValueError("block_tables, num_cached and num_new must be non-empty and of equal length")
+        bs, dev = pool.block_size, pool.device
+        for table, c, n in zip(block_tables, num_cached, num_new, strict=True):
+            if n < 1 or c < 0:
+                raise ValueError(f"each row needs >= 1 new token and >= 0 cached ones, got {n}, {c}")
+            if len(table) * bs < c + n:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {c + n} tokens")
+        self.pool = pool
+        # The Transformer reads `length` only to default positions and the mask; we always pass both,
+        # and rows have different lengths anyway, so there is no single meaningful value.
+        self.length = 0
+        self.num_new = num_new
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=dev
+        )
+        cached = torch.tensor(num_cached, dtype=torch.long, device=dev)[:, None]  # [B, 1]
+        new = torch.tensor(num_new, dtype=torch.long, device=dev)[:, None]
+        total = cached + new
+        t_new, t_keys = max(num_new), int(total.max())
+        i = torch.arange(t_new, device=dev)[None, :]
+        j = torch.arange(t_keys, device=dev)[None, :]
+
+        def slots(pos: torch.Tensor) -> torch.Tensor:
+            pos = torch.minimum(pos, total - 1)  # padding reads/writes stay inside the row's own table
+            return tables.gather(1, pos // bs) * bs + pos % bs
+
+        self.positions = cached + i  # [B, T_new]
+        self.query_valid = i < new  # [B, T_new]
+        self.key_valid = j < total  # [B, T_keys]
+        self._write_slots = slots(self.positions)[self.query_valid]  # [N real new tokens]
+        self._read_slots = slots(j.expand(len(block_tables), -1))  # [B, T_keys]
+        mask = (j[:, None, :] <= self.positions[:, :, None]) & self.key_valid[:, None, :]
+        window = pool.config.sliding_window
+        if window is not None:
+            mask = mask & (self.positions[:, :, None] - j[:, None, :] < window)
+        # A pad query attends key 0 only: an all-False row would make SDPA's softmax NaN.
+        pad_row = (j == 0).expand(t_new, -1)
+        mask = torch.where(self.query_valid[:, :, None], mask, pad_row)
+        self.attention_mask = mask[:, None]  # [B, 1, T_new, T_keys], True = attend
+
+    @property
+    def logits_mask(self) -> torch.Tensor:
+        """Boolean [B, T_new] selecting each row's last new token (one per row, in row order)."""
+        idx = torch.tensor(self.num_new, device=self.positions.device)[:, None] - 1
+        return torch.arange(self.positions.shape[1], device=idx.device)[None, :] == idx
+
+    def input_ids(self, new_token_ids: list[list[int]]) -> torch.Tensor:
+        """Right-pad each row's new token ids to [B, T_new] (pad id 0: pad queries are masked out)."""
+        t_new = self.positions.shape[1]
+        if [len(r) for r in new_token_ids] != self.num_new:
+            raise ValueError("new_token_ids lengths do not match num_new")
+        rows = [list(r) + [0] * (t_new - len(r)) for r in new_token_ids]
+        return torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k/v ([B, kv_heads, T_new, head_dim]) and return the rows' full K/V, zero-padded."""
+        pool = self.pool
+        k_slots, v_slots = pool.slots_k(layer), pool.slots_v(layer)
+        k_slots.index_copy_(0, self._write_slots, k.transpose(1, 2)[self.query_valid].to(pool.dtype))
+        v_slots.index_copy_(0, self._write_slots, v.transpose(1, 2)[self.query_valid].to(pool.dtype))
+        keep = self.key_valid[:, None, :, None]
+        keys = torch.where(keep, k_slots[self._read_slots].transpose(1, 2), 0).to(k.dtype)
+        values = torch.where(keep, v_slots[self._read_slots].transpose(1, 2), 0).to(v.dtype)
+        return keys, values
+
+    def advance(self, n: int) -> None:
+        """No-op: token counts live in the BlockManager / scheduler, not in this per-step view."""
+
+
+@torch.no_grad()
+def forward_paged(
+    model: Transformer, pool: KVPool, seqs: list[tuple[list[int], int, list[int]]]
+) -> torch.Tensor:
+    """One forward over (block_table, num_cached, new_token_ids) rows; logits of each last new token [B, V].
+
+    Writes the new tokens' K/V into the pool. The caller has already allocated the slots (BlockManager).
+    """
+    batch = PagedBatch(pool, [s[0] for s in seqs], [s[1] for s in seqs], [len(s[2]) for s in seqs])
+    input_ids = batch.input_ids([s[2] for s in seqs])
+    return model(
+        input_ids,
+        positions=batch.positions,
+        kv_cache=batch,
+        attention_mask=batch.attention_mask,
+        logits_mask=batch.logits_mask,
+    )
