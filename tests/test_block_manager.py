@@ -272,3 +272,15 @@ def test_num_blocks_for_budget():
     assert num_blocks_for_budget(-1, 4, 2, 8, 16, 2) == 0
     with pytest.raises(ValueError):
         num_blocks_for_budget(4096, 0, 2, 8, 16, 2)
+
+
+def test_num_cached_tokens_predicts_allocate_without_side_effects():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(10, 20))  # 2 full blocks + 2 tokens
+    assert bm.num_cached_tokens(prompt) == 0
+    bm.allocate("a", prompt)
+    queries, hits = bm.prefix_queries, bm.prefix_hits
+    assert bm.num_cached_tokens(prompt) == 8
+    assert bm.num_cached_tokens(prompt[:8]) == 4  # the last token is always recomputed
+    assert (bm.prefix_queries, bm.prefix_hits) == (queries, hits)
+    assert bm.allocate("b", prompt) == 8

@@ -110,6 +110,11 @@ class BlockManager:
 
     # ---- prefix lookup -------------------------------------------------------------------
 
+    def num_cached_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens of `token_ids` that `allocate` would find in the prefix cache (no side effects)."""
+        hit, _ = self._lookup_prefix(token_ids)
+        return len(hit) * self.block_size
+
     def _lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
         """Return (cached block ids, hashes of all full blocks) for a prompt.
 
