@@ -33,6 +33,7 @@ from llmcycle.train.posttrain import (
     OptimSection,
     Session,
     chunks,
+    evaluate_and_checkpoint,
     file_inputs,
     first_evaluation,
     log_step,
@@ -263,15 +264,10 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
                        if k.startswith("rewards/")})
         record.update(rollout_seconds=round(t1 - t0, 5), iteration_seconds=round(time.perf_counter() - t0, 5))
         log_step(s, bar, record)
-        final = iteration == max_steps
-        if cfg.eval.every and (iteration % cfg.eval.every == 0 or final):
-            last_eval = evaluate()
-            if last_eval:
-                s.metrics.write({"step": s.step_count, "iteration": iteration, "eval": True, **last_eval})
-                bar.write(_eval_line(iteration, last_eval))
-        if final or (cfg.checkpoint.every and iteration % cfg.checkpoint.every == 0):
-            s.save(loader.state_dict(), {"iteration": iteration, "num_generations": G, "data_hash": data_hash,
-                                         "first_eval": first_eval})
+        last_eval = evaluate_and_checkpoint(
+            s, bar, iteration, max_steps, cfg.eval.every, evaluate, _eval_line, loader.state_dict(),
+            {"iteration": iteration, "num_generations": G, "data_hash": data_hash, "first_eval": first_eval},
+            {"iteration": iteration}) or last_eval
     bar.close()
     if not last_eval:
         last_eval = evaluate()

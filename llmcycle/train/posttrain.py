@@ -382,9 +382,11 @@ class Session:
         copy_tokenizer(self.tokenizer_dir, root)
         (root / "recipe.yaml").write_text(dump_yaml(self.cfg))
 
-    def should_save(self, max_steps: int) -> bool:
+    def should_save(self, max_steps: int, position: int | None = None) -> bool:
+        """At the end and every checkpoint.every steps (or PPO/GRPO iterations, passed as `position`)."""
+        at = self.step_count if position is None else position
         every = self.cfg.checkpoint.every
-        return self.step_count == max_steps or bool(every and self.step_count % every == 0)
+        return at == max_steps or bool(every and at % every == 0)
 
     def publish(self, inputs: dict[str, Any], metrics: dict[str, Any], modules: Sequence[str] = (MAIN,)) -> Path:
         """Write `out_dir/model` (the main module, a Hugging Face directory) with its manifest, atomically."""
@@ -435,6 +437,22 @@ def first_evaluation(s: Session, evaluate: Callable[[], dict], describe: Callabl
     return m
 
 
+def evaluate_and_checkpoint(s: Session, bar, position: int, max_steps: int, eval_every: int,
+                            evaluate: Callable[[], dict], describe: Callable[[int, dict], str], loader_state: dict,
+                            extra_state: dict, eval_record: dict | None = None) -> dict:
+    """After step (or iteration) `position`: held-out metrics every `eval_every` and at the end, then a
+    checkpoint when one is due. Returns the metrics when it evaluated, else {}."""
+    metrics: dict = {}
+    if eval_every and (position % eval_every == 0 or position == max_steps):
+        metrics = evaluate()
+        if metrics:
+            s.metrics.write({"step": s.step_count, **(eval_record or {}), "eval": True, **metrics})
+            bar.write(describe(position, metrics))
+    if s.should_save(max_steps, position):
+        s.save(loader_state, extra_state)
+    return metrics
+
+
 def train_loop(s: Session, desc: str, max_steps: int, loader: EpochLoader, micro_batches: Callable[[list[int]], list],
                count: Callable[[Any], float], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]],
                evaluate: Callable[[], dict], eval_every: int, describe: Callable[[int, dict], str],
@@ -453,13 +471,7 @@ def train_loop(s: Session, desc: str, max_steps: int, loader: EpochLoader, micro
         record.update(step=s.step_count, lr=lr, epoch=round(loader.epoch + loader.cursor / loader.n, 4),
                       step_seconds=round(time.perf_counter() - t0, 5))
         log_step(s, bar, record)
-        final = s.step_count == max_steps
-        if eval_every and (s.step_count % eval_every == 0 or final):
-            last_eval = evaluate()
-            if last_eval:
-                s.metrics.write({"step": s.step_count, "eval": True, **last_eval})
-                bar.write(describe(s.step_count, last_eval))
-        if s.should_save(max_steps):
-            s.save(loader.state_dict(), extra_state)
+        last_eval = evaluate_and_checkpoint(s, bar, s.step_count, max_steps, eval_every, evaluate, describe,
+                                            loader.state_dict(), extra_state) or last_eval
     bar.close()
     return last_eval or evaluate()  # resumed at the end already: still report where the model stands
