@@ -271,7 +271,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve model directories behind an OpenAI-compatible HTTP API",
+                       description="Serve one or more model directories (each its own engine) with the OpenAI "
+                                   "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
+                                   "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="a model directory, or NAME=DIR to choose its name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--keys", metavar="DB", help="API key database (llmcycle keys create ...): keys required")
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget per model in MiB (default: 256)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: token budget)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests allowed to wait; more get 503 (default: 256)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights and KV dtype (default: as saved)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.set_defaults(func=cmd_serve)
+
+    from llmcycle.serve.auth import add_keys_arguments, keys_main
+
+    p = sub.add_parser("keys", help="create, list and revoke API keys for `llmcycle serve --keys`")
+    add_keys_arguments(p)
+    p.set_defaults(func=keys_main)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmcycle.serve.server import run_server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    run_server(args.models, host=args.host, port=args.port, keys=args.keys, max_waiting=args.max_waiting,
+               log_level=args.log_level, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               chunk_size=args.chunk_size, enable_prefix_caching=not args.no_prefix_caching,
+               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

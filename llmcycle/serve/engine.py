@@ -5,7 +5,9 @@ recomputes after preemption) -> one batched forward of the unchanged Transformer
 (`kv_pool.forward_paged`) -> penalties and sampling for the rows that reached their end -> stop checks ->
 `Scheduler.update()`. Sequences join and leave between steps (continuous batching).
 
-Stop strings are checked on the detokenized output after each token; the text is cut where the earliest
+Each step returns the state of every request that changed (cumulative text and tokens), which is what
+a streaming server sends on. Text grows by incremental detokenization (`detokenizer.py`), and stop
+strings are searched only where the new text can complete one; the text is cut where the earliest
 stop string begins and the sequence finishes with reason "stop", as vLLM does (the stop string is not
 included). n > 1 runs n sequences from one prompt; with a seed, sequence i of a request uses a generator
 seeded from (seed, i), so the same request gives the same outputs whatever else is running.
@@ -14,6 +16,7 @@ seeded from (seed, i), so the same request gives the same outputs whatever else 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,16 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import BlockManager, num_blocks_for_budget
+from llmcycle.serve.detokenizer import IncrementalDetokenizer
 from llmcycle.serve.kv_pool import KVPool, forward_paged
-from llmcycle.serve.sampling import SamplingParams, apply_penalties, find_stop, make_generator, sample
+from llmcycle.serve.sampling import (
+    SamplingParams,
+    apply_penalties,
+    find_stop,
+    make_generator,
+    sample,
+    stop_holdback,
+)
 from llmcycle.serve.scheduler import Scheduler, Sequence
 from llmcycle.tokenizer import Tokenizer
 
@@ -31,18 +42,43 @@ from llmcycle.tokenizer import Tokenizer
 @dataclass
 class CompletionOutput:
     index: int
-    text: str
-    token_ids: list[int]
+    text: str  # cumulative; while unfinished, minus a tail that may be the start of a stop string
+    token_ids: list[int]  # cumulative
     finish_reason: str | None
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} (chosen + top alternatives)
 
 
 @dataclass
+class RequestMetrics:
+    """Times (time.monotonic) a server turns into queue time, TTFT, inter-token and end-to-end latency."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
+    """A request's state after a step: `step()` returns one for every request that changed in it."""
+
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class _SeqState:
+    seq: Sequence
+    index: int
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    done_text: bool = False  # text is final (stop string found, or the sequence finished)
 
 
 @dataclass
@@ -50,10 +86,12 @@ class _Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    seq_ids: list[str]
-    seqs: dict[str, Sequence] = field(default_factory=dict)  # kept here: the scheduler forgets finished ones
-    texts: dict[str, str] = field(default_factory=dict)
-    logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    metrics: RequestMetrics
+    states: list[_SeqState] = field(default_factory=list)  # kept here: the scheduler forgets finished ones
+
+    @property
+    def finished(self) -> bool:
+        return all(st.seq.is_finished for st in self.states)
 
 
 class LLMEngine:
@@ -63,6 +101,7 @@ class LLMEngine:
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  chunk_size: int | None = None, enable_prefix_caching: bool = True,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.model_dir = str(model_dir)
         self.model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
@@ -76,54 +115,89 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, chunk_size)
         self.eos_id = self.tokenizer.eos_id
+        self.max_model_len = cfg.max_position_embeddings
         self._requests: dict[str, _Request] = {}
+        self._state: dict[str, _SeqState] = {}  # live sequence id -> its state
         self._owner: dict[str, _Request] = {}
-        self._generators: dict[str, torch.Generator | None] = {}
         self._ids = itertools.count()
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        params = (params or SamplingParams()).validate()
-        ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
-        if len(ids) + params.max_tokens > self.model.config.max_position_embeddings:
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise LlmcycleError if the prompt plus max_tokens does not fit the model's context."""
+        if num_prompt_tokens + max_tokens > self.max_model_len:
             raise LlmcycleError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
-                f"of {self.model.config.max_position_embeddings} tokens."
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's context "
+                f"of {self.max_model_len} tokens."
             )
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = (params or SamplingParams()).validate()
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise LlmcycleError("the prompt is empty.")
+        self.check_length(len(ids), params.max_tokens)
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise LlmcycleError(f"prompt token ids must be in [0, {self.model.config.vocab_size}).")
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        req = _Request(rid, ids, params, [f"{rid}#{i}" for i in range(params.n)])
-        for i, sid in enumerate(req.seq_ids):
-            req.seqs[sid] = Sequence(sid, list(ids), params, eos_token_id=self.eos_id)
-            self.scheduler.add(req.seqs[sid])
+        req = _Request(rid, ids, params, RequestMetrics(arrival_time or time.monotonic()))
+        for i in range(params.n):
+            sid = f"{rid}#{i}"
+            seq = Sequence(sid, list(ids), params, eos_token_id=self.eos_id)
+            seed = None if params.seed is None else params.seed * 1_000_003 + i
+            st = _SeqState(seq, i, make_generator(seed, self.pool.device), IncrementalDetokenizer(self.tokenizer))
+            req.states.append(st)
+            self._state[sid] = st
             self._owner[sid] = req
-            self._generators[sid] = make_generator(None if params.seed is None else params.seed * 1_000_003 + i,
-                                                   self.pool.device)
-            req.texts[sid] = ""
-            req.logprobs[sid] = []
+            self.scheduler.add(seq)
         self._requests[rid] = req
         return rid
 
     def abort(self, request_id: str) -> None:
+        """Drop a request (waiting or running); its blocks are freed. Unknown ids are ignored."""
         req = self._requests.pop(request_id, None)
-        for sid in req.seq_ids if req else []:
-            self.scheduler.abort(sid)
-            self._forget(sid)
+        for st in req.states if req else []:
+            self.scheduler.abort(st.seq.seq_id)
+            self._forget(st.seq.seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for monitoring (vLLM's names without the prefix)."""
+        bm = self.block_manager
+        return {
+            "num_requests_running": self.scheduler.num_running,
+            "num_requests_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage_perc": bm.usage,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
 
     # ---- one step -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of requests that finished in it."""
+        """Run one scheduled batch; return the state of every request that changed in it."""
         batch = self.scheduler.schedule()
         if len(batch) == 0:
             return []
+        now = time.monotonic()
+        for s in batch:
+            m = self._owner[s.seq.seq_id].metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
         rows = [(self.block_manager.block_table(s.seq.seq_id), s.start, s.token_ids) for s in batch]
         logits = forward_paged(self.model, self.pool, rows).float()
         chosen = [i for i, s in enumerate(batch.seqs) if s.needs_sample]
@@ -134,7 +208,7 @@ class LLMEngine:
             params = [s.sampling_params for s in seqs]
             processed = apply_penalties(raw, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                                         params)
-            tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._generators[s.seq_id]
+            tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._state[s.seq_id].generator
                                                                               for s in seqs], raw_logits=raw)
             for j, seq in enumerate(seqs):
                 tok = int(tokens[j])
@@ -143,52 +217,65 @@ class LLMEngine:
                     k = seq.sampling_params.logprobs
                     entry = {tok: float(chosen_lp[j])}
                     entry.update({int(t): float(v) for t, v in zip(top_ids[j, :k], top_lp[j, :k])})
-                    self._owner[seq.seq_id].logprobs[seq.seq_id].append(entry)
+                    self._state[seq.seq_id].logprobs.append(entry)
         self.scheduler.update(batch, sampled)
+        now = time.monotonic()
+        changed: dict[str, _Request] = {}
         for sid in sampled:
-            self._check_stop_strings(sid)
-        return self._collect_finished()
+            req = self._owner[sid]
+            self._detokenize(self._state[sid])
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
+            changed[req.request_id] = req
+        return [self._output(req, now) for req in changed.values()]
 
-    def _check_stop_strings(self, sid: str) -> None:
-        req = self._owner[sid]
-        seq = req.seqs[sid]
-        text = self._decode(seq)
-        req.texts[sid] = text
-        if req.params.stop and not seq.is_finished:
-            cut = find_stop(text, req.params.stop)
-            if cut is not None:
-                req.texts[sid] = text[:cut]
-                self.scheduler.finish(sid, "stop")
-
-    def _decode(self, seq: Sequence) -> str:
+    def _detokenize(self, st: _SeqState) -> None:
+        """Extend the text with the new token; finish the sequence at the first stop string."""
+        seq, stop = st.seq, st.seq.sampling_params.stop
         ids = seq.output_token_ids
         if ids and seq.finish_reason == "stop" and not seq.sampling_params.ignore_eos and (
                 ids[-1] == self.eos_id or ids[-1] in seq.sampling_params.stop_token_ids):
             ids = ids[:-1]  # the stop token is not part of the text, as in vLLM
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        delta = st.detok.push(ids, final=seq.is_finished)
+        if not delta:
+            st.done_text = seq.is_finished
+            return
+        old = len(st.text)
+        st.text += delta
+        if stop:
+            # Only a stop string overlapping the new text can be new: search from there.
+            begin = max(0, old - max(len(s) for s in stop) + 1)
+            cut = find_stop(st.text[begin:], stop)
+            if cut is not None:
+                st.text = st.text[: begin + cut]
+                st.done_text = True
+                if seq.is_finished:
+                    seq.finish_reason = "stop"  # the stop string came with the last allowed token
+                else:
+                    self.scheduler.finish(seq.seq_id, "stop")
+                return
+        st.done_text = seq.is_finished
 
-    def _collect_finished(self) -> list[RequestOutput]:
-        done = []
-        for rid, req in list(self._requests.items()):
-            seqs = [req.seqs[sid] for sid in req.seq_ids]
-            if all(s.is_finished for s in seqs):
-                outs = []
-                for i, (sid, seq) in enumerate(zip(req.seq_ids, seqs)):
-                    text = req.texts[sid] if seq.finish_reason == "stop" and req.params.stop else self._decode(seq)
-                    if req.params.stop:
-                        cut = find_stop(text, req.params.stop)
-                        text = text if cut is None else text[:cut]
-                    outs.append(CompletionOutput(i, text, list(seq.output_token_ids), seq.finish_reason,
-                                                 req.logprobs[sid] if req.params.logprobs is not None else None))
-                done.append(RequestOutput(rid, req.prompt_token_ids, outs, True))
-                del self._requests[rid]
-                for sid in req.seq_ids:
-                    self._forget(sid)
-        return done
+    def _output(self, req: _Request, now: float) -> RequestOutput:
+        outs = []
+        for st in req.states:
+            text = st.text
+            if not st.seq.is_finished and req.params.stop:
+                text = text[: len(text) - stop_holdback(text, req.params.stop)]
+            outs.append(CompletionOutput(st.index, text, list(st.seq.output_token_ids), st.seq.finish_reason,
+                                         list(st.logprobs) if req.params.logprobs is not None else None))
+        finished = req.finished
+        if finished:
+            req.metrics.finished_time = now
+            del self._requests[req.request_id]
+            for st in req.states:
+                self._forget(st.seq.seq_id)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, req.metrics)
 
     def _forget(self, sid: str) -> None:
         self._owner.pop(sid, None)
-        self._generators.pop(sid, None)
+        self._state.pop(sid, None)
 
 
 class LLM:
@@ -206,5 +293,6 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                results[out.request_id] = out
+                if out.finished:
+                    results[out.request_id] = out
         return [results[i] for i in ids]

@@ -279,6 +279,13 @@ class Scheduler:
         self._in_flight = done
         return batch
 
+    def reset_in_flight(self) -> None:
+        """Forget a step that failed before `update` (its sequences were aborted): free what waited on it."""
+        self._in_flight = set()
+        for seq_id in self._deferred_free:
+            self.bm.free(seq_id)
+        self._deferred_free.clear()
+
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         """vLLM's order: eos, then stop_token_ids, then length."""
         p = seq.sampling_params

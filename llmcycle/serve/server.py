@@ -1,0 +1,515 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one `AsyncLLMEngine` per served model.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key required when keys are
+configured), GET /health, GET /metrics (Prometheus), GET / (a small streaming chat page).
+Errors use OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed JSON or
+a bad value, 401 no valid key, 404 unknown model, 422 a body that does not fit the schema, 429 over a
+key's rate limit (with Retry-After), 503 queue full or shutting down, 500 an internal error (the server
+goes on serving). Streams are server-sent events ending in `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
+from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
+from llmcycle.serve.engine import CompletionOutput, RequestOutput
+from llmcycle.serve.metrics import ServerMetrics
+from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from llmcycle.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             422: "UnprocessableEntityError", 429: "RateLimitError", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
+                          "param": self.param, "code": self.status}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ServerState:
+    """What the routes share: the engines by model name, keys, rate limits and metrics."""
+
+    def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None) -> None:
+        if not engines:
+            raise LlmcycleError("serve needs at least one model.")
+        self.engines = engines
+        self.keys = keys
+        self.limiter = RateLimiter()
+        self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
+        self.created = int(time.time())
+        for name, eng in engines.items():
+            eng.on_output = self.metrics.observer(name)
+
+    def engine(self, name: str) -> AsyncLLMEngine:
+        if name not in self.engines:
+            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(self.engines)}.",
+                           "model")
+        return self.engines[name]
+
+
+# ---- request handling helpers ------------------------------------------------------------------
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+
+
+def _parse(model: type[_SamplingFields], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise APIError(422, f"Invalid request: {msg}", field) from None
+    problem = req.unsupported()
+    if problem:
+        raise APIError(400, problem)
+    return req
+
+
+def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
+    if state.keys is None:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    record = state.keys.verify(key.strip()) if scheme.lower() == "bearer" else None
+    if record is None:
+        raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.")
+    wait = state.limiter.check_request(record.id, record.requests_per_minute, record.tokens_per_minute)
+    if wait is not None:
+        seconds = max(1, math.ceil(wait))
+        raise APIError(429, f"Rate limit reached for key {record.prefix}...; retry in {seconds} s.",
+                       headers={"Retry-After": str(seconds)})
+    return record
+
+
+def _check_params(engine: AsyncLLMEngine, prompts: list[str | list[int]], make: Any) -> tuple[list, list]:
+    """Tokenize and validate every prompt; map engine errors to 400 naming the problem."""
+    ids_list, params_list = [], []
+    for p in prompts:
+        try:
+            ids = engine.engine.encode_prompt(p)
+            params: SamplingParams = make(len(ids))
+            engine.prepare(ids, params)
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), field) from None
+        except LlmcycleError as exc:
+            raise APIError(400, str(exc), "messages" if isinstance(p, list) else "prompt") from None
+        ids_list.append(ids)
+        params_list.append(params)
+    return ids_list, params_list
+
+
+def _max_tokens(requested: int | None, num_prompt: int, engine: AsyncLLMEngine) -> int:
+    if requested is None:  # as vLLM: whatever room the context leaves
+        return max(1, engine.engine.max_model_len - num_prompt)
+    return requested
+
+
+async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come (a multi-prompt completion)."""
+    if len(gens) == 1:
+        try:
+            async for out in gens[0]:
+                yield 0, out
+        finally:
+            await gens[0].aclose()  # type: ignore[attr-defined]  # aborts the request if unfinished
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                await q.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            await q.put((i, exc))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for g in gens:
+            with contextlib.suppress(Exception):
+                await g.aclose()  # type: ignore[attr-defined]
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, (QueueFull, EngineUnavailable)):
+        return APIError(503, str(exc))
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc))
+    log.exception("internal error", exc_info=exc)
+    return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+
+
+def _usage(prompt_lens: list[int], outs: dict[int, RequestOutput]) -> dict[str, int]:
+    prompt = sum(prompt_lens)
+    completion = sum(len(c.token_ids) for o in outs.values() for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Logprobs:
+    """OpenAI's logprobs objects (legacy completions and chat) from the engine's per-token dicts."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def token(self, tid: int) -> str:
+        return self.tokenizer.decode([tid])
+
+    def _top(self, entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+        return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+    def completion(self, c: CompletionOutput, start: int, k: int, offset: int) -> dict:
+        tokens, lps, tops, offsets = [], [], [], []
+        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+            s = self.token(tid)
+            tokens.append(s)
+            lps.append(entry[tid])
+            tops.append({self.token(t): v for t, v in self._top(entry, k)} if k else None)
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat(self, c: CompletionOutput, start: int, k: int) -> dict:
+        content = []
+        for tid, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:]):
+            s = self.token(tid)
+            content.append({"token": s, "logprob": entry[tid], "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": self.token(t), "logprob": v,
+                                              "bytes": list(self.token(t).encode())}
+                                             for t, v in self._top(entry, k)]})
+        return {"content": content}
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+
+def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for eng in state.engines.values():
+            eng.start()
+        yield
+        # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
+        await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
+
+    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.llmcycle = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return _engine_error(exc).response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if any(e._draining for e in state.engines.values()):
+            return APIError(503, "shutting down").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def chat_page() -> Response:
+        page = STATIC / "index.html"
+        if not page.exists():
+            return JSONResponse({"models": list(state.engines)})
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _authorize(state, request)
+        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
+                 "root": e.engine.model_dir, "max_model_len": e.engine.max_model_len}
+                for name, e in state.engines.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        key = _authorize(state, request)
+        req: CompletionRequest = _parse(CompletionRequest, await _json_body(request))
+        engine = state.engine(req.model)
+        prompts = req.prompts()
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        ids_list, params_list = _check_params(
+            engine, prompts, lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
+        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        key = _authorize(state, request)
+        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _json_body(request))
+        engine = state.engine(req.model)
+        tok = engine.engine.tokenizer
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            ids = tok.encode_chat(messages, add_generation_prompt=True)[0]
+        except LlmcycleError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        k = req.top_logprobs if req.logprobs else None
+        if req.logprobs and k is None:
+            k = 0
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        ids_list, params_list = _check_params(
+            engine, [ids], lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids))
+        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True)
+
+    return app
+
+
+async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine, req: Any,
+                   key: KeyRecord | None, ids_list: list[list[int]], params_list: list[SamplingParams],
+                   chat: bool) -> Response:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    n = req.n
+    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}") for i, (ids, p) in enumerate(zip(ids_list, params_list))]
+    lp = _Logprobs(engine.engine.tokenizer)
+    k = params_list[0].logprobs
+    prompt_lens = [len(i) for i in ids_list]
+    finals: dict[int, RequestOutput] = {}
+
+    def record_tokens() -> None:
+        if key is not None:
+            used = sum(prompt_lens) + sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
+            state.limiter.record_tokens(key.id, used, key.tokens_per_minute)
+
+    if not req.stream:
+        try:
+            async for i, out in _with_disconnect(request, _merge(gens)):
+                finals[i] = out
+        except BaseException as exc:
+            record_tokens()
+            raise _engine_error(exc) from None
+        record_tokens()
+        choices = []
+        for i in sorted(finals):
+            for c in finals[i].outputs:
+                if chat:
+                    choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
+                                    "logprobs": lp.chat(c, 0, k or 0) if k is not None else None,
+                                    "finish_reason": c.finish_reason})
+                else:
+                    prefix = engine.engine.tokenizer.decode(ids_list[i], skip_special_tokens=True) if req.echo else ""
+                    choices.append({"index": i * n + c.index, "text": prefix + c.text,
+                                    "logprobs": lp.completion(c, 0, k or 0, len(prefix)) if k is not None else None,
+                                    "finish_reason": c.finish_reason})
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": req.model, "choices": choices, "usage": _usage(prompt_lens, finals)}
+        return JSONResponse(body)
+
+    # Streaming: the first item is pulled before the response starts, so an engine that refuses the
+    # request (queue full, shutting down) still answers with a proper status code instead of a broken stream.
+    merged = _merge(gens)
+    try:
+        first = await merged.__anext__()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            await merged.aclose()
+        record_tokens()
+        raise _engine_error(exc) from None
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        sent_text: dict[tuple[int, int], int] = {}
+        sent_tokens: dict[tuple[int, int], int] = {}
+        done: set[tuple[int, int]] = set()
+
+        def chunk(choices: list[dict]) -> str:
+            return _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices})
+
+        try:
+            if chat:
+                yield chunk([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(gens)) for j in range(n)])
+            elif req.echo:
+                tok = engine.engine.tokenizer
+                yield chunk([{"index": i * n + j, "text": tok.decode(ids_list[i], skip_special_tokens=True),
+                              "logprobs": None, "finish_reason": None} for i in range(len(gens)) for j in range(n)])
+
+            async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
+                yield first
+                async for it in merged:
+                    yield it
+
+            async for i, out in items():
+                finals[i] = out
+                choices = []
+                for c in out.outputs:
+                    key_ = (i, c.index)
+                    if key_ in done:
+                        continue
+                    t0, n0 = sent_text.get(key_, 0), sent_tokens.get(key_, 0)
+                    delta = c.text[t0:]
+                    finished = c.finish_reason is not None
+                    if not delta and not finished and len(c.token_ids) == n0:
+                        continue
+                    sent_text[key_], sent_tokens[key_] = len(c.text), len(c.token_ids)
+                    logprobs = None
+                    if k is not None:
+                        logprobs = lp.chat(c, n0, k) if chat else lp.completion(c, n0, k, t0)
+                    if chat:
+                        choice = {"index": i * n + c.index, "delta": {"content": delta} if delta else {},
+                                  "logprobs": logprobs, "finish_reason": c.finish_reason}
+                    else:
+                        choice = {"index": i * n + c.index, "text": delta, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason}
+                    choices.append(choice)
+                    if finished:
+                        done.add(key_)
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(prompt_lens, finals)})
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            raise  # the client went away: closing `merged` below aborts the engine requests
+        except BaseException as exc:  # noqa: BLE001 - an error mid-stream is sent as a last event
+            yield _sse(_engine_error(exc).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            with contextlib.suppress(Exception):
+                await merged.aclose()
+            record_tokens()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _with_disconnect(request: Request, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Iterate `gen`, but stop (and close it, aborting the request) when the client disconnects."""
+    nxt: asyncio.Task | None = None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(gen.__anext__())
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=0.25)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    nxt.cancel()
+                    raise APIError(499, "client disconnected")
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+        with contextlib.suppress(Exception):
+            await gen.aclose()  # type: ignore[attr-defined]
+
+
+# ---- launching ---------------------------------------------------------------------------------
+
+
+def parse_model_args(models: list[str]) -> dict[str, str]:
+    """`DIR` or `NAME=DIR` -> {name: dir}; the name defaults to the directory's name."""
+    out: dict[str, str] = {}
+    for m in models:
+        name, sep, path = m.partition("=")
+        if not sep:
+            path = m
+            p = Path(m).resolve()
+            name = p.parent.name if p.name == "model" else p.name  # runs/sft/model -> "sft"
+        if not (Path(path) / "config.json").exists():
+            raise LlmcycleError(f"{path} is not a model directory (no config.json).")
+        if name in out:
+            raise LlmcycleError(f"two models are named {name!r}; name them with NAME=DIR.")
+        out[name] = path
+    return out
+
+
+def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, keys: str | None = None,
+               max_waiting: int = 256, drain_timeout: float = 30.0, log_level: str = "info",
+               **engine_args: Any) -> None:
+    """Load every model into its own engine and serve them until SIGINT/SIGTERM (which drains)."""
+    import uvicorn
+
+    from llmcycle.serve.engine import LLMEngine
+
+    dirs = parse_model_args(models)
+    store = KeyStore(keys, create=False) if keys else None
+    engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=max_waiting)
+               for name, path in dirs.items()}
+    state = ServerState(engines, store)
+    for name, e in engines.items():
+        pool = e.engine.pool
+        print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
+              f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}",
+              flush=True)
+    if store is not None:
+        print(f"API keys required ({len(store)} active in {keys})", flush=True)
+    config = uvicorn.Config(build_app(state, drain_timeout), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(drain_timeout))
+    uvicorn.Server(config).run()
