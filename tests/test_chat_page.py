@@ -1,0 +1,216 @@
+"""The chat page at `/` driven by headless Chromium against a real server on loopback: models listed,
+a greedy streamed reply equal to the non-streamed API's, incremental rendering, Stop, errors, API key."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from llmcycle.model.config import ModelConfig
+from llmcycle.model.transformer import Transformer
+from llmcycle.tokenizer import Tokenizer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PROMPT = "Tell me a story about a cat."
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_data, tmp_path_factory) -> str:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("chat_page") / "model"
+    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    Transformer(cfg).save_pretrained(out)
+    for f in Path(tiny_data["tokenizer"]).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """A real uvicorn server in a thread; yields (base url, engine, slow) where setting `slow` makes
+    every engine step sleep, so a stream lasts long enough to be stopped half-way."""
+    import uvicorn
+
+    from llmcycle.serve.async_engine import AsyncLLMEngine
+    from llmcycle.serve.engine import LLMEngine
+    from llmcycle.serve.server import ServerState, build_app
+
+    engine = LLMEngine(model_dir, block_size=4, num_blocks=64)
+    slow = threading.Event()
+    step = engine.step
+
+    def slow_step():
+        if slow.is_set():
+            time.sleep(0.05)
+        return step()
+
+    engine.step = slow_step
+    app = build_app(ServerState({"tiny": AsyncLLMEngine(engine)}), drain_timeout=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine, slow
+    srv.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={"width": 900, "height": 640})
+    p = ctx.new_page()
+    p.set_default_timeout(15_000)
+    p.goto(server[0] + "/")
+    p.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    yield p
+    ctx.close()
+
+
+def _send(page, text: str, temperature: str = "0", max_tokens: str = str(MAX_TOKENS)) -> None:
+    page.fill("#temperature", temperature)
+    page.fill("#max-tokens", max_tokens)
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def _wait_idle(page) -> None:
+    page.wait_for_function("!document.querySelector('#send').disabled && !document.querySelector('.pending')")
+
+
+def _record_assistant_text(page) -> None:
+    """Record every text the (next) assistant message shows, however the mutations are batched."""
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver((records) => {
+            for (const r of records)
+                for (const n of r.addedNodes)
+                    if (n.nodeType === Node.TEXT_NODE && n.parentElement?.matches('.msg.assistant'))
+                        window.seen.push(n.data);
+        }).observe(document.querySelector('#messages'), {childList: true, subtree: true});
+    }""")
+
+
+def test_page_streams_the_same_greedy_reply_as_the_api(page, server):
+    base = server[0]
+    assert page.title() == "llmcycle chat"
+    assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["tiny"]
+    _record_assistant_text(page)
+    _send(page, PROMPT)
+    _wait_idle(page)
+
+    msgs = page.eval_on_selector_all("#messages > .msg", "ms => ms.map(m => [m.className, m.textContent])")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+            "max_tokens": MAX_TOKENS}
+    ref = httpx.post(base + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]["content"]
+    assert ref.strip(), "the tiny model's greedy reply should not be empty"
+    assert msgs == [["msg user", PROMPT], ["msg assistant", ref]]
+    assert page.text_content("#error") == ""
+    seen = [s for s in page.evaluate("window.seen") if s]
+    assert len(set(seen)) > 1 and seen[-1] == ref  # rendered chunk by chunk, growing to the full reply
+    assert all(ref.startswith(s) for s in seen)
+    page.screenshot(path="/tmp/chat_page.png")
+
+    # The second turn sends the whole conversation, the first reply included.
+    with page.expect_request("**/v1/chat/completions") as req:
+        page.fill("#prompt", "And then?")
+        page.press("#prompt", "Enter")  # Enter sends
+    _wait_idle(page)
+    assert req.value.post_data_json["messages"] == [
+        {"role": "user", "content": PROMPT}, {"role": "assistant", "content": ref},
+        {"role": "user", "content": "And then?"}]
+    assert page.eval_on_selector_all("#messages > .msg", "ms => ms.map(m => m.className)") == [
+        "msg user", "msg assistant", "msg user", "msg assistant"]
+
+
+def test_shift_enter_is_a_newline_and_system_prompt_is_sent(page):
+    page.click("summary")  # the system prompt sits in a collapsed <details>
+    page.fill("#system", "Be brief.")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    page.fill("#prompt", "one")
+    page.press("#prompt", "Shift+Enter")
+    page.type("#prompt", "two")
+    assert page.input_value("#prompt") == "one\ntwo"
+    assert page.eval_on_selector_all("#messages > .msg", "ms => ms.length") == 0
+    with page.expect_request("**/v1/chat/completions") as req:
+        page.click("#send")
+    _wait_idle(page)
+    sent = req.value.post_data_json
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one\ntwo"}]
+    assert (sent["stream"], sent["temperature"], sent["max_tokens"], sent["model"]) == (True, 0, 2, "tiny")
+
+
+def test_stop_aborts_the_stream(page, server):
+    _, engine, slow = server
+    slow.set()  # ~50 ms per token: 200 tokens would take ~10 s
+    try:
+        _send(page, PROMPT, max_tokens="200")
+        page.wait_for_function("document.querySelector('.msg.assistant')?.textContent.length > 0")
+        assert page.is_enabled("#stop") and page.is_disabled("#send")
+        t0 = time.monotonic()
+        page.click("#stop")
+        _wait_idle(page)
+        assert time.monotonic() - t0 < 3
+        partial = page.text_content(".msg.assistant")
+        assert partial and page.text_content("#error") == "" and page.is_disabled("#stop")
+        deadline = time.monotonic() + 5  # the server notices the disconnect and aborts the request
+        while engine.num_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.num_requests == 0
+    finally:
+        slow.clear()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": 200}
+    full = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30).json()["choices"][0]["message"]
+    assert full["content"].startswith(partial) and len(partial) < len(full["content"])  # cut off mid-reply
+    assert page.eval_on_selector_all("#messages > .msg", "ms => ms.map(m => m.className)") == [
+        "msg user", "msg assistant"]  # the stopped reply stays in the conversation
+
+
+def test_server_error_is_shown_and_the_turn_taken_back(page, server):
+    base = server[0]
+    page.fill("#api-key", "sk-test-123")
+    page.dispatch_event("#api-key", "change")
+    with page.expect_request("**/v1/chat/completions") as req:
+        _send(page, PROMPT, max_tokens="-1")
+    _wait_idle(page)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": -1, "stream": True}
+    resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400
+    assert page.text_content("#error") == resp.json()["error"]["message"]
+    assert "max_tokens" in page.text_content("#error")
+    assert page.eval_on_selector_all("#messages > .msg", "ms => ms.length") == 0
+    assert page.input_value("#prompt") == PROMPT  # put back for editing
+    # The API key is kept for the tab's session and sent as a bearer token.
+    assert req.value.headers["authorization"] == "Bearer sk-test-123"
+    assert page.evaluate("sessionStorage.getItem('llmcycle-api-key')") == "sk-test-123"
