@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: token budget)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--draft-model", metavar="DIR", default=None,
+                   help="a smaller model with the same tokenizer for speculative decoding (all served models)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="draft tokens proposed per step with --draft-model (default: 4)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests allowed to wait; more get 503 (default: 256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -315,7 +319,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                log_level=args.log_level, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                chunk_size=args.chunk_size, enable_prefix_caching=not args.no_prefix_caching,
-               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
     return 0
 
 

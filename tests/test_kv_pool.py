@@ -100,7 +100,7 @@ def test_mask_positions_and_padding():
     pool = KVPool(model.config, num_blocks=4, block_size=BS)
     batch = PagedBatch(pool, [[2, 0], [1]], num_cached=[5, 0], num_new=[2, 1])
     assert batch.positions.tolist() == [[5, 6], [0, 1]]
-    assert batch.logits_mask.tolist() == [[False, True], [True, False]]
+    assert batch.logits_mask().tolist() == [[False, True], [True, False]]
     m = batch.attention_mask[:, 0].int().tolist()
     assert m[0] == [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
     assert m[1] == [[1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]  # pad query: key 0 only

@@ -225,16 +225,38 @@ class BlockManager:
         return seq.num_tokens % self.block_size != 0 or self.num_free_blocks > 0
 
     def append_token(self, seq_id: object, token_id: int) -> None:
-        """Add one token to a sequence, taking a new block when its last block is full."""
+        """Add one token to a sequence, taking a new block when its blocks are full (or a reserved one)."""
         seq = self._seqs[seq_id]
-        if seq.num_tokens % self.block_size == 0:
+        if seq.num_tokens == len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take_fresh_block())  # raises NoFreeBlocks, unchanged
-        block = self.blocks[seq.block_table[-1]]
+        index = seq.num_tokens // self.block_size
+        block = self.blocks[seq.block_table[index]]
         block.token_ids.append(int(token_id))
         seq.num_tokens += 1
         if len(block.token_ids) == self.block_size:
-            parent = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else NO_HASH
+            parent = self.blocks[seq.block_table[index - 1]].hash if index > 0 else NO_HASH
             self._register(block.block_id, hash_block_tokens(parent, block.token_ids))
+
+    def reserve(self, seq_id: object, extra_tokens: int) -> bool:
+        """Make room for `extra_tokens` more slots without adding tokens (speculative decoding writes
+        draft K/V there before knowing which tokens stay). False, changing nothing, if blocks are short.
+        `trim` gives back what the accepted tokens did not use."""
+        seq = self._seqs[seq_id]
+        need = -(-(seq.num_tokens + extra_tokens) // self.block_size) - len(seq.block_table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(max(0, need)):
+            seq.block_table.append(self._take_fresh_block())
+        return True
+
+    def trim(self, seq_id: object) -> None:
+        """Release reserved blocks beyond the sequence's tokens (they hold no token, hence no hash)."""
+        seq = self._seqs[seq_id]
+        keep = -(-seq.num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.reset()
+            self._free.append(block.block_id)
 
     def free(self, seq_id: object) -> None:
         """Release a sequence's blocks. Raises KeyError for an unknown sequence.

@@ -32,10 +32,12 @@ from llmcycle.serve.sampling import (
     apply_penalties,
     find_stop,
     make_generator,
+    process_logits,
     sample,
     stop_holdback,
 )
-from llmcycle.serve.scheduler import Scheduler, Sequence
+from llmcycle.serve.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, Sequence
+from llmcycle.serve.speculative import Drafter, accept_greedy, accept_sampled, qualifies
 from llmcycle.tokenizer import Tokenizer
 
 
@@ -100,7 +102,8 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  chunk_size: int | None = None, enable_prefix_caching: bool = True,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 draft_model: str | Path | None = None, num_speculative_tokens: int = 4):
         self.model_dir = str(model_dir)
         self.model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -116,6 +119,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, chunk_size)
         self.eos_id = self.tokenizer.eos_id
         self.max_model_len = cfg.max_position_embeddings
+        self.drafter = (Drafter.load(draft_model, self.model, self.pool, num_speculative_tokens)
+                        if draft_model is not None else None)
         self._requests: dict[str, _Request] = {}
         self._state: dict[str, _SeqState] = {}  # live sequence id -> its state
         self._owner: dict[str, _Request] = {}
@@ -183,6 +188,10 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            **({"spec_decode_num_drafts": self.drafter.stats.num_drafts,
+                "spec_decode_num_draft_tokens": self.drafter.stats.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": self.drafter.stats.num_accepted_tokens}
+               if self.drafter is not None else {}),
         }
 
     # ---- one step -----------------------------------------------------------------------------
@@ -198,27 +207,39 @@ class LLMEngine:
             m = self._owner[s.seq.seq_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        rows = [(self.block_manager.block_table(s.seq.seq_id), s.start, s.token_ids) for s in batch]
-        logits = forward_paged(self.model, self.pool, rows).float()
-        chosen = [i for i, s in enumerate(batch.seqs) if s.needs_sample]
-        sampled: dict[str, int] = {}
-        if chosen:
-            seqs = [batch.seqs[i].seq for i in chosen]
-            raw = logits[chosen]
-            params = [s.sampling_params for s in seqs]
-            processed = apply_penalties(raw, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                                        params)
-            tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._state[s.seq_id].generator
-                                                                              for s in seqs], raw_logits=raw)
-            for j, seq in enumerate(seqs):
-                tok = int(tokens[j])
-                sampled[seq.seq_id] = tok
-                if seq.sampling_params.logprobs is not None:
-                    k = seq.sampling_params.logprobs
-                    entry = {tok: float(chosen_lp[j])}
-                    entry.update({int(t): float(v) for t, v in zip(top_ids[j, :k], top_lp[j, :k])})
-                    self._state[seq.seq_id].logprobs.append(entry)
+        spec = self._plan_speculation(batch) if self.drafter is not None else {}
+        drafts: dict[int, tuple[list[int], torch.Tensor]] = {}
+        if spec:
+            idx = list(spec)
+            rows = [(batch.seqs[i].seq.seq_id, self.block_manager.block_table(batch.seqs[i].seq.seq_id),
+                     batch.seqs[i].start, batch.seqs[i].start + 1, batch.seqs[i].seq.tokens) for i in idx]
+            seqs = [batch.seqs[i].seq for i in idx]
+            toks, qs = self.drafter.propose(rows, [spec[i] for i in idx], [q.sampling_params for q in seqs],
+                                            [self._state[q.seq_id].generator for q in seqs])
+            drafts = {i: (t, q) for i, t, q in zip(idx, toks, qs)}
+        rows = [(self.block_manager.block_table(s.seq.seq_id), s.start, s.token_ids + drafts.get(i, ([],))[0])
+                for i, s in enumerate(batch.seqs)]
+        num_logits = [len(drafts[i][0]) + 1 if i in drafts else 1 for i in range(len(batch))]
+        logits = forward_paged(self.model, self.pool, rows, num_logits if drafts else None).float()
+        ends = torch.tensor(num_logits).cumsum(0).tolist()
+        sampled: dict[str, int | list[int]] = {}
+        plain = [i for i, s in enumerate(batch.seqs) if s.needs_sample and i not in drafts]
+        if plain:
+            self._sample_plain([batch.seqs[i].seq for i in plain], logits[[ends[i] - 1 for i in plain]], sampled)
+        for i, (draft_tokens, q) in drafts.items():
+            seq = batch.seqs[i].seq
+            target = logits[ends[i] - len(draft_tokens) - 1 : ends[i]]
+            params = seq.sampling_params
+            if params.greedy:
+                tokens = accept_greedy(target, draft_tokens)
+            else:
+                p = process_logits(target, [params] * len(target)).softmax(dim=-1)
+                tokens = accept_sampled(p, q, draft_tokens, self._state[seq.seq_id].generator)
+            sampled[seq.seq_id] = tokens
+            self.drafter.stats.num_accepted_tokens += len(tokens) - 1
         self.scheduler.update(batch, sampled)
+        for i in drafts:
+            self._after_speculation(batch.seqs[i], len(drafts[i][0]), len(sampled[batch.seqs[i].seq.seq_id]) - 1)
         now = time.monotonic()
         changed: dict[str, _Request] = {}
         for sid in sampled:
@@ -229,6 +250,48 @@ class LLMEngine:
             req.metrics.last_token_time = now
             changed[req.request_id] = req
         return [self._output(req, now) for req in changed.values()]
+
+    def _sample_plain(self, seqs: list[Sequence], raw: torch.Tensor, sampled: dict) -> None:
+        """One token per sequence from its last logits: penalties, sampling, logprobs."""
+        params = [s.sampling_params for s in seqs]
+        processed = apply_penalties(raw, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+                                    params)
+        tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._state[s.seq_id].generator
+                                                                          for s in seqs], raw_logits=raw)
+        for j, seq in enumerate(seqs):
+            tok = int(tokens[j])
+            sampled[seq.seq_id] = tok
+            if seq.sampling_params.logprobs is not None:
+                k = seq.sampling_params.logprobs
+                entry = {tok: float(chosen_lp[j])}
+                entry.update({int(t): float(v) for t, v in zip(top_ids[j, :k], top_lp[j, :k])})
+                self._state[seq.seq_id].logprobs.append(entry)
+
+    def _plan_speculation(self, batch: ScheduledBatch) -> dict[int, int]:
+        """Which rows decode speculatively this step, and how many draft tokens each (slots reserved)."""
+        for seq in batch.preempted:
+            self.drafter.forget(seq.seq_id)  # its draft K/V went with its blocks
+        plan = {}
+        for i, s in enumerate(batch.seqs):
+            seq = s.seq
+            if not (s.needs_sample and s.num_new_tokens == 1 and seq.output_token_ids
+                    and qualifies(seq.sampling_params)):
+                continue
+            # Emitting at most k + 1 tokens must not pass max_tokens (which also keeps us in context).
+            k = min(self.drafter.num_speculative_tokens,
+                    seq.sampling_params.max_tokens - len(seq.output_token_ids) - 1)
+            if k >= 1 and self.block_manager.reserve(seq.seq_id, k):
+                plan[i] = k
+        return plan
+
+    def _after_speculation(self, s: ScheduledSeq, num_draft: int, num_accepted: int) -> None:
+        sid = s.seq.seq_id
+        if sid not in self.block_manager:
+            self.drafter.forget(sid)  # finished in this step
+            return
+        self.block_manager.trim(sid)
+        # Draft K/V is valid through the accepted draft tokens that were fed to the draft (all but d_k).
+        self.drafter.computed[sid] = s.start + 1 + min(num_accepted, num_draft - 1)
 
     def _detokenize(self, st: _SeqState) -> None:
         """Extend the text with the new token; finish the sequence at the first stop string."""
@@ -274,6 +337,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished, req.metrics)
 
     def _forget(self, sid: str) -> None:
+        if self.drafter is not None:
+            self.drafter.forget(sid)
         self._owner.pop(sid, None)
         self._state.pop(sid, None)
 

@@ -119,11 +119,13 @@ class PagedBatch:
         mask = torch.where(self.query_valid[:, :, None], mask, pad_row)
         self.attention_mask = mask[:, None]  # [B, 1, T_new, T_keys], True = attend
 
-    @property
-    def logits_mask(self) -> torch.Tensor:
-        """Boolean [B, T_new] selecting each row's last new token (one per row, in row order)."""
-        idx = torch.tensor(self.num_new, device=self.positions.device)[:, None] - 1
-        return torch.arange(self.positions.shape[1], device=idx.device)[None, :] == idx
+    def logits_mask(self, num_logits: list[int] | None = None) -> torch.Tensor:
+        """Boolean [B, T_new] selecting each row's last `num_logits[b]` new tokens (default 1), row-major."""
+        dev = self.positions.device
+        end = torch.tensor(self.num_new, device=dev)[:, None]
+        count = torch.tensor(num_logits, device=dev)[:, None] if num_logits is not None else 1
+        i = torch.arange(self.positions.shape[1], device=dev)[None, :]
+        return (i < end) & (i >= end - count)
 
     def input_ids(self, new_token_ids: list[list[int]]) -> torch.Tensor:
         """Right-pad each row's new token ids to [B, T_new] (pad id 0: pad queries are masked out)."""
@@ -150,11 +152,14 @@ class PagedBatch:
 
 @torch.no_grad()
 def forward_paged(
-    model: Transformer, pool: KVPool, seqs: list[tuple[list[int], int, list[int]]]
+    model: Transformer, pool: KVPool, seqs: list[tuple[list[int], int, list[int]]],
+    num_logits: list[int] | None = None,
 ) -> torch.Tensor:
     """One forward over (block_table, num_cached, new_token_ids) rows; logits of each last new token [B, V].
 
-    Writes the new tokens' K/V into the pool. The caller has already allocated the slots (BlockManager).
+    With `num_logits`, row b gives the logits of its last num_logits[b] tokens, all rows concatenated
+    ([sum(num_logits), V]; speculative decoding verifies several positions per row). Writes the new
+    tokens' K/V into the pool. The caller has already allocated the slots (BlockManager).
     """
     batch = PagedBatch(pool, [s[0] for s in seqs], [s[1] for s in seqs], [len(s[2]) for s in seqs])
     input_ids = batch.input_ids([s[2] for s in seqs])
@@ -163,5 +168,5 @@ def forward_paged(
         positions=batch.positions,
         kv_cache=batch,
         attention_mask=batch.attention_mask,
-        logits_mask=batch.logits_mask,
+        logits_mask=batch.logits_mask(num_logits),
     )

@@ -47,6 +47,9 @@ class _EngineStatsCollector:
             "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
             "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
             "num_preemptions": "Cumulative number of preemptions from the engine.",
+            "spec_decode_num_drafts": "Number of spec decoding drafts.",
+            "spec_decode_num_draft_tokens": "Number of draft tokens.",
+            "spec_decode_num_accepted_tokens": "Number of accepted tokens.",
         }
         stats = {name: engine.stats() for name, engine in self.engines().items()}
         for key, doc in gauges.items():
@@ -57,7 +60,8 @@ class _EngineStatsCollector:
         for key, doc in counters.items():
             fam = CounterMetricFamily(f"llmcycle:{key}", doc, labels=["model_name"])
             for name, s in stats.items():
-                fam.add_metric([name], float(s[key]))
+                if key in s:  # spec-decode counters exist only for engines with a draft model
+                    fam.add_metric([name], float(s[key]))
             yield fam
 
 

@@ -301,7 +301,8 @@ class Scheduler:
         """Record a finished step: advance `num_computed`, append sampled tokens, finish sequences.
 
         `sampled` needs a token for every entry with `needs_sample`; others are ignored (a partial
-        prefill chunk samples nothing). Returns the sequences that finished in this step.
+        prefill chunk samples nothing). A list of tokens appends them in order (accepted draft tokens
+        and the verifier's token), stopping at the first that finishes the sequence. Returns the sequences that finished in this step.
         """
         finished: list[Sequence] = []
         for item in batch.seqs:
@@ -312,13 +313,21 @@ class Scheduler:
             assert self.bm.num_tokens(seq.seq_id) == seq.num_computed
             if seq.num_computed < seq.num_tokens:
                 continue
-            token = int(sampled[seq.seq_id])
-            seq.output_token_ids.append(token)  # its K/V slot is taken in the next schedule()
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self._in_flight.discard(seq.seq_id)
-                self._finish(seq, reason)
-                finished.append(seq)
+            got = sampled[seq.seq_id]
+            tokens = [int(t) for t in got] if isinstance(got, (list, tuple)) else [int(got)]
+            for i, token in enumerate(tokens):
+                if i:
+                    # Speculative decoding: the previous token's K/V was written by the verifying
+                    # forward (into slots `BlockManager.reserve` made); it is computed, not pending.
+                    self.bm.append_token(seq.seq_id, seq.output_token_ids[-1])
+                    seq.num_computed += 1
+                seq.output_token_ids.append(token)  # the last one's K/V slot is taken in the next schedule()
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self._in_flight.discard(seq.seq_id)
+                    self._finish(seq, reason)
+                    finished.append(seq)
+                    break
         self._in_flight = set()
         for seq_id in self._deferred_free:
             self.bm.free(seq_id)

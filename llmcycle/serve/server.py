@@ -123,7 +123,8 @@ def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
     return record
 
 
-def _check_params(engine: AsyncLLMEngine, prompts: list[str | list[int]], make: Any) -> tuple[list, list]:
+def _check_params(engine: AsyncLLMEngine, prompts: list[str | list[int]], make: Any,
+                  param: str = "prompt") -> tuple[list, list]:
     """Tokenize and validate every prompt; map engine errors to 400 naming the problem."""
     ids_list, params_list = [], []
     for p in prompts:
@@ -135,7 +136,7 @@ def _check_params(engine: AsyncLLMEngine, prompts: list[str | list[int]], make: 
             field = str(exc).split(" ", 1)[0]
             raise APIError(400, str(exc), field) from None
         except LlmcycleError as exc:
-            raise APIError(400, str(exc), "messages" if isinstance(p, list) else "prompt") from None
+            raise APIError(400, str(exc), param) from None
         ids_list.append(ids)
         params_list.append(params)
     return ids_list, params_list
@@ -318,7 +319,7 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
             k = 0
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         ids_list, params_list = _check_params(
-            engine, [ids], lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids))
+            engine, [ids], lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
         return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True)
 
     return app
