@@ -77,8 +77,8 @@ def test_chunked_prefill_matches_full_prefill():
     torch.testing.assert_close(full[0], model(torch.tensor([prompt]))[0, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1], model(torch.tensor([other]))[0, -1], atol=1e-5, rtol=1e-5)
     # The chunked path left the same K/V in the prompt's blocks as the one-shot prefill.
-    torch.testing.assert_close(pool2.k[:, table], pool.k[:, table], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pool2.v[:, table], pool.v[:, table], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool2.k[:, :, table], pool.k[:, :, table], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool2.v[:, :, table], pool.v[:, :, table], atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_cache_hit_matches_uncached():
@@ -102,14 +102,13 @@ def test_mask_positions_and_padding():
     assert batch.positions.tolist() == [[5, 6], [0, 1]]
     assert batch.logits_mask().tolist() == [[False, True], [True, False]]
     m = batch.attention_mask[:, 0].int().tolist()
-    assert m[0] == [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
-    assert m[1] == [[1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]  # pad query: key 0 only
-    assert batch._read_slots[0].tolist() == [8, 9, 10, 11, 0, 1, 2]  # block 2 then block 0
+    assert m[0] == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]]  # whole blocks: 8 keys
+    assert m[1] == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]  # pad query: key 0 only
+    assert batch.tables.tolist() == [[2, 0], [1, 0]]  # row 1 padded with block 0 (masked)
     assert batch._write_slots.tolist() == [1, 2, 4]
     k = torch.randn(2, model.config.num_key_value_heads, 2, model.config.head_dim)
     keys, _ = batch.update(0, k, k)
-    assert keys.shape == (2, model.config.num_key_value_heads, 7, model.config.head_dim)
+    assert keys.shape == (2, model.config.num_key_value_heads, 8, model.config.head_dim)
     assert torch.equal(keys[0, :, 5:7], k[0]) and torch.equal(keys[1, :, 0], k[1, :, 0])
-    assert not keys[1, :, 1:].any()  # zero padding beyond row 1's single key
     with pytest.raises(ValueError):
         PagedBatch(pool, [[0]], num_cached=[4], num_new=[1])  # table too short for 5 tokens

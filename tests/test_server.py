@@ -80,7 +80,7 @@ def _engine(model_dir: str, **kw) -> AsyncLLMEngine:
     return AsyncLLMEngine(LLMEngine(model_dir, **{"block_size": 4, "num_blocks": 256, **kw}), max_waiting=max_waiting)
 
 
-def _idle(state: ServerState, timeout: float = 10.0) -> bool:
+def _idle(state: ServerState, timeout: float = 30.0) -> bool:
     """Every engine back to nothing running, nothing waiting, no KV block in use."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -163,7 +163,11 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._take_commands()
+            try:
+                self._take_commands()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one request
+                log.exception("engine command failed")
+                self._fail_all(exc)
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 self._wake.clear()

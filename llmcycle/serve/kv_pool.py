@@ -3,11 +3,11 @@
 `KVPool` holds the K/V of every layer in fixed-size blocks; `BlockManager` (tensor-free) decides which
 physical blocks each sequence owns. `PagedBatch` is a throwaway object for ONE forward over a batch of
 sequences that implements the model's kv_cache protocol (`update(layer, k, v)`, `advance(n)`, `length`):
-it scatters each row's new K/V into that row's slots and gathers the row's whole context back as a
-dense, right-padded [B, kv_heads, T_keys, head_dim] tensor for SDPA.
+it scatters each row's new K/V into that row's slots and gathers the row's blocks back as a dense,
+right-padded [B, kv_heads, T_keys, head_dim] tensor for SDPA (T_keys = the widest row's blocks x block_size).
 
-This gather is the plain-PyTorch reference path (nano-vllm replaces it with a paged flash-attention
-kernel): it copies each row's context every layer, which is simple and exact, not fast.
+This gather is the plain-PyTorch path (nano-vllm replaces it with a paged flash-attention kernel): it
+copies each row's context every layer, whole blocks at a time, which is simple and exact.
 
 Batch layout: row b has `num_cached[b]` tokens already in the pool and `num_new[b]` new tokens this step
 (a prefill chunk, or 1 for decode). New tokens are right-padded to T_new = max(num_new); key j of row b
@@ -23,13 +23,14 @@ from llmcycle.model.transformer import Transformer
 
 
 class KVPool:
-    """K and V for all layers as two tensors [layers, num_blocks, block_size, kv_heads, head_dim].
+    """K and V for all layers as two tensors [layers, kv_heads, num_blocks, block_size, head_dim].
 
     One allocation per K and V rather than one per layer: a single buffer is what a memory budget is
-    carved into, and `k[layer]` is a free view. Token-major inside a block (block_size before kv_heads)
-    so a flat *slot* id (block * block_size + offset) addresses one token's [kv_heads, head_dim] row:
-    writes and gathers are a single index op over `slots_k(layer)`. It is also the layout of nano-vllm
-    and of flash-attention's paged KV cache, so a fused kernel can later read the same tensors.
+    carved into, and `k[layer]` is a free view. Head-major, then block, then token: gathering a row's
+    blocks with one `index_select` yields [kv_heads, B, T, head_dim] whose (T, head_dim) planes are
+    contiguous, which SDPA reads about 3x faster on CPU than the token-major layout (nano-vllm's and
+    flash-attention's [blocks, block_size, kv_heads, head_dim]) whose gathered keys must be transposed.
+    A flat *slot* id (block * block_size + offset) addresses one token within a head's plane.
     """
 
     def __init__(
@@ -47,9 +48,9 @@ class KVPool:
         self.block_size = block_size
         shape = (
             config.num_hidden_layers,
+            config.num_key_value_heads,
             num_blocks,
             block_size,
-            config.num_key_value_heads,
             config.head_dim,
         )
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -64,11 +65,11 @@ class KVPool:
         return self.k.dtype
 
     def slots_k(self, layer: int) -> torch.Tensor:
-        """Layer `layer`'s keys as [num_blocks * block_size, kv_heads, head_dim] (a view)."""
-        return self.k[layer].flatten(0, 1)
+        """Layer `layer`'s keys as [kv_heads, num_blocks * block_size, head_dim] (a view)."""
+        return self.k[layer].flatten(1, 2)
 
     def slots_v(self, layer: int) -> torch.Tensor:
-        return self.v[layer].flatten(0, 1)
+        return self.v[layer].flatten(1, 2)
 
 
 class PagedBatch:
@@ -90,26 +91,22 @@ class PagedBatch:
         # and rows have different lengths anyway, so there is no single meaningful value.
         self.length = 0
         self.num_new = num_new
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor(
-            [t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=dev
-        )
         cached = torch.tensor(num_cached, dtype=torch.long, device=dev)[:, None]  # [B, 1]
         new = torch.tensor(num_new, dtype=torch.long, device=dev)[:, None]
         total = cached + new
-        t_new, t_keys = max(num_new), int(total.max())
+        t_new = max(num_new)
+        # Each row reads whole blocks: the blocks covering its tokens, padded with block 0 (masked out).
+        width = max(-(-(c + n) // bs) for c, n in zip(num_cached, num_new))
+        rows = [t[: -(-(c + n) // bs)] for t, c, n in zip(block_tables, num_cached, num_new)]
+        self.tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)
         i = torch.arange(t_new, device=dev)[None, :]
-        j = torch.arange(t_keys, device=dev)[None, :]
-
-        def slots(pos: torch.Tensor) -> torch.Tensor:
-            pos = torch.minimum(pos, total - 1)  # padding reads/writes stay inside the row's own table
-            return tables.gather(1, pos // bs) * bs + pos % bs
-
+        j = torch.arange(width * bs, device=dev)[None, :]
         self.positions = cached + i  # [B, T_new]
         self.query_valid = i < new  # [B, T_new]
-        self.key_valid = j < total  # [B, T_keys]
-        self._write_slots = slots(self.positions)[self.query_valid]  # [N real new tokens]
-        self._read_slots = slots(j.expand(len(block_tables), -1))  # [B, T_keys]
+        self.key_valid = j < total  # [B, width * block_size]
+        pos = torch.minimum(self.positions, total - 1)  # padding writes stay inside the row's own table
+        slots = self.tables.gather(1, pos // bs) * bs + pos % bs
+        self._write_slots = slots[self.query_valid]  # [N real new tokens]
         mask = (j[:, None, :] <= self.positions[:, :, None]) & self.key_valid[:, None, :]
         window = pool.config.sliding_window
         if window is not None:
@@ -136,15 +133,25 @@ class PagedBatch:
         return torch.tensor(rows, dtype=torch.long, device=self.positions.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k/v ([B, kv_heads, T_new, head_dim]) and return the rows' full K/V, zero-padded."""
+        """Store the new k/v ([B, kv_heads, T_new, head_dim]) and return the rows' K/V [B, kv_heads, T_keys, D].
+
+        Keys past a row's length (the tail of its last block, padding blocks) hold stale but finite values
+        and are masked out; the pool starts zeroed and is only ever written with computed K/V.
+        """
         pool = self.pool
+        B, width = self.tables.shape
         k_slots, v_slots = pool.slots_k(layer), pool.slots_v(layer)
-        k_slots.index_copy_(0, self._write_slots, k.transpose(1, 2)[self.query_valid].to(pool.dtype))
-        v_slots.index_copy_(0, self._write_slots, v.transpose(1, 2)[self.query_valid].to(pool.dtype))
-        keep = self.key_valid[:, None, :, None]
-        keys = torch.where(keep, k_slots[self._read_slots].transpose(1, 2), 0).to(k.dtype)
-        values = torch.where(keep, v_slots[self._read_slots].transpose(1, 2), 0).to(v.dtype)
-        return keys, values
+        new_k = k.transpose(0, 1)[:, self.query_valid].to(pool.dtype)  # [kv_heads, N, head_dim]
+        new_v = v.transpose(0, 1)[:, self.query_valid].to(pool.dtype)
+        k_slots.index_copy_(1, self._write_slots, new_k)
+        v_slots.index_copy_(1, self._write_slots, new_v)
+        # Whole-block copies (block_size * head_dim contiguous values each) are much cheaper than
+        # gathering token by token; the result is [B, kv_heads, T, D] with contiguous (T, D) planes.
+        flat = self.tables.flatten()
+        shape = (pool.k.shape[1], B, width * pool.block_size, pool.k.shape[-1])
+        keys = pool.k[layer].index_select(1, flat).view(shape).transpose(0, 1)
+        values = pool.v[layer].index_select(1, flat).view(shape).transpose(0, 1)
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def advance(self, n: int) -> None:
         """No-op: token counts live in the BlockManager / scheduler, not in this per-step view."""

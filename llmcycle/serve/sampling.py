@@ -208,20 +208,28 @@ def sample(
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"need one SamplingParams and one generator per row: {B} rows")
-    processed = process_logits(logits, params)
-    probs = processed.softmax(dim=-1)
-    noise = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0/0 = nan win the argmax
-    sampled = (probs / noise).argmax(dim=-1)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    all_greedy = all(p.greedy for p in params)
+    processed = None
+    if all_greedy:  # the common serving case: no filtering, no noise
+        tokens = logits.argmax(dim=-1)
+    else:
+        processed = process_logits(logits, params)
+        probs = processed.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for i, (p, g) in enumerate(zip(params, generators)):
+            if not p.greedy:  # a greedy row does not draw: its generator state stays untouched
+                noise[i].exponential_(generator=g)
+            else:
+                noise[i].fill_(1.0)
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would make 0/0 = nan win the argmax
+        sampled = (probs / noise).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     if logprobs_mode == "raw_logprobs":
         lp = (raw_logits if raw_logits is not None else logits).float().log_softmax(dim=-1)
     elif logprobs_mode == "processed_logprobs":
-        lp = processed.log_softmax(dim=-1)
+        lp = (processed if processed is not None else process_logits(logits, params)).log_softmax(dim=-1)
     else:
         raise ValueError(f"logprobs_mode must be raw_logprobs or processed_logprobs, got {logprobs_mode!r}")
     chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
