@@ -125,3 +125,20 @@ def test_stop_strings_logprobs_and_errors(model_dir):
     with pytest.raises(LlmcycleError, match="context"):
         llm.generate([p * 40], SamplingParams(max_tokens=8))
     assert _free(llm)
+
+
+def test_engine_sampler_matches_simple_sampler(model_dir):
+    from llmcycle.serve.rollouts import EngineSampler
+    from llmcycle.train.rollout import SimpleSampler
+
+    model = Transformer.from_pretrained(model_dir)
+    model.train()  # as a policy in training: the samplers switch to eval and back
+    prompts = _prompts(10, seed=4)
+    greedy = SimpleSampler().generate(model, prompts, 12, temperature=0, stop_ids=[17, 99, 250])
+    assert EngineSampler(block_size=4).generate(model, prompts, 12, temperature=0, stop_ids=[17, 99, 250]) == greedy
+    assert model.training
+    a = EngineSampler().generate(model, prompts, 12, temperature=1.0, top_k=50,
+                                 generator=torch.Generator().manual_seed(3))
+    b = EngineSampler().generate(model, prompts, 12, temperature=1.0, top_k=50,
+                                 generator=torch.Generator().manual_seed(3))
+    assert a == b and all(1 <= len(x) <= 12 for x in a) and a != greedy

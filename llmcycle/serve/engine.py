@@ -77,7 +77,7 @@ class _SeqState:
     seq: Sequence
     index: int
     generator: torch.Generator | None
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
     done_text: bool = False  # text is final (stop string found, or the sequence finished)
@@ -99,14 +99,20 @@ class _Request:
 class LLMEngine:
     """Model, tokenizer, paged KV pool, block manager and scheduler; `step()` runs one batched step."""
 
-    def __init__(self, model_dir: str | Path, block_size: int = 16, num_blocks: int | None = None,
+    def __init__(self, model_dir: str | Path | None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  chunk_size: int | None = None, enable_prefix_caching: bool = True,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 draft_model: str | Path | None = None, num_speculative_tokens: int = 4):
-        self.model_dir = str(model_dir)
-        self.model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+                 draft_model: str | Path | None = None, num_speculative_tokens: int = 4,
+                 model: Transformer | None = None, tokenizer: Tokenizer | None = None):
+        # `model` (with model_dir None) serves a live in-memory model, e.g. a policy's rollouts during
+        # PPO/GRPO; without a tokenizer the engine works in token ids only (no text, no stop strings).
+        if model is None and model_dir is None:
+            raise ValueError("LLMEngine needs a model directory or a model")
+        self.model_dir = str(model_dir) if model_dir is not None else "<in-memory model>"
+        self.model = model if model is not None else Transformer.from_pretrained(model_dir, device=device,
+                                                                                 dtype=dtype).eval()
+        self.tokenizer = tokenizer if tokenizer is not None or model_dir is None else Tokenizer.from_pretrained(model_dir)
         cfg = self.model.config
         p = next(self.model.parameters())
         if num_blocks is None:
@@ -117,7 +123,7 @@ class LLMEngine:
         self.pool = KVPool(cfg, num_blocks, block_size, device=p.device, dtype=p.dtype)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, chunk_size)
-        self.eos_id = self.tokenizer.eos_id
+        self.eos_id = self.tokenizer.eos_id if self.tokenizer is not None else None
         self.max_model_len = cfg.max_position_embeddings
         self.drafter = (Drafter.load(draft_model, self.model, self.pool, num_speculative_tokens)
                         if draft_model is not None else None)
@@ -129,7 +135,11 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise LlmcycleError("this engine has no tokenizer: give prompts as token ids.")
+        return self.tokenizer.encode(prompt, add_bos=True)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise LlmcycleError if the prompt plus max_tokens does not fit the model's context."""
@@ -156,7 +166,8 @@ class LLMEngine:
             sid = f"{rid}#{i}"
             seq = Sequence(sid, list(ids), params, eos_token_id=self.eos_id)
             seed = None if params.seed is None else params.seed * 1_000_003 + i
-            st = _SeqState(seq, i, make_generator(seed, self.pool.device), IncrementalDetokenizer(self.tokenizer))
+            detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+            st = _SeqState(seq, i, make_generator(seed, self.pool.device), detok)
             req.states.append(st)
             self._state[sid] = st
             self._owner[sid] = req
@@ -296,6 +307,8 @@ class LLMEngine:
     def _detokenize(self, st: _SeqState) -> None:
         """Extend the text with the new token; finish the sequence at the first stop string."""
         seq, stop = st.seq, st.seq.sampling_params.stop
+        if st.detok is None:
+            return  # token ids only
         ids = seq.output_token_ids
         if ids and seq.finish_reason == "stop" and not seq.sampling_params.ignore_eos and (
                 ids[-1] == self.eos_id or ids[-1] in seq.sampling_params.stop_token_ids):

@@ -47,13 +47,13 @@ from llmcycle.train.rollout import (
     OnlineEval,
     PromptData,
     RolloutBatch,
-    SimpleSampler,
     check_generation,
     decode_completions,
     heldout_exact_match,
     in_chunks,
     iteration_seed,
     load_prompt_sets,
+    make_sampler,
     prompts_hash,
     reduce_sums,
     rollout_batch,
@@ -161,7 +161,7 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
         loader.load_state_dict(s.state["loader"])
     max_steps = total_steps(t, loader)
     iteration = int(extra.get("iteration", 0))
-    sampler = SimpleSampler(g.batch_size or None)
+    sampler = make_sampler(g)
     s.log(f"train: {max_steps} iterations of {n_prompts} prompts x {G} completions x {s.dist.world_size} "
           f"processes, {cfg.num_iterations} update(s) each; {cfg.loss_type} loss, beta {cfg.beta:g}")
 

@@ -60,13 +60,13 @@ from llmcycle.train.rollout import (
     OnlineEval,
     PromptData,
     RolloutBatch,
-    SimpleSampler,
     check_generation,
     decode_completions,
     heldout_exact_match,
     in_chunks,
     iteration_seed,
     load_prompt_sets,
+    make_sampler,
     prompts_hash,
     reduce_sums,
     rollout_batch,
@@ -216,7 +216,7 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
     if "kl_ctl" in extra:
         kl_ctl.load_state_dict(extra["kl_ctl"])
     iteration = int(extra.get("iteration", 0))
-    sampler = SimpleSampler(g.batch_size or None)
+    sampler = make_sampler(g)
     s.log(f"train: {max_steps} iterations of {per_iteration} rollouts x {s.dist.world_size} processes, "
           f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches each; kl_coef {kl_ctl.value:g}"
           f"{' (adaptive)' if cfg.adaptive_kl else ''}")

@@ -3,8 +3,8 @@
 - `Sampler` is the interface PPO and GRPO generate through; `SimpleSampler` implements it with the
   contiguous `KVCache`: prompts left-padded into one batch, positions per row so every prompt starts at
   position 0 (a row's result does not depend on its neighbours), one prefill, then one token per step
-  for all rows, each row stopping on its own. The paged serving engine can replace it behind the same
-  interface without touching the trainers.
+  for all rows, each row stopping on its own. `generation.sampler: engine` uses the serving engine
+  instead (`llmcycle.serve.rollouts.EngineSampler`: paged KV cache, continuous batching).
 - `RolloutBatch` lays each prompt+completion out as one right-padded row (positions from 0, no attention
   mask needed: causal attention never looks right), and `rollout_logps` / `rollout_values` /
   `sequence_scores` read per-completion-token log-probs, values and last-token scores off it.
@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -236,12 +236,22 @@ class GenerationSection:
     top_k: int | None = Fh(None, "sample among the k most likely tokens; null: all")
     top_p: float | None = Fh(None, "nucleus sampling mass; null: off")
     batch_size: int = Fh(0, "rows generated together; 0: the whole rollout batch at once")
+    sampler: Literal["simple", "engine"] = Fh(
+        "simple", "simple: one padded KV-cache batch; engine: the serving engine (paged KV, continuous batching)")
 
 
 @dataclass
 class OnlineEval:
     every: int = Fh(50, "held-out exact match every N steps (and before the first and after the last)")
     generate: int = Fh(64, "held-out prompts with a reference answered greedily (0: none)")
+
+
+def make_sampler(g: GenerationSection) -> Sampler:
+    if g.sampler == "engine":
+        from llmcycle.serve.rollouts import EngineSampler
+
+        return EngineSampler()
+    return SimpleSampler(g.batch_size or None)
 
 
 def check_generation(g: GenerationSection) -> None:
