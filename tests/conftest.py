@@ -41,6 +41,33 @@ def tiny_train_overrides(out_dir: Path, steps: int = 20, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def make_serving_model(tokenizer_dir: str | Path, out: Path, seed: int = 0, layers: int = 2, hidden: int = 64,
+                       max_positions: int = 128) -> str:
+    """A random-weight model directory with the tiny tokenizer, for engine and server tests.
+
+    A wide initialisation (0.2) gives clear argmax winners, so greedy comparisons are not decided by
+    rounding differences between batched and unbatched kernels."""
+    import shutil
+
+    import torch
+
+    from llmcycle.model.config import ModelConfig
+    from llmcycle.model.transformer import Transformer
+    from llmcycle.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, initializer_range=0.2, bos_token_id=tok.bos_id,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    Transformer(cfg).save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, Path(out) / f.name)
+    return str(out)
+
+
 def run_cli(args: list[str], **kw):
     import subprocess
 

@@ -2,19 +2,15 @@
 a greedy streamed reply equal to the non-streamed API's, incremental rendering, Stop, errors, API key."""
 
 import os
-import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from llmcycle.model.config import ModelConfig
-from llmcycle.model.transformer import Transformer
-from llmcycle.tokenizer import Tokenizer
+from conftest import make_serving_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -26,17 +22,8 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def model_dir(tiny_data, tmp_path_factory) -> str:
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("chat_page") / "model"
-    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    Transformer(cfg).save_pretrained(out)
-    for f in Path(tiny_data["tokenizer"]).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return str(out)
+    return make_serving_model(tiny_data["tokenizer"], tmp_path_factory.mktemp("chat_page") / "model",
+                              max_positions=256)
 
 
 @pytest.fixture(scope="module")

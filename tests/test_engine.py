@@ -1,19 +1,16 @@
 """The offline engine against plain generation and transformers: greedy tokens equal under batching,
 chunked prefill, prefix caching and forced preemption; seeds, n, stop strings, logprobs, validation."""
 
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import make_serving_model
 from llmcycle.errors import LlmcycleError
-from llmcycle.model.config import ModelConfig
 from llmcycle.model.generate import generate
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.engine import LLM
 from llmcycle.serve.sampling import SamplingParams
-from llmcycle.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -21,18 +18,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 @pytest.fixture(scope="module")
 def model_dir(tiny_data, tmp_path_factory) -> str:
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("engine") / "model"
-    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
-    torch.manual_seed(0)
-    # A wide initialisation: clear argmax winners, so greedy comparisons are not decided by rounding.
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    Transformer(cfg).save_pretrained(out)
-    for f in Path(tiny_data["tokenizer"]).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return str(out)
+    return make_serving_model(tiny_data["tokenizer"], tmp_path_factory.mktemp("engine") / "model")
 
 
 def _prompts(n: int, seed: int = 0, prefix: list[int] = ()) -> list[list[int]]:

@@ -7,28 +7,24 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import uvicorn
 
-from llmcycle.model.config import ModelConfig
-from llmcycle.model.transformer import Transformer
+from conftest import make_serving_model
 from llmcycle.serve.async_engine import AsyncLLMEngine
 from llmcycle.serve.auth import KeyStore
 from llmcycle.serve.engine import LLM, LLMEngine
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.serve.server import ServerState, build_app
-from llmcycle.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -36,17 +32,7 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def model_dir(tiny_data, tmp_path_factory) -> str:
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("server") / "model"
-    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    Transformer(cfg).save_pretrained(out)
-    for f in Path(tiny_data["tokenizer"]).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return str(out)
+    return make_serving_model(tiny_data["tokenizer"], tmp_path_factory.mktemp("server") / "model")
 
 
 def _free_port() -> int:

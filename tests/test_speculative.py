@@ -1,41 +1,24 @@
 """Speculative decoding: the acceptance rules against their definitions, and the engine with a draft model
 giving exactly the target's greedy tokens (batched, under preemption, with eos), with acceptance stats."""
 
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from llmcycle.model.config import ModelConfig
+from conftest import make_serving_model
 from llmcycle.model.generate import generate
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.engine import LLM
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.serve.speculative import accept_greedy, accept_sampled
-from llmcycle.tokenizer import Tokenizer
-
-
-def _model(tiny_data, out: Path, seed: int, layers: int, hidden: int) -> str:
-    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, initializer_range=0.2, bos_token_id=tok.bos_id,
-                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    Transformer(cfg).save_pretrained(out)
-    for f in Path(tiny_data["tokenizer"]).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
 def models(tiny_data, tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("spec")
-    target = _model(tiny_data, root / "target", seed=0, layers=2, hidden=64)
-    other = _model(tiny_data, root / "draft", seed=1, layers=1, hidden=32)
+    target = make_serving_model(tiny_data["tokenizer"], root / "target", seed=0, layers=2, hidden=64)
+    other = make_serving_model(tiny_data["tokenizer"], root / "draft", seed=1, layers=1, hidden=32)
     return target, other
 
 
