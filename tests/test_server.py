@@ -276,32 +276,41 @@ def test_api_keys_and_rate_limits(model_dir, tmp_path):
 # ---- disconnects, queue, load ---------------------------------------------------------------
 
 
-def test_client_disconnect_aborts_and_frees_blocks(server):
-    url, state = server
-    for path, body in [("/v1/completions", {"prompt": "def"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
-        with httpx.stream("POST", url + path, json={"model": "tiny", "max_tokens": 100, "ignore_eos": True,
-                                                    "stream": True, **body}) as r:
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(6)]
-            assert any(line.startswith("data: {") for line in got)
-        assert _idle(state), "an abandoned stream kept its request or blocks"
-    # a non-streamed request whose client gives up is aborted too
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 100,
-                                                  "ignore_eos": True}, timeout=0.3)
-    assert _idle(state)
-
-
-def test_bounded_queue_answers_503(model_dir):
-    eng = _engine(model_dir, max_num_seqs=1, max_waiting=1)
+def _slow_engine(model_dir: str, seconds: float = 0.02, **kw) -> AsyncLLMEngine:
+    """An engine whose every step also sleeps: a tiny model is too fast to catch a request mid-way."""
+    eng = _engine(model_dir, **kw)
     real = eng.engine.model.forward
 
-    def slow(*a, **k):  # a tiny model is too fast to keep a request running while we look
-        time.sleep(0.02)
+    def slow(*a, **k):
+        time.sleep(seconds)
         return real(*a, **k)
 
     eng.engine.model.forward = slow
+    return eng
+
+
+def test_client_disconnect_aborts_and_frees_blocks(model_dir):
+    with running({"tiny": _slow_engine(model_dir)}) as (url, state):
+        for path, body in [("/v1/completions", {"prompt": "def"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+            with httpx.stream("POST", url + path, json={"model": "tiny", "max_tokens": 100, "ignore_eos": True,
+                                                        "stream": True, **body}) as r:
+                lines = r.iter_lines()
+                got = [next(lines) for _ in range(6)]
+                assert any(line.startswith("data: {") for line in got)
+            assert _idle(state), "an abandoned stream kept its request or blocks"
+            assert not state.metrics._seen  # nor its per-request metrics bookkeeping
+        # a non-streamed request whose client gives up is aborted too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 100,
+                                                      "ignore_eos": True}, timeout=0.3)
+        assert _idle(state)
+        # none of the three ran to the end: they were aborted, not finished
+        assert not any(k.startswith("llmcycle:request_success_total") for k in _metrics(url))
+
+
+def test_bounded_queue_answers_503(model_dir):
+    eng = _slow_engine(model_dir, max_num_seqs=1, max_waiting=1)
     with running({"m": eng}) as (url, state):
         long = {"model": "m", "prompt": "a", "max_tokens": 100, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=long) as first:

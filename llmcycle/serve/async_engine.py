@@ -43,6 +43,7 @@ class EngineStepError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    aborted: bool = False  # outputs already on their way to the loop are dropped
 
 
 class AsyncLLMEngine:
@@ -53,6 +54,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_output = on_output  # called in the event loop for every output (metrics)
+        self.on_abort: Callable[[str], None] | None = None  # called with the id of an aborted request
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # guards _streams and _pending between loop and engine thread
@@ -71,6 +73,10 @@ class AsyncLLMEngine:
             self._thread = threading.Thread(target=self._run, name="llmcycle-engine", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def num_in_flight(self) -> int:
@@ -135,10 +141,13 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            known = self._streams.pop(request_id, None) is not None
-        if known:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.aborted = True
             self._commands.put(("abort", request_id))
             self._wake.set()
+            if self.on_abort is not None:
+                self.on_abort(request_id)
 
     # ---- the engine thread ----------------------------------------------------------------------
 
@@ -186,9 +195,7 @@ class AsyncLLMEngine:
         """After a failed step the batch's state is unknown: drop every request and reset the engine."""
         with self._lock:
             rids = list(self._streams)
-        for rid in list(self.engine._requests):
-            self.engine.abort(rid)
-        self.engine.scheduler.reset_in_flight()
+        self.engine.abort_all()
         err = EngineStepError(f"internal error in the engine step: {type(exc).__name__}: {exc}")
         self._deliver([(rid, err) for rid in rids])
 
@@ -210,6 +217,8 @@ class AsyncLLMEngine:
 
     def _put_all(self, batch: list[tuple[_Stream, object]]) -> None:
         for stream, item in batch:
+            if stream.aborted:
+                continue
             if self.on_output is not None and isinstance(item, RequestOutput):
                 try:
                     self.on_output(item)

@@ -182,6 +182,12 @@ class LLMEngine:
             self.scheduler.abort(st.seq.seq_id)
             self._forget(st.seq.seq_id)
 
+    def abort_all(self) -> None:
+        """Drop every request, e.g. after a step failed half-way (its batch's state is unknown)."""
+        for rid in list(self._requests):
+            self.abort(rid)
+        self.scheduler.reset_in_flight()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -72,6 +72,7 @@ class ServerState:
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
+            eng.on_abort = self.metrics.forget  # an aborted request sends no final output
 
     def engine(self, name: str) -> AsyncLLMEngine:
         if name not in self.engines:
@@ -267,7 +268,7 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if any(e._draining for e in state.engines.values()):
+        if any(e.draining for e in state.engines.values()):
             return APIError(503, "shutting down").response()
         return JSONResponse({"status": "ok"})
 
@@ -449,16 +450,20 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
 async def _with_disconnect(request: Request, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """Iterate `gen`, but stop (and close it, aborting the request) when the client disconnects."""
     nxt: asyncio.Task | None = None
+    last_check = time.monotonic()
     try:
         while True:
             nxt = asyncio.ensure_future(gen.__anext__())
             while True:
                 done, _ = await asyncio.wait({nxt}, timeout=0.25)
+                # Outputs arrive every step, so look at the connection on a clock, not on a pause.
+                if time.monotonic() - last_check >= 0.25:
+                    last_check = time.monotonic()
+                    if await request.is_disconnected():
+                        nxt.cancel()
+                        raise APIError(499, "client disconnected")
                 if done:
                     break
-                if await request.is_disconnected():
-                    nxt.cancel()
-                    raise APIError(499, "client disconnected")
             try:
                 item = nxt.result()
             except StopAsyncIteration:
