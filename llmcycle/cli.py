@@ -165,29 +165,42 @@ POSTTRAIN_COMMANDS = (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job. Until the full lifecycle graph lands: corpus -> tokenizer -> pre-training."""
-    from llmcycle.train.config import PretrainConfig
+    """The main job: the lifecycle graph from one recipe (llmcycle/lifecycle.py)."""
+    from llmcycle.lifecycle import LifecycleConfig
 
-    if args.recipe and "=" in args.recipe:  # `llmcycle run train.lr=1e-3`: an override, not a recipe
+    if args.recipe and "=" in args.recipe:  # `llmcycle run pretrain.train.lr=1e-3`: an override, not a recipe
         args.overrides.insert(0, args.recipe)
         args.recipe = "default"
-    cfg = _load_recipe(PretrainConfig, args.recipe, args)
+    cfg = _load_recipe(LifecycleConfig, args.recipe, args)
     if cfg is None:
         return 0
-    from llmcycle.train.pretrain import pretrain
+    from llmcycle.lifecycle import Lifecycle
 
-    t0 = time.time()
-    # Resumes from the last checkpoint when one exists, so an interrupted run just continues.
-    result = pretrain(cfg, resume=not args.fresh)
-    minutes = (time.time() - t0) / 60
+    lc = Lifecycle(cfg)
+    results = lc.run(from_stage=args.from_stage)
     print("\nsummary")
-    rows = [("steps", result["steps"]), ("held-out loss", result.get("val_loss")),
-            ("held-out bits/byte", result.get("val_bpb")), ("unigram baseline bits/byte", result.get("unigram_bpb")),
-            ("wall time (min)", minutes), ("model", Path(cfg.out_dir) / "model")]
+    pre = (results.get("pretrain") or {}).get("metrics") or {}
+    rows = [(f"{s} ({r.get('seconds', 0) / 60:.1f} min)", ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in _headline(s, r).items()))
+        for s, r in results.items()]
+    if pre:
+        rows.insert(0, ("held-out bits/byte", f"{pre.get('val_bpb', float('nan')):.3f} "
+                                               f"(unigram baseline {pre.get('unigram_bpb', float('nan')):.3f})"))
     for name, value in rows:
-        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-        print(f"  {name:<28} {shown}")
+        print(f"  {name:<28} {value}")
+    if "report" in results:
+        print(f"  {'report':<28} {lc.root / 'report.md'}")
+    print(f"  {'model':<28} {lc.final_model()}")
     return 0
+
+
+def _headline(stage: str, record: dict) -> dict:
+    """The few numbers of a stage worth a summary line."""
+    m = record.get("metrics") or {}
+    keys = {"pretrain": ("val_loss",), "sft": ("eval_loss", "eval_exact_match"),
+            "dpo": ("eval_rewards/accuracies", "eval_exact_match"),
+            "serve": ("output_tokens_per_s", "ttft_median_s")}.get(stage, ())
+    return {k: m[k] for k in keys if k in m}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -220,11 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llmcycle.train.config import PretrainConfig
 
-    p = sub.add_parser("run", help="run the lifecycle from one recipe (default: embedded corpus, tiny model)",
-                       formatter_class=fmt, epilog=_options_epilog(PretrainConfig))
+    p = sub.add_parser("run", help="run the whole lifecycle from one recipe (default: embedded corpus, tiny model)",
+                       formatter_class=fmt,
+                       description="Run the lifecycle graph (pretrain -> sft -> dpo -> eval -> serve -> report) into "
+                                   "runs/<name>/<stage>/. Up-to-date stages are skipped, an interrupted one resumes. "
+                                   "Stage sections take every key of the stage's own command (llmcycle pretrain / "
+                                   "sft / dpo --help), prefixed: pretrain.train.max_steps=100, sft.train.lr=1e-3; "
+                                   "their out_dir and model keys are set by the graph.")
     p.add_argument("recipe", nargs="?", default="default", help="recipe YAML or shipped name (default: default)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
-    p.add_argument("--fresh", action="store_true", help="do not resume; fail if out_dir has checkpoints")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
+                   help="redo this stage and every stage after it (pretrain, sft, dpo, eval, serve, report)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=cmd_run)
 
@@ -298,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=cmd_serve)
+
+    from llmcycle.eval.cli import add_eval_arguments, eval_main
+
+    p = sub.add_parser("eval", help="evaluate a model (bits/byte, multiple choice, exact match), or gate B against A",
+                       description="Suite v1 on a causal LM directory, or --compare A B as a regression gate "
+                                   "(exit 1 when B is worse beyond --threshold). See docs/eval.md.")
+    add_eval_arguments(p)
+    p.set_defaults(func=eval_main)
+
+    from llmcycle.lineage import add_lineage_arguments, lineage_main
+
+    p = sub.add_parser("lineage", help="the chain from a model back to its raw sources, verified by content hashes",
+                       description="Walk a model directory's manifests back to the data, re-hashing every "
+                                   "artifact on the way; exit 1 when one was modified after it was recorded.")
+    add_lineage_arguments(p)
+    p.set_defaults(func=lineage_main)
 
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 

@@ -18,17 +18,19 @@ def test_tokenizer_train_command(tmp_path):
 
 
 def test_run_then_generate(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    args = ["run", "tiny", *tiny_data["overrides"], *tiny_train_overrides(out, 12)]
+    runs = tmp_path / "runs"
+    pre = [o for o in tiny_train_overrides(runs / "unused", 12) if not o.startswith("out_dir=")]
+    args = ["run", f"runs_dir={runs}", "name=r", "stages=[pretrain]",
+            *(f"pretrain.{o}" for o in tiny_data["overrides"] + pre)]
     r = run_cli(args)
     assert r.returncode == 0, r.stderr
     assert "summary" in r.stdout and "held-out bits/byte" in r.stdout
-    # A second run resumes from the final checkpoint and has nothing left to do.
+    # A second run finds the stage up to date and does nothing.
     again = run_cli(args)
     assert again.returncode == 0, again.stderr
-    assert "resume: continuing" in again.stdout
-    assert "None" not in again.stdout.split("summary")[1]  # nothing left to train, still evaluated
-    g = run_cli(["generate", str(out / "model"), "--prompt", "import ", "--max-new-tokens", "5"])
+    assert "[pretrain] up to date" in again.stdout
+    assert "nan" not in again.stdout.split("summary")[1]  # the summary still has the numbers
+    g = run_cli(["generate", str(runs / "r" / "pretrain" / "model"), "--prompt", "import ", "--max-new-tokens", "5"])
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("import ")
 

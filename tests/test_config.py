@@ -78,12 +78,19 @@ def test_model_size_checked_up_front():
 
 
 def test_run_takes_overrides_without_a_recipe(capsys):
-    assert main(["run", "train.max_steps=3", "--print-config"]) == 0
+    assert main(["run", "pretrain.train.max_steps=3", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "max_steps: 3" in out and "out_dir: runs/default" in out
+    assert "max_steps: 3" in out and "name: default" in out
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "tiny-mlm", "mini"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-mlm", "mini"])
 def test_every_shipped_recipe_is_valid(name):
     cfg = load_config(PretrainConfig, name)
     assert cfg.train.max_steps > 0 and cfg.out_dir.startswith("runs/")
+
+
+def test_the_default_lifecycle_recipe_is_valid():
+    from llmcycle.lifecycle import STAGES, LifecycleConfig
+
+    cfg = load_config(LifecycleConfig, "default")
+    assert cfg.name == "default" and tuple(cfg.stages) == STAGES and cfg.pretrain.train.max_steps > 0

@@ -17,14 +17,14 @@ import time
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from conftest import make_serving_model
 from llmcycle.serve.async_engine import AsyncLLMEngine
 from llmcycle.serve.auth import KeyStore
 from llmcycle.serve.engine import LLM, LLMEngine
 from llmcycle.serve.sampling import SamplingParams
-from llmcycle.serve.server import ServerState, build_app
+from llmcycle.serve.server import ServerState
+from llmcycle.serve.smoke import serve_in_thread
 
 openai = pytest.importorskip("openai")
 
@@ -45,20 +45,8 @@ def _free_port() -> int:
 def running(engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None):
     """A real uvicorn server on loopback in a thread; yields (base url, state)."""
     state = ServerState(engines, keys)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(state, drain_timeout=5), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", state
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(state) as url:
+        yield url, state
 
 
 def _engine(model_dir: str, **kw) -> AsyncLLMEngine:

@@ -262,7 +262,7 @@ class Session:
         src = self.resume_from or Path(model_dir)
         if not Path(src).is_dir():
             raise LlmcycleError(
-                f"{src}: model directory not found. Train one first (`llmcycle run` writes runs/default/model; "
+                f"{src}: model directory not found. Train one first (`llmcycle run` writes runs/default/pretrain/model; "
                 "`llmcycle sft` writes runs/sft/model), or set model=DIR."
             )
         if not (Path(src) / "tokenizer.json").exists():

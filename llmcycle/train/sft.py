@@ -64,7 +64,7 @@ class SFTEval:
 @dataclass
 class SFTConfig:
     out_dir: str = Fh("runs/sft", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/default/model", "model directory to fine-tune (Hugging Face layout, with its tokenizer)")
+    model: str = Fh("runs/default/pretrain/model", "model directory to fine-tune (Hugging Face layout, with its tokenizer)")
     data: SFTData = field(default_factory=SFTData)
     train: SFTOptim = field(default_factory=SFTOptim)
     eval: SFTEval = field(default_factory=SFTEval)

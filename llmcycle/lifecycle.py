@@ -1,0 +1,254 @@
+"""`llmcycle run`: the lifecycle as a graph of stages, each reading artifacts and writing artifacts.
+
+Stages run in graph order, each into `runs/<name>/<stage>/`: pretrain (corpus, tokenizer, causal LM) ->
+sft -> dpo -> eval (every model stage) -> serve (a smoke test of the final model through the real HTTP
+server) -> report. Every stage leaves `stage.json`: its key (a hash of its configuration and of the
+recorded outputs of the stages it reads), status, timings, peak memory, metrics and the content hashes
+of its outputs. A second `run` skips a stage whose key matches and whose outputs still hash as recorded;
+a stage that was interrupted (status "running" under the same key) resumes from its own checkpoints; a
+stage whose key changed, or that `--from` names (and everything after it), starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmcycle.config import field_help as F
+from llmcycle.config import to_dict
+from llmcycle.errors import LlmcycleError
+from llmcycle.manifest import MANIFEST, file_hashes
+from llmcycle.train.config import PretrainConfig
+from llmcycle.train.dpo import DPOConfig
+from llmcycle.train.sft import SFTConfig
+
+STAGES = ("pretrain", "sft", "dpo", "eval", "serve", "report")
+MODEL_STAGES = ("pretrain", "sft", "dpo")
+RECORD = "stage.json"
+
+
+@dataclass
+class EvalStage:
+    limit: int = F(128, "held-out items per metric (multiple choice, exact match)")
+
+
+@dataclass
+class ServeStage:
+    requests: int = F(16, "chat requests sent to the served final model")
+    concurrency: int = F(4, "requests in flight at once")
+    max_tokens: int = F(24, "tokens per answer at most")
+
+
+@dataclass
+class LifecycleConfig:
+    name: str = F("default", "run name: every stage writes into <runs_dir>/<name>/<stage>/")
+    runs_dir: str = F("runs", "where runs live")
+    stages: list[str] = F(list(STAGES), "stages to run, a subset of pretrain, sft, dpo, eval, serve, report")
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalStage = field(default_factory=EvalStage)
+    serve: ServeStage = field(default_factory=ServeStage)
+
+
+# ---- records ----------------------------------------------------------------------------------
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_record(stage_dir: Path) -> dict | None:
+    path = stage_dir / RECORD
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # a record torn by a crash: the stage reruns
+
+
+def _write_record(stage_dir: Path, record: dict) -> None:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(stage_dir / RECORD)  # atomic: a record is whole or absent
+
+
+def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
+    """Content hashes of what a stage produced: the model directory, or its result files."""
+    if stage in MODEL_STAGES:
+        return file_hashes(stage_dir / "model") if (stage_dir / "model").exists() else {}
+    return {name: h for name, h in file_hashes(stage_dir).items() if name != RECORD and not name.endswith(".tmp")}
+
+
+def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
+    rec = read_record(stage_dir)
+    return bool(rec and rec.get("status") == "done" and rec.get("key") == key
+                and rec.get("outputs") == stage_outputs(stage, stage_dir))
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+class Lifecycle:
+    """One run of the graph: resolves each stage's configuration and inputs, skips, resumes or reruns."""
+
+    def __init__(self, cfg: LifecycleConfig, log: Callable[[str], None] = print) -> None:
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise LlmcycleError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}.")
+        self.cfg = cfg
+        self.root = Path(cfg.runs_dir) / cfg.name
+        self.stages = [s for s in STAGES if s in cfg.stages]
+        self.log = log
+        self.results: dict[str, dict] = {}
+
+    def dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def final_model(self) -> Path:
+        models = [s for s in self.stages if s in MODEL_STAGES]
+        if not models:
+            raise LlmcycleError("this recipe trains no model (stages has none of pretrain, sft, dpo).")
+        return self.dir(models[-1]) / "model"
+
+    def previous_model(self, stage: str) -> Path:
+        """The model a post-training stage starts from: the nearest model stage before it in this run."""
+        before = [s for s in MODEL_STAGES[: MODEL_STAGES.index(stage)] if s in self.stages]
+        if not before:
+            configured = Path(getattr(self.cfg, stage).model)
+            if not (configured / "config.json").exists():
+                raise LlmcycleError(f"stage {stage} has no model to start from: run pretrain in this recipe, "
+                                    f"or set {stage}.model to a model directory.")
+            return configured
+        return self.dir(before[-1]) / "model"
+
+    def stage_config(self, stage: str) -> Any:
+        """The stage's configuration with the graph's paths filled in."""
+        if stage == "pretrain":
+            return dataclasses.replace(self.cfg.pretrain, out_dir=str(self.dir(stage)))
+        if stage in ("sft", "dpo"):
+            return dataclasses.replace(getattr(self.cfg, stage), out_dir=str(self.dir(stage)),
+                                       model=str(self.previous_model(stage)))
+        return getattr(self.cfg, stage, None)
+
+    def deps(self, stage: str) -> list[str]:
+        if stage in MODEL_STAGES:
+            i = MODEL_STAGES.index(stage)
+            before = [s for s in MODEL_STAGES[:i] if s in self.stages]
+            return before[-1:]
+        return [s for s in self.stages[: self.stages.index(stage)]]
+
+    def key(self, stage: str) -> str:
+        cfg = self.stage_config(stage)
+        inputs = {d: (read_record(self.dir(d)) or {}).get("outputs") for d in self.deps(stage)}
+        if stage in ("sft", "dpo") and not self.deps(stage):  # an outside model: its manifest is its identity
+            manifest = self.previous_model(stage) / MANIFEST
+            inputs["model"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
+        return _sha({"stage": stage, "config": to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
+                     "inputs": inputs})
+
+    def run(self, from_stage: str | None = None) -> dict[str, dict]:
+        if from_stage is not None and from_stage not in self.stages:
+            raise LlmcycleError(f"--from {from_stage}: not a stage of this recipe ({', '.join(self.stages)}).")
+        forced = set(self.stages[self.stages.index(from_stage):]) if from_stage else set()
+        t_run = time.time()
+        for stage in self.stages:
+            d = self.dir(stage)
+            key = self.key(stage)
+            if stage not in forced and up_to_date(stage, d, key):
+                rec = read_record(d)
+                self.results[stage] = rec
+                self.log(f"[{stage}] up to date ({rec['seconds']:.0f} s when it ran): skipped")
+                continue
+            rec = read_record(d)
+            resume = stage not in forced and bool(rec) and rec.get("key") == key and rec.get("status") == "running"
+            if not resume and d.exists():
+                shutil.rmtree(d)  # stale or forced: start over
+            self.log(f"[{stage}] {'resuming' if resume else 'running'} -> {d}")
+            started = time.time()
+            _write_record(d, {"stage": stage, "key": key, "status": "running", "started": started})
+            metrics = RUNNERS[stage](self, stage, resume)
+            rec = {"stage": stage, "key": key, "status": "done", "started": started, "seconds": time.time() - started,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "metrics": metrics, "outputs": stage_outputs(stage, d)}
+            _write_record(d, rec)
+            self.results[stage] = rec
+            self.log(f"[{stage}] done in {rec['seconds']:.0f} s")
+        self.log(f"lifecycle {self.cfg.name}: {time.time() - t_run:.0f} s")
+        return self.results
+
+
+# ---- stage runners ------------------------------------------------------------------------------
+
+
+def _run_pretrain(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    from llmcycle.train.pretrain import pretrain
+
+    return pretrain(lc.stage_config(stage), resume=resume, log=lc.log)
+
+
+def _run_sft(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    from llmcycle.train.sft import sft
+
+    return sft(lc.stage_config(stage), resume=resume, log=lc.log)
+
+
+def _run_dpo(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    from llmcycle.train.dpo import dpo
+
+    return dpo(lc.stage_config(stage), resume=resume, log=lc.log)
+
+
+def _run_eval(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    """Suite v1 on every model stage of the run; one JSON file per stage, the table in the record."""
+    from llmcycle.eval.suite import evaluate_model
+
+    by_stage = {}
+    for s in lc.stages:
+        if s in MODEL_STAGES:
+            result, _ = evaluate_model(lc.dir(s) / "model", limit=lc.cfg.eval.limit)
+            (lc.dir(stage) / f"{s}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            by_stage[s] = result["metrics"]
+            lc.log(f"[eval] {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
+    return {"by_stage": by_stage}
+
+
+def _run_serve(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    """Serve the final model through the real HTTP server on loopback and talk to it as a client would."""
+    from llmcycle.serve.smoke import smoke_test
+    from llmcycle.train.synthetic import make_items, split_items
+
+    cfg: ServeStage = lc.cfg.serve
+    _, held = split_items(make_items(per_task=40))
+    prompts = [it.prompt for it in held][: cfg.requests]
+    result = smoke_test(lc.final_model(), prompts, cfg.concurrency, cfg.max_tokens)
+    (lc.dir(stage) / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    return {k: v for k, v in result.items() if k != "answers"}
+
+
+def _run_report(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    from llmcycle.report import write_report
+
+    path = write_report(lc)
+    lc.log(f"report: {path}")
+    return {"report": str(path)}
+
+
+RUNNERS: dict[str, Callable[[Lifecycle, str, bool], dict]] = {
+    "eval": _run_eval,
+    "serve": _run_serve,
+    "report": _run_report,
+    "pretrain": _run_pretrain,
+    "sft": _run_sft,
+    "dpo": _run_dpo,
+}

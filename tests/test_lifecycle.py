@@ -1,0 +1,95 @@
+"""`llmcycle run` on a miniature recipe of the whole graph: every stage runs and records itself, a second
+run skips them all, --from and a changed setting redo exactly the stages they should, the serving smoke
+test talks to a real server, and the report says what the records say."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_train_overrides
+from llmcycle.cli import main
+from llmcycle.config import load_config
+from llmcycle.errors import LlmcycleError
+from llmcycle.lifecycle import Lifecycle, LifecycleConfig, read_record
+
+
+def _post(stage: str) -> list[str]:
+    return [f"{stage}.{k}={v}" for k, v in {
+        "train.max_steps": 2, "train.batch_size": 8, "train.warmup_steps": 1, "train.dtype": "fp32",
+        "train.threads": 1, "data.max_length": 64, "data.embedded_per_task": 40, "eval.every": 0,
+        "eval.generate": 8, "checkpoint.every": 0}.items()]
+
+
+def miniature(tiny_data, runs: Path, stages: str = "[pretrain,sft,dpo,eval,serve,report]") -> list[str]:
+    pre = [o for o in tiny_train_overrides(runs / "unused", 6) if not o.startswith("out_dir=")]
+    return [f"runs_dir={runs}", "name=mini", f"stages={stages}",
+            *(f"pretrain.{o}" for o in tiny_data["overrides"] + pre),
+            *_post("sft"), *_post("dpo"), "eval.limit=16", "serve.requests=4", "serve.concurrency=2", "serve.max_tokens=8"]
+
+
+def _hashes(runs: Path) -> dict:
+    return {s: (read_record(runs / "mini" / s) or {}).get("outputs") for s in ("pretrain", "sft", "dpo")}
+
+
+def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = miniature(tiny_data, runs)
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    root = runs / "mini"
+    for stage in ("pretrain", "sft", "dpo", "eval", "serve", "report"):
+        rec = read_record(root / stage)
+        assert rec["status"] == "done" and rec["seconds"] > 0 and rec["outputs"], stage
+    assert (root / "dpo" / "model" / "model.safetensors").exists()
+    # post-training started from the previous stage's model, as the graph says
+    assert json.loads((root / "sft" / "model" / "manifest.json").read_text())["inputs"]["model"]["path"] == \
+        str(root / "pretrain" / "model")
+    serve = json.loads((root / "serve" / "serve.json").read_text())
+    assert serve["requests"] == 4 and serve["stream_equals_plain"] and serve["metrics_match_usage"]
+    report = (root / "report.md").read_text()
+    assert "## Stages" in report and "held-out bits/byte" in report and "Serving smoke test" in report
+    evals = read_record(root / "eval")["metrics"]["by_stage"]
+    assert set(evals) == {"pretrain", "sft", "dpo"} and "Evaluation by stage" in report
+    # bits/byte of the pre-trained model as the eval suite measures it = as pre-training measured it
+    # (the same 16 held-out rows: eval.limit = pretrain eval.sequences)
+    assert evals["pretrain"]["heldout_bpb"] == pytest.approx(read_record(root / "pretrain")["metrics"]["val_bpb"],
+                                                             rel=1e-4)
+    assert main(["lineage", str(root / "dpo" / "model")]) == 0  # the chain back to the corpus verifies
+    assert "summary" in out and str(root / "dpo" / "model") in out
+    first = _hashes(runs)
+
+    # Nothing changed: every stage is skipped and the artifacts are untouched.
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 6 and "running" not in out
+    assert _hashes(runs) == first
+
+    # --from dpo redoes dpo and what follows, not sft
+    assert main(["run", *args, "--from", "dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "[sft] up to date" in out and "[dpo] running" in out and "[report] running" in out
+    assert _hashes(runs) == first  # same inputs, same seeds: the same weights again
+
+    # A changed SFT setting redoes sft and everything after it; pre-training is kept.
+    assert main(["run", *args, "sft.train.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "[pretrain] up to date" in out and "[sft] running" in out and "[dpo] running" in out
+    again = _hashes(runs)
+    assert again["pretrain"] == first["pretrain"] and again["sft"] != first["sft"]
+
+    # A modified artifact is not "up to date": the stage runs again.
+    (root / "dpo" / "model" / "config.json").write_text("{}")
+    assert main(["run", *args]) == 0
+    assert "[dpo] running" in capsys.readouterr().out
+
+
+def test_lifecycle_refuses_unknown_stages_and_missing_models(tmp_path):
+    with pytest.raises(LlmcycleError, match="unknown stage"):
+        Lifecycle(load_config(LifecycleConfig, None, ["stages=[pretrain,deploy]"]))
+    lc = Lifecycle(load_config(LifecycleConfig, None, [f"runs_dir={tmp_path}", "stages=[sft]",
+                                                      f"sft.model={tmp_path / 'nowhere'}"]))
+    with pytest.raises(LlmcycleError, match="no model to start from"):
+        lc.run()
+    with pytest.raises(LlmcycleError, match="--from"):
+        Lifecycle(load_config(LifecycleConfig, None, ["stages=[pretrain]"])).run(from_stage="dpo")
