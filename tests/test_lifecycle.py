@@ -93,3 +93,42 @@ def test_lifecycle_refuses_unknown_stages_and_missing_models(tmp_path):
         lc.run()
     with pytest.raises(LlmcycleError, match="--from"):
         Lifecycle(load_config(LifecycleConfig, None, ["stages=[pretrain]"])).run(from_stage="dpo")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_models(tiny_data, tmp_path):
+    """SIGKILL `llmcycle run` in the middle of SFT (after its first checkpoint), run it again: the final
+    models hash exactly as those of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def args(runs: Path) -> list[str]:
+        return ["run", *miniature(tiny_data, runs, "[pretrain,sft,dpo]"), "sft.train.max_steps=6",
+                "sft.checkpoint.every=2"]
+
+    from conftest import run_cli
+
+    whole = tmp_path / "whole"
+    assert run_cli(args(whole), timeout=600).returncode == 0
+
+    runs = tmp_path / "killed"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcycle", *args(runs)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = runs / "mini" / "sft" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (ckpts.exists() and any(p.name.startswith("step") for p in ckpts.iterdir())):
+        assert proc.poll() is None, "the run ended before SFT wrote a checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_record(runs / "mini" / "sft")["status"] == "running"
+    again = run_cli(args(runs), timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "[pretrain] up to date" in again.stdout and "[sft] resuming" in again.stdout
+    # (recipe.yaml differs: it names each run's own directories; the weights must not)
+    weights = {s: h["model.safetensors"] for s, h in _hashes(runs).items()}
+    assert weights == {s: h["model.safetensors"] for s, h in _hashes(whole).items()}

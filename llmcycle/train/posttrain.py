@@ -205,6 +205,8 @@ def save_module(module: nn.Module, path: Path) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
+    if not (Path(src) / "tokenizer.json").exists():  # never publish a model without its tokenizer
+        raise LlmcycleError(f"{src}: tokenizer.json is gone; cannot copy the tokenizer to {dst}.")
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (Path(src) / name).exists():
@@ -267,8 +269,14 @@ class Session:
             )
         if not (Path(src) / "tokenizer.json").exists():
             raise LlmcycleError(f"{src}: no tokenizer.json next to the model; post-training needs the model's tokenizer.")
-        self.tokenizer_dir = Path(src)
-        return Tokenizer.from_pretrained(src)
+        # A private copy: checkpoints (the source on resume) are rotated away during the run, and the
+        # starting model may be replaced; checkpoints and the final model copy the tokenizer from here.
+        self.tokenizer_dir = self.out_dir / "tokenizer"
+        if self.dist.is_main and Path(src).resolve() != self.tokenizer_dir.resolve():
+            shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
+            copy_tokenizer(Path(src), self.tokenizer_dir)
+        barrier(self.dist)
+        return Tokenizer.from_pretrained(self.tokenizer_dir)
 
     def trained_modules(self, build: Callable[[], dict[str, nn.Module]]) -> dict[str, nn.Module]:
         """The modules this run trains: build() on a fresh start, the checkpoint's weights on resume.
