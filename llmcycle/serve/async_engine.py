@@ -98,16 +98,9 @@ class AsyncLLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Validate and tokenize in the caller: raises ValueError / LlmcycleError before anything is queued."""
-        params.validate()
-        ids = self.engine.encode_prompt(prompt)
-        if not ids:
-            raise LlmcycleError("the prompt is empty.")
-        self.engine.check_length(len(ids), params.max_tokens)
-        vocab = self.engine.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise LlmcycleError(f"prompt token ids must be in [0, {vocab}).")
-        return ids
+        """Validate and tokenize in the caller: raises ValueError / LlmcycleError before anything is queued.
+        (Tokenizing and reading the config are safe beside the engine thread.)"""
+        return self.engine.prepare(prompt, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -80,7 +80,6 @@ class _SeqState:
     detok: IncrementalDetokenizer | None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
-    done_text: bool = False  # text is final (stop string found, or the sequence finished)
 
 
 @dataclass
@@ -149,15 +148,22 @@ class LLMEngine:
                 f"of {self.max_model_len} tokens."
             )
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
-        params = (params or SamplingParams()).validate()
+    def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Validate the settings and tokenize: ValueError / LlmcycleError name what is wrong."""
+        params.validate()
         ids = self.encode_prompt(prompt)
         if not ids:
             raise LlmcycleError("the prompt is empty.")
         self.check_length(len(ids), params.max_tokens)
-        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
-            raise LlmcycleError(f"prompt token ids must be in [0, {self.model.config.vocab_size}).")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise LlmcycleError(f"prompt token ids must be in [0, {vocab}).")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.prepare(prompt, params)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -321,7 +327,6 @@ class LLMEngine:
             ids = ids[:-1]  # the stop token is not part of the text, as in vLLM
         delta = st.detok.push(ids, final=seq.is_finished)
         if not delta:
-            st.done_text = seq.is_finished
             return
         old = len(st.text)
         st.text += delta
@@ -331,13 +336,11 @@ class LLMEngine:
             cut = find_stop(st.text[begin:], stop)
             if cut is not None:
                 st.text = st.text[: begin + cut]
-                st.done_text = True
                 if seq.is_finished:
                     seq.finish_reason = "stop"  # the stop string came with the last allowed token
                 else:
                     self.scheduler.finish(seq.seq_id, "stop")
                 return
-        st.done_text = seq.is_finished
 
     def _output(self, req: _Request, now: float) -> RequestOutput:
         outs = []
