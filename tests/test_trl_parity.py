@@ -30,6 +30,7 @@ from llmcycle.train.batching import packed_batch, pad_batch  # noqa: E402
 from llmcycle.train.dpo import completion_logps  # noqa: E402
 from llmcycle.train.losses import (  # noqa: E402
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     kl_estimate,
     kto_loss,
@@ -161,6 +162,28 @@ def test_dpo_matches_trl(dirs, loss_type, beta, label_smoothing):
         assert abs(expected - 0.6931472) > 1e-2
     if loss_type == "hinge":
         assert (losses == 0).any() and (losses > 0).any()  # both sides of the hinge are in the batch
+
+
+def test_rpo_nll_term_matches_trl(dirs):
+    """RPO = DPO + alpha x NLL of the chosen answers: TRL spells it loss_type=["sigmoid", "sft"]."""
+    from trl import DPOConfig, DPOTrainer
+
+    alpha = 0.7
+    args = DPOConfig(**common_args(dirs), beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha])
+    trainer = DPOTrainer(model=hf_lm(dirs["policy"]), ref_model=hf_lm(dirs["ref"]), args=args,
+                         train_dataset=text_pairs(), processing_class=_tokenizer())
+    batch = trainer.data_collator([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+                                   for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)])
+    expected = trl_loss(trainer, batch)
+
+    policy, ref = ours(dirs["policy"]), ours(dirs["ref"])
+    chosen, chosen_len = seq_logps(policy, PROMPTS, CHOSEN)
+    rejected, rejected_len = seq_logps(policy, PROMPTS, REJECTED)
+    losses, _, _ = dpo_loss(chosen, rejected, seq_logps(ref, PROMPTS, CHOSEN)[0], seq_logps(ref, PROMPTS, REJECTED)[0],
+                            beta=0.5, loss_type="sigmoid")
+    assert len(set(chosen_len.tolist())) > 1  # answers of different lengths: token-weighted != per-pair mean
+    assert_close((losses + alpha * chosen_nll(chosen, chosen_len)).mean().item(), expected)
+    assert abs((losses + alpha * -chosen / chosen_len).mean().item() - expected) > 10 * ATOL
 
 
 # ---- SimPO (TRL: CPOTrainer with loss_type="simpo", cpo_alpha=0) ----------------------------------

@@ -73,6 +73,8 @@ class DPOConfig:
         "sigmoid", "sigmoid (DPO), ipo, hinge, robust (label smoothing), simpo, orpo (reference-free), kto (unpaired)")
     beta: float = Fh(0.1, "DPO beta / IPO tau / SimPO beta (paper: 2.0-2.5) / ORPO lambda / KTO beta")
     label_smoothing: float = Fh(0.0, "robust DPO and SimPO: assumed fraction of flipped labels")
+    rpo_alpha: float | None = Fh(None, "RPO (TRL's rpo_alpha): add alpha x the chosen answers' mean token NLL, "
+                                 "so preference tuning does not unlearn the right answers; null: off")
     simpo_gamma_beta_ratio: float = Fh(0.5, "SimPO: target margin gamma as a multiple of beta")
     desirable_weight: float = Fh(1.0, "KTO: weight of desirable examples' loss")
     undesirable_weight: float = Fh(1.0, "KTO: weight of undesirable examples' loss")
@@ -161,6 +163,10 @@ def paired_loss(cfg: DPOConfig, model, pairs: list[PreferenceExample], ref: tupl
         ref_c, ref_r = (x.to(device) for x in ref)
         losses, c_rew, r_rew = L.dpo_loss(chosen, rejected, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
                                           label_smoothing=cfg.label_smoothing, chosen_len=c_len, rejected_len=r_len)
+    if cfg.rpo_alpha:  # DPO alone may lower the chosen answers' likelihood as long as the margin grows
+        nll = L.chosen_nll(chosen, c_len)
+        losses = losses + cfg.rpo_alpha * nll
+        extra["nll_loss"] = float(nll.detach().sum())
     metrics = {k: v * B for k, v in L.preference_metrics(c_rew, r_rew, chosen.detach(), rejected.detach()).items()}
     metrics.update(extra)
     return losses.sum(), metrics, c_rew, r_rew
@@ -178,6 +184,11 @@ def check_config(cfg: DPOConfig) -> None:
         raise LlmcycleError(f"label_smoothing must be in [0, 0.5) for the robust loss, got {cfg.label_smoothing}.")
     if cfg.beta <= 0:
         raise LlmcycleError(f"beta must be positive, got {cfg.beta}.")
+    if cfg.rpo_alpha is not None and cfg.loss_type in ("orpo", "kto"):
+        raise LlmcycleError(f"rpo_alpha adds an NLL term to paired losses; {cfg.loss_type} "
+                            + ("has its own" if cfg.loss_type == "orpo" else "is unpaired") + ".")
+    if cfg.rpo_alpha is not None and cfg.rpo_alpha < 0:
+        raise LlmcycleError(f"rpo_alpha must be >= 0, got {cfg.rpo_alpha}.")
 
 
 def _dpo(cfg: DPOConfig, s: Session) -> dict:

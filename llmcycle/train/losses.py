@@ -219,3 +219,10 @@ def preference_metrics(
         f"{prefix}logps/chosen": chosen_logps.detach().float().mean().item(),
         f"{prefix}logps/rejected": rejected_logps.detach().float().mean().item(),
     }
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_len: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term per pair, scaled so its batch mean is the mean NLL over all chosen tokens of the batch
+    (TRL's loss type "sft", used as RPO with loss_type=["sigmoid", "sft"]): longer answers weigh more."""
+    return -chosen_logps * chosen_logps.numel() / chosen_len.sum().clamp(min=1)
+
