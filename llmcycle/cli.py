@@ -182,21 +182,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     pre = (results.get("pretrain") or {}).get("metrics") or {}
     rows = [(f"{s} ({r.get('seconds', 0) / 60:.1f} min)", ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in _headline(s, r).items()))
-        for s, r in results.items()]
+        for s, r in results.items() if s != "report"]
     if pre:
         rows.insert(0, ("held-out bits/byte", f"{pre.get('val_bpb', float('nan')):.3f} "
                                                f"(unigram baseline {pre.get('unigram_bpb', float('nan')):.3f})"))
     for name, value in rows:
         print(f"  {name:<28} {value}")
+    by_stage = ((results.get("eval") or {}).get("metrics") or {}).get("by_stage") or {}
+    for metric in ("mc_accuracy", "exact_match", "heldout_bpb"):
+        values = [(s, m[metric]) for s, m in by_stage.items() if metric in m]
+        if values:
+            print(f"  {metric + ' by stage':<28} " + " -> ".join(f"{s} {v:.3f}" for s, v in values))
     if "report" in results:
-        print(f"  {'report':<28} {lc.root / 'report.md'}")
-    print(f"  {'model':<28} {lc.final_model()}")
+        print(f"  {'report':<28} {lc.root / 'report.md'}, {lc.root / 'report.html'}")
+    print(f"  {'model':<28} {lc.final_model()} (model card: README.md)")
     return 0
 
 
 def _headline(stage: str, record: dict) -> dict:
     """The few numbers of a stage worth a summary line."""
     m = record.get("metrics") or {}
+    if stage == "data":
+        return {"documents kept": f"{m.get('documents_kept', 0):,} of {m.get('documents_read', 0):,}",
+                "training tokens": f"{(m.get('train') or {}).get('num_tokens', 0):,}"}
     keys = {"pretrain": ("val_loss",), "sft": ("eval_loss", "eval_exact_match"),
             "dpo": ("eval_rewards/accuracies", "eval_exact_match"),
             "serve": ("output_tokens_per_s", "ttft_median_s")}.get(stage, ())

@@ -1,8 +1,9 @@
 """`llmcycle run`: the lifecycle as a graph of stages, each reading artifacts and writing artifacts.
 
-Stages run in graph order, each into `runs/<name>/<stage>/`: pretrain (corpus, tokenizer, causal LM) ->
-sft -> dpo -> eval (every model stage) -> serve (a smoke test of the final model through the real HTTP
-server) -> report. Every stage leaves `stage.json`: its key (a hash of its configuration and of the
+Stages run in graph order, each into `runs/<name>/<stage>/`: data (sources -> filters -> dedup -> tokenizer
+-> token shards) -> pretrain (causal LM on those shards) -> sft -> dpo -> eval (every model stage) -> serve
+(a smoke test of the final model through the real HTTP server) -> report (report.md, report.html, and a
+model card README.md in every model directory). Every stage leaves `stage.json`: its key (a hash of its configuration and of the
 recorded outputs of the stages it reads), status, timings, peak memory, metrics and the content hashes
 of its outputs. A second `run` skips a stage whose key matches and whose outputs still hash as recorded;
 a stage that was interrupted (status "running" under the same key) resumes from its own checkpoints; a
@@ -24,15 +25,15 @@ from typing import Any
 
 from llmcycle.config import field_help as F
 from llmcycle.config import to_dict
+from llmcycle.data.config import DataConfig
 from llmcycle.errors import LlmcycleError
-from llmcycle.manifest import MANIFEST, file_hashes
+from llmcycle.manifest import CARD, MANIFEST, RECORD, file_hashes
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.dpo import DPOConfig
 from llmcycle.train.sft import SFTConfig
 
-STAGES = ("pretrain", "sft", "dpo", "eval", "serve", "report")
+STAGES = ("data", "pretrain", "sft", "dpo", "eval", "serve", "report")
 MODEL_STAGES = ("pretrain", "sft", "dpo")
-RECORD = "stage.json"
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ServeStage:
 class LifecycleConfig:
     name: str = F("default", "run name: every stage writes into <runs_dir>/<name>/<stage>/")
     runs_dir: str = F("runs", "where runs live")
-    stages: list[str] = F(list(STAGES), "stages to run, a subset of pretrain, sft, dpo, eval, serve, report")
+    stages: list[str] = F(list(STAGES), "stages to run, a subset of data, pretrain, sft, dpo, eval, serve, report")
+    data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -84,16 +86,55 @@ def _write_record(stage_dir: Path, record: dict) -> None:
 
 
 def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
-    """Content hashes of what a stage produced: the model directory, or its result files."""
+    """Content hashes of what a stage produced: the model directory, or its result files.
+
+    The model card (README.md) is left out, as lineage leaves it out: it is documentation the report stage
+    rewrites when evaluation results arrive, not something a later stage reads."""
     if stage in MODEL_STAGES:
-        return file_hashes(stage_dir / "model") if (stage_dir / "model").exists() else {}
-    return {name: h for name, h in file_hashes(stage_dir).items() if name != RECORD and not name.endswith(".tmp")}
+        return file_hashes(stage_dir / "model", skip=(CARD,)) if (stage_dir / "model").exists() else {}
+    skip = ("work",) if stage == "data" else ()  # the data stage's intermediate phases: not outputs
+    return {name: h for name, h in file_hashes(stage_dir, skip).items()
+            if name != RECORD and not name.endswith(".tmp")}
 
 
 def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
     rec = read_record(stage_dir)
     return bool(rec and rec.get("status") == "done" and rec.get("key") == key
                 and rec.get("outputs") == stage_outputs(stage, stage_dir))
+
+
+class PeakMemory:
+    """Peak memory of one stage: the process's resident-set high-water mark, reset when the stage starts.
+
+    Linux resets VmHWM on `echo 5 > /proc/self/clear_refs`; elsewhere the number is the process's peak so
+    far (`ru_maxrss`), an upper bound that says so. CUDA reports the allocator's peak. (Worker processes
+    are not children of this one, forkserver or Ray starts them: the data stage has them report their own.)"""
+
+    def __init__(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.per_stage = True
+        except OSError:
+            self.per_stage = False
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "peak_rss_scope": "stage" if self.per_stage else "process"}
+        if self.per_stage:
+            status = Path("/proc/self/status").read_text()
+            hwm = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+            if hwm is not None:
+                out["peak_rss_mb"] = int(hwm) / 1024
+        if self.cuda:
+            import torch
+
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -134,14 +175,26 @@ class Lifecycle:
 
     def stage_config(self, stage: str) -> Any:
         """The stage's configuration with the graph's paths filled in."""
+        if stage == "data":
+            return dataclasses.replace(self.cfg.data, out_dir=str(self.dir(stage)))
         if stage == "pretrain":
-            return dataclasses.replace(self.cfg.pretrain, out_dir=str(self.dir(stage)))
+            cfg = dataclasses.replace(self.cfg.pretrain, out_dir=str(self.dir(stage)))
+            if "data" in self.stages:  # train on what the data stage wrote: its shards and its tokenizer
+                d = self.dir("data")
+                cfg = dataclasses.replace(
+                    cfg, data=dataclasses.replace(cfg.data, train_shards=str(d / "train"), val_shards=str(d / "val")),
+                    tokenizer=dataclasses.replace(cfg.tokenizer, path=str(d / "tokenizer")))
+            return cfg
         if stage in ("sft", "dpo"):
             return dataclasses.replace(getattr(self.cfg, stage), out_dir=str(self.dir(stage)),
                                        model=str(self.previous_model(stage)))
         return getattr(self.cfg, stage, None)
 
     def deps(self, stage: str) -> list[str]:
+        if stage == "data":
+            return []
+        if stage == "pretrain":
+            return ["data"] if "data" in self.stages else []
         if stage in MODEL_STAGES:
             i = MODEL_STAGES.index(stage)
             before = [s for s in MODEL_STAGES[:i] if s in self.stages]
@@ -177,10 +230,12 @@ class Lifecycle:
             self.log(f"[{stage}] {'resuming' if resume else 'running'} -> {d}")
             started = time.time()
             _write_record(d, {"stage": stage, "key": key, "status": "running", "started": started})
+            peak = PeakMemory()
             metrics = RUNNERS[stage](self, stage, resume)
+            workers = {"peak_rss_workers_mb": metrics.pop("peak_rss_workers_mb")} if "peak_rss_workers_mb" in metrics \
+                else {}
             rec = {"stage": stage, "key": key, "status": "done", "started": started, "seconds": time.time() - started,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "metrics": metrics, "outputs": stage_outputs(stage, d)}
+                   **peak.read(), **workers, "metrics": metrics, "outputs": stage_outputs(stage, d)}
             _write_record(d, rec)
             self.results[stage] = rec
             self.log(f"[{stage}] done in {rec['seconds']:.0f} s")
@@ -189,6 +244,14 @@ class Lifecycle:
 
 
 # ---- stage runners ------------------------------------------------------------------------------
+
+
+def _run_data(lc: Lifecycle, stage: str, resume: bool) -> dict:
+    from llmcycle.data.run import run_data
+
+    result = run_data(lc.stage_config(stage), log=lc.log)
+    # the funnel, token counts, bad input (the hashes stay in the manifest), and the workers' peak memory
+    return {**result["manifest"]["metrics"], "peak_rss_workers_mb": result.get("worker_peak_rss_mb")}
 
 
 def _run_pretrain(lc: Lifecycle, stage: str, resume: bool) -> dict:
@@ -245,6 +308,7 @@ def _run_report(lc: Lifecycle, stage: str, resume: bool) -> dict:
 
 
 RUNNERS: dict[str, Callable[[Lifecycle, str, bool], dict]] = {
+    "data": _run_data,
     "eval": _run_eval,
     "serve": _run_serve,
     "report": _run_report,

@@ -24,7 +24,7 @@ from typing import Any
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
-from llmcycle.manifest import MANIFEST
+from llmcycle.manifest import MANIFEST, UNHASHED
 
 SHA = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_KEYS = ("model", "ref_model", "reward_model", "init_from", "data.corpus", "data.train", "model.size",
@@ -108,6 +108,9 @@ class _Tracer:
         if key in self.links:
             self.add(self.links[key], parent, role)
             return
+        if not (d / MANIFEST).is_file() and parent is not None and (d.parent / MANIFEST).is_file():
+            # a part of an artifact (the data stage's tokenizer/): its manifest hashes the files here
+            return self.artifact(d.parent, _show(d.parent), parent, role, hashed)
         if not (d / MANIFEST).is_file():
             if parent is None:
                 hint = f" (did you mean {d / 'model'}?)" if (d / "model" / MANIFEST).is_file() else ""
@@ -121,13 +124,16 @@ class _Tracer:
             stage, outputs, inputs, cfg = m["stage"], m["outputs"], m["inputs"], m["config"]
         except (ValueError, KeyError, TypeError) as e:
             raise LlmcycleError(f"{d / MANIFEST}: not a readable llmcycle manifest ({e}).") from None
-        link = self.add(Link(key, stage, shown, m.get("created"), config=_scalars(cfg, CONFIG_KEYS),
+        shown_keys = CONFIG_KEYS
+        if _get(cfg, "data.train_shards"):  # trained on given shards: corpus and tokenizer settings were not used
+            shown_keys = tuple(k for k in CONFIG_KEYS if k not in ("data.corpus", "tokenizer.vocab_size"))
+        link = self.add(Link(key, stage, shown, m.get("created"), config=_scalars(cfg, shown_keys),
                              metrics=_scalars(m.get("metrics") or {}),
                              hashes={k: v for k, v in outputs.items() if k == "model.safetensors"}), parent, role)
         if self.verify:
             for rel, h in outputs.items():
                 link.problems += filter(None, [self.check(d / rel, h, "file")])
-            skip = SKIP.get(stage, ())
+            skip = (*SKIP.get(stage, ()), *UNHASHED)  # the model card and the run's stage record: not hashed
             for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST):
                 rel = f.relative_to(d)
                 if str(rel) not in outputs and rel.parts[0] not in skip:
@@ -217,7 +223,11 @@ class _Tracer:
                 p = self.resolve(info[split], d) if info.get(split) else None
                 if p is None:
                     self.missing(parent, "data", str(info.get(split)))
-                elif (p.parent / MANIFEST).is_file():
+                    continue
+                recorded = (info.get("shards_sha256") or {}).get(split.removesuffix("_shards"))
+                if recorded:  # the shard list this model trained on, against what is there now
+                    parent.problems += filter(None, [self.check(p / "shards.json", recorded, f"input {split}")])
+                if (p.parent / MANIFEST).is_file():
                     self.artifact(p.parent, _show(p.parent), parent, "data")
                 elif (p.parent / "prepared.json").is_file():
                     self.prepared(parent, p.parent, None, python)

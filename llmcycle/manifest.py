@@ -16,6 +16,9 @@ from typing import Any
 from llmcycle.hashing import sha256_file
 
 MANIFEST = "manifest.json"
+CARD = "README.md"  # a model card: rewritten as evaluation results arrive, so never among the hashed outputs
+RECORD = "stage.json"  # `llmcycle run`'s record of a stage: the graph's bookkeeping beside an artifact, not in it
+UNHASHED = (CARD, RECORD)
 
 
 def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -38,7 +41,7 @@ def write_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config,
         "inputs": inputs,
-        "outputs": file_hashes(directory, skip),
+        "outputs": file_hashes(directory, (*skip, *UNHASHED)),
         "metrics": metrics,
         "versions": {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

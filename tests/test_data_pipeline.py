@@ -67,7 +67,9 @@ def dirty(tmp_path_factory):
     root = tmp_path_factory.mktemp("dirty")
     expected = make_dirty_corpus(root / "in")
     out = root / "out-local"
-    run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2), log=lambda *a: None)
+    result = run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2), log=lambda *a: None)
+    # workers are not this process's children (forkserver): they report their own peak memory
+    assert 20 < result["worker_peak_rss_mb"] < 8000
     return root, expected, out
 
 
@@ -116,7 +118,8 @@ def test_ray_executor_gives_identical_output(dirty, tmp_path):
     pytest.importorskip("ray")
     root, _, out_local = dirty
     out = tmp_path / "out-ray"
-    run_data(_cfg(out, _dirty_inputs(root / "in"), executor="ray", workers=2), log=lambda *a: None)
+    result = run_data(_cfg(out, _dirty_inputs(root / "in"), executor="ray", workers=2), log=lambda *a: None)
+    assert result["worker_peak_rss_mb"] > 20
     assert _outputs(out) == _outputs(out_local)
     assert _funnel(out) == _funnel(out_local)
 

@@ -21,10 +21,17 @@ def _post(stage: str) -> list[str]:
         "eval.generate": 8, "checkpoint.every": 0}.items()]
 
 
-def miniature(tiny_data, runs: Path, stages: str = "[pretrain,sft,dpo,eval,serve,report]") -> list[str]:
+DATA = ["data.inputs=[{type: python, max_bytes: 400000}]", "data.steps=[normalize, pii, exact_dedup, minhash_dedup]",
+        "data.tokenizer.vocab_size=512", "data.shards.val_fraction=0.1", "data.workers=1"]
+ALL = "[data,pretrain,sft,dpo,eval,serve,report]"
+
+
+def miniature(tiny_data, runs: Path, stages: str = ALL) -> list[str]:
+    """The whole graph in miniature; without the data stage, pre-training reads the tiny_data shards."""
     pre = [o for o in tiny_train_overrides(runs / "unused", 6) if not o.startswith("out_dir=")]
-    return [f"runs_dir={runs}", "name=mini", f"stages={stages}",
-            *(f"pretrain.{o}" for o in tiny_data["overrides"] + pre),
+    given = [] if "data" in stages else tiny_data["overrides"]
+    return [f"runs_dir={runs}", "name=mini", f"stages={stages}", *DATA,
+            *(f"pretrain.{o}" for o in given + pre),
             *_post("sft"), *_post("dpo"), "eval.limit=16", "serve.requests=4", "serve.concurrency=2", "serve.max_tokens=8"]
 
 
@@ -38,10 +45,19 @@ def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
     root = runs / "mini"
-    for stage in ("pretrain", "sft", "dpo", "eval", "serve", "report"):
+    for stage in ("data", "pretrain", "sft", "dpo", "eval", "serve", "report"):
         rec = read_record(root / stage)
         assert rec["status"] == "done" and rec["seconds"] > 0 and rec["outputs"], stage
+        assert 0 < rec["peak_rss_mb"] < 64_000, stage
     assert (root / "dpo" / "model" / "model.safetensors").exists()
+    # pre-training read the data stage's shards and tokenizer, and says so in its manifest
+    pre_manifest = json.loads((root / "pretrain" / "model" / "manifest.json").read_text())
+    assert pre_manifest["config"]["data"]["train_shards"] == str(root / "data" / "train")
+    assert pre_manifest["config"]["tokenizer"]["path"] == str(root / "data" / "tokenizer")
+    assert set(pre_manifest["inputs"]["data"]["shards_sha256"]) == {"train", "val"}
+    data_rec = read_record(root / "data")["metrics"]
+    assert [f["step"] for f in data_rec["funnel"]] == [
+        "read", "normalize", "pii", "exact_dedup", "minhash_dedup", "tokenize"]
     # post-training started from the previous stage's model, as the graph says
     assert json.loads((root / "sft" / "model" / "manifest.json").read_text())["inputs"]["model"]["path"] == \
         str(root / "pretrain" / "model")
@@ -56,13 +72,25 @@ def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
     assert evals["pretrain"]["heldout_bpb"] == pytest.approx(read_record(root / "pretrain")["metrics"]["val_bpb"],
                                                              rel=1e-4)
     assert main(["lineage", str(root / "dpo" / "model")]) == 0  # the chain back to the corpus verifies
+    chain = capsys.readouterr().out
+    assert "data  " in chain and "raw: corpus  python" in chain
     assert "summary" in out and str(root / "dpo" / "model") in out
+
+    # report.html: one page, every chart inline; model cards in every model directory
+    page = (root / "report.html").read_text()
+    assert page.count("<svg") >= 8 and "<script" not in page and "Data funnel" in page
+    for stage in ("pretrain", "sft", "dpo"):
+        card = (root / stage / "model" / "README.md").read_text()
+        assert card.startswith("---\nlibrary_name: transformers") and "## Training data" in card
+        assert "| minhash_dedup |" in card and "## Limitations" in card and "personal data" in card
+    card = (root / "dpo" / "model" / "README.md").read_text()
+    assert "| metric | pretrain | sft | dpo |" in card and "| mc_accuracy |" in card
     first = _hashes(runs)
 
     # Nothing changed: every stage is skipped and the artifacts are untouched.
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") == 6 and "running" not in out
+    assert out.count("up to date") == 7 and "running" not in out
     assert _hashes(runs) == first
 
     # --from dpo redoes dpo and what follows, not sft
@@ -82,6 +110,12 @@ def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
     (root / "dpo" / "model" / "config.json").write_text("{}")
     assert main(["run", *args]) == 0
     assert "[dpo] running" in capsys.readouterr().out
+
+    # Shards rewritten after pre-training read them: lineage fails loudly, naming the file.
+    shards = root / "data" / "train" / "shards.json"
+    shards.write_text(shards.read_text() + "\n")
+    assert main(["lineage", str(root / "dpo" / "model")]) == 1
+    assert f"{shards}: changed" in capsys.readouterr().err
 
 
 def test_lifecycle_refuses_unknown_stages_and_missing_models(tmp_path):
@@ -132,3 +166,15 @@ def test_killed_run_resumes_to_the_same_models(tiny_data, tmp_path):
     # (recipe.yaml differs: it names each run's own directories; the weights must not)
     weights = {s: h["model.safetensors"] for s, h in _hashes(runs).items()}
     assert weights == {s: h["model.safetensors"] for s, h in _hashes(whole).items()}
+
+
+def test_peak_memory_is_each_stages_own():
+    from llmcycle.lifecycle import PeakMemory
+
+    first = PeakMemory()
+    block = b"\x01" * (200 * 2**20)  # written, so resident
+    during = first.read()
+    del block
+    after = PeakMemory().read()
+    assert during["peak_rss_scope"] == "stage"  # Linux: the high-water mark resets per stage
+    assert during["peak_rss_mb"] > 200 and after["peak_rss_mb"] < during["peak_rss_mb"] - 150

@@ -7,8 +7,10 @@ order of the tasks given, whatever order they finished in, so everything downstr
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import resource
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -23,6 +25,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _with_peak(fn: Callable[[Any], Any], item: Any) -> tuple[Any, int]:
+    """Run a task in a worker and say how much memory that worker has held at most (KiB), so the driver
+    can report workers' peak memory (they are not its children: forkserver and Ray start them)."""
+    return fn(item), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 class LocalExecutor:
     """A pool of worker processes (one per core by default); one task or one worker runs inline."""
 
@@ -30,6 +38,7 @@ class LocalExecutor:
 
     def __init__(self, workers: int = 0):
         self.workers = workers if workers > 0 else cpu_count()
+        self.worker_peak_kb = 0  # the largest worker of any map so far (0: everything ran inline)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if not items:
@@ -40,7 +49,9 @@ class LocalExecutor:
         # threads (tokenizers, torch) which do not survive fork.
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=ctx) as pool:
-            return list(pool.map(fn, items))
+            pairs = list(pool.map(functools.partial(_with_peak, fn), items))
+        self.worker_peak_kb = max([self.worker_peak_kb, *(peak for _, peak in pairs)])
+        return [result for result, _ in pairs]
 
     def close(self) -> None:
         pass
@@ -58,6 +69,7 @@ class RayExecutor:
             raise LlmcycleError("executor 'ray' needs Ray: pip install 'llmcycle[ray]'.") from None
         self._ray = ray
         self._started = False
+        self.worker_peak_kb = 0
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": True,
                                       "configure_logging": False}
@@ -72,8 +84,10 @@ class RayExecutor:
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if not items:
             return []
-        remote = self._ray.remote(num_cpus=1, max_retries=2)(fn)
-        return self._ray.get([remote.remote(x) for x in items])
+        remote = self._ray.remote(num_cpus=1, max_retries=2)(_with_peak)
+        pairs = self._ray.get([remote.remote(fn, x) for x in items])
+        self.worker_peak_kb = max([self.worker_peak_kb, *(peak for _, peak in pairs)])
+        return [result for result, _ in pairs]
 
     def close(self) -> None:
         if self._started:

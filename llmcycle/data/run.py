@@ -116,6 +116,7 @@ def run_data(cfg: DataConfig, log: Callable[[str], None] = print) -> dict:
         problems.merge(s["problems"])
     result = _write_reports(cfg, out, plan, steps, problems, phase_summaries[0], splits, tokenizer,
                             time.time() - t_start, tok_seconds)
+    result["worker_peak_rss_mb"] = executor.worker_peak_kb / 1024 or None  # None: all ran in this process
     log("")
     log(funnel_table(steps))
     log(_problems_summary(problems))

@@ -119,7 +119,7 @@ def smoke_test(model_dir: str | Path, prompts: list[str], concurrency: int = 4, 
         "e2e_median_s": sorted(a["e2e_s"] for a in answers)[len(answers) // 2],
         "stream_equals_plain": answers[0]["text"] == got["plain"]["choices"][0]["message"]["content"],
         "metrics_match_usage": counted == tokens,
-        "answers": [{"prompt": a["prompt"], "text": a["text"]} for a in answers],
+        "answers": [{k: a[k] for k in ("prompt", "text", "ttft_s", "e2e_s", "completion_tokens")} for a in answers],
     }
     if not (result["stream_equals_plain"] and result["metrics_match_usage"]):
         raise LlmcycleError(f"serve smoke test failed: streamed == plain: {result['stream_equals_plain']}, "

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
@@ -413,6 +414,7 @@ class Session:
         write_manifest(tmp, stage=self.stage, config=asdict(self.cfg), inputs=inputs, metrics=metrics)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        write_card_quietly(final, self.log)
         return final
 
     def _check_recipe(self, old: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmcycle.data.shards import ShardSet, tokenize_to_shards
 from llmcycle.errors import LlmcycleError
+from llmcycle.hashing import sha256_file
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.distributed import DistInfo, barrier
@@ -118,7 +119,11 @@ def _open(cfg: PretrainConfig, out_dir: Path) -> PreparedData:
             raise LlmcycleError("data.train_shards is set: set data.val_shards too (held-out evaluation needs it).")
         tokenizer, tok_dir = Tokenizer.from_pretrained(src), src
         train, val = ShardSet(cfg.data.train_shards), ShardSet(cfg.data.val_shards)
-        info = {"train_shards": cfg.data.train_shards, "val_shards": cfg.data.val_shards}
+        # shards.json lists every shard file with its sha256: its hash pins the exact token sets trained on
+        info = {"train_shards": cfg.data.train_shards, "val_shards": cfg.data.val_shards,
+                "shards_sha256": {split: sha256_file(Path(p) / "shards.json") for split, p in
+                                  (("train", cfg.data.train_shards), ("val", cfg.data.val_shards))
+                                  if (Path(p) / "shards.json").is_file()}}
     else:
         data_dir = out_dir / "data"
         tok_dir = data_dir / "tokenizer"

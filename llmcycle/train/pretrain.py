@@ -29,6 +29,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.data.loader import PackedLoader
 from llmcycle.errors import LlmcycleError
@@ -434,3 +435,4 @@ def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg
     write_manifest(tmp, stage="pretrain", config=asdict(cfg), inputs={"data": data_info}, metrics=result)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
+    write_card_quietly(final_dir, print)
