@@ -38,7 +38,8 @@ MODEL_STAGES = ("pretrain", "sft", "dpo")
 
 @dataclass
 class EvalStage:
-    limit: int = F(128, "held-out items per metric (multiple choice, exact match)")
+    limit: int = F(400, "held-out items per metric (multiple choice, exact match; the embedded held-out set has "
+                        "357: all of them) and at most as many held-out sequences for bits per byte")
 
 
 @dataclass
@@ -101,6 +102,16 @@ def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
     rec = read_record(stage_dir)
     return bool(rec and rec.get("status") == "done" and rec.get("key") == key
                 and rec.get("outputs") == stage_outputs(stage, stage_dir))
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import torch
+
+    from llmcycle import __version__
+
+    return {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 class PeakMemory:
@@ -201,14 +212,18 @@ class Lifecycle:
             return before[-1:]
         return [s for s in self.stages[: self.stages.index(stage)]]
 
-    def key(self, stage: str) -> str:
+    def identity(self, stage: str) -> dict[str, Any]:
+        """What a stage's result depends on: its configuration and the content hashes of its inputs (the
+        recorded outputs of the stages it reads, or an outside model's manifest)."""
         cfg = self.stage_config(stage)
         inputs = {d: (read_record(self.dir(d)) or {}).get("outputs") for d in self.deps(stage)}
         if stage in ("sft", "dpo") and not self.deps(stage):  # an outside model: its manifest is its identity
             manifest = self.previous_model(stage) / MANIFEST
             inputs["model"] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None
-        return _sha({"stage": stage, "config": to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg,
-                     "inputs": inputs})
+        return {"stage": stage, "config": to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, "inputs": inputs}
+
+    def key(self, stage: str) -> str:
+        return _sha(self.identity(stage))
 
     def run(self, from_stage: str | None = None) -> dict[str, dict]:
         if from_stage is not None and from_stage not in self.stages:
@@ -235,7 +250,9 @@ class Lifecycle:
             workers = {"peak_rss_workers_mb": metrics.pop("peak_rss_workers_mb")} if "peak_rss_workers_mb" in metrics \
                 else {}
             rec = {"stage": stage, "key": key, "status": "done", "started": started, "seconds": time.time() - started,
-                   **peak.read(), **workers, "metrics": metrics, "outputs": stage_outputs(stage, d)}
+                   **peak.read(), **workers, "metrics": metrics, "outputs": stage_outputs(stage, d),
+                   "config": (ident := self.identity(stage))["config"], "inputs": ident["inputs"],
+                   "versions": versions()}
             _write_record(d, rec)
             self.results[stage] = rec
             self.log(f"[{stage}] done in {rec['seconds']:.0f} s")

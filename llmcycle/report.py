@@ -161,6 +161,21 @@ def _evaluation(lc: Lifecycle) -> list[Section]:
               f"(docs/eval.md). Per-stage details: `{lc.dir('eval')}/<stage>.json`."),
         ("table", ["metric", *stages], [[n, *(per_stage[s].get(n) for s in stages)] for n in names]),
     ]
+    contamination = []
+    for s in stages:
+        path = lc.dir("eval") / f"{s}.json"
+        report = (json.loads(path.read_text()).get("decontamination") or {}) if path.is_file() else {}
+        where = report.get("sources") or {}
+        named = {k: ", ".join(v) if isinstance(v, list) else str(v) for k, v in where.items()}
+        contamination += [[s, f"{source}: {named[source]}" if source in named else source, report.get("items"),
+                           found["prompts"],
+                           found.get("prompt_and_answer")]
+                          for source, found in report.items() if isinstance(found, dict) and "prompts" in found]
+    if contamination:
+        blocks.append(("p", "Decontamination: held-out evaluation items whose prompt (and prompt followed by its "
+                            "answer) occur verbatim, as tokens, in each model's training data:"))
+        blocks.append(("table", ["model", "training data", "items", "prompt found", "prompt + answer found"],
+                       contamination))
     accuracy = [n for n in ("mc_accuracy", "exact_match", "win_rate") if n in names]
     if accuracy:
         blocks.append(("chart", svg.grouped_bar_chart(accuracy, {s: [per_stage[s].get(n) for n in accuracy]

@@ -49,6 +49,9 @@ def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
         rec = read_record(root / stage)
         assert rec["status"] == "done" and rec["seconds"] > 0 and rec["outputs"], stage
         assert 0 < rec["peak_rss_mb"] < 64_000, stage
+        assert (rec["config"] is not None or stage == "report") and set(rec["versions"]) == {"llmcycle", "torch", "python"}, stage
+    assert set(read_record(root / "pretrain")["inputs"]) == {"data"}
+    assert read_record(root / "sft")["inputs"]["pretrain"] == read_record(root / "pretrain")["outputs"]
     assert (root / "dpo" / "model" / "model.safetensors").exists()
     # pre-training read the data stage's shards and tokenizer, and says so in its manifest
     pre_manifest = json.loads((root / "pretrain" / "model" / "manifest.json").read_text())
@@ -65,6 +68,7 @@ def test_miniature_lifecycle_runs_skips_and_redoes(tiny_data, tmp_path, capsys):
     assert serve["requests"] == 4 and serve["stream_equals_plain"] and serve["metrics_match_usage"]
     report = (root / "report.md").read_text()
     assert "## Stages" in report and "held-out bits/byte" in report and "Serving smoke test" in report
+    assert "| dpo | train_shards: " in report and "Decontamination" in report
     evals = read_record(root / "eval")["metrics"]["by_stage"]
     assert set(evals) == {"pretrain", "sft", "dpo"} and "Evaluation by stage" in report
     # bits/byte of the pre-trained model as the eval suite measures it = as pre-training measured it
