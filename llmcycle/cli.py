@@ -243,15 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole lifecycle from one recipe (default: embedded corpus, tiny model)",
                        formatter_class=fmt,
-                       description="Run the lifecycle graph (pretrain -> sft -> dpo -> eval -> serve -> report) into "
-                                   "runs/<name>/<stage>/. Up-to-date stages are skipped, an interrupted one resumes. "
-                                   "Stage sections take every key of the stage's own command (llmcycle pretrain / "
-                                   "sft / dpo --help), prefixed: pretrain.train.max_steps=100, sft.train.lr=1e-3; "
-                                   "their out_dir and model keys are set by the graph.")
+                       description="Run the lifecycle graph (data -> pretrain -> sft -> dpo -> eval -> serve -> "
+                                   "report) into runs/<name>/<stage>/; the report stage writes report.md, "
+                                   "report.html and a model card in every model directory. Up-to-date stages are "
+                                   "skipped, an interrupted one resumes. Stage sections take every key of the "
+                                   "stage's own command (llmcycle data / pretrain / sft / dpo --help), prefixed: "
+                                   "data.tokenizer.vocab_size=8192, pretrain.train.max_steps=100, sft.train.lr=1e-3; "
+                                   "their out_dir and model keys (and pre-training's data and tokenizer, with a data "
+                                   "stage) are set by the graph. Shipped recipes: default (CPU, minutes), gpu.")
     p.add_argument("recipe", nargs="?", default="default", help="recipe YAML or shipped name (default: default)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
-                   help="redo this stage and every stage after it (pretrain, sft, dpo, eval, serve, report)")
+                   help="redo this stage and every stage after it (data, pretrain, sft, dpo, eval, serve, report)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=cmd_run)
 
