@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmcycle import svg
+from llmcycle.errors import LlmcycleError
 
 if TYPE_CHECKING:
     from llmcycle.lifecycle import Lifecycle
@@ -227,7 +228,7 @@ def build(lc: Lifecycle) -> tuple[str, list[str], list[Section]]:
         final = lc.final_model()
         head.append(f"Final model: `{final}` (model card: `{final / 'README.md'}`). "
                     f"Lineage: `llmcycle lineage {final}`.")
-    except Exception:  # a recipe without model stages still gets a report
+    except LlmcycleError:  # a recipe without model stages still gets a report
         pass
     sections = [_stages(lc), *_data(lc), *_training(lc), *_evaluation(lc), *_serving(lc)]
     return title, head, sections
