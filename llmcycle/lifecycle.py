@@ -1,11 +1,12 @@
 """`llmcycle run`: the lifecycle as a graph of stages, each reading artifacts and writing artifacts.
 
-Stages run in graph order, each into `runs/<name>/<stage>/`: data (sources -> filters -> dedup -> tokenizer
--> token shards) -> pretrain (causal LM on those shards) -> sft -> dpo -> eval (every model stage) -> serve
-(a smoke test of the final model through the real HTTP server) -> report (report.md, report.html, and a
-model card README.md in every model directory). Every stage leaves `stage.json`: its key (a hash of its configuration and of the
-recorded outputs of the stages it reads), status, timings, peak memory, metrics and the content hashes
-of its outputs. A second `run` skips a stage whose key matches and whose outputs still hash as recorded;
+Stages run in graph order, each into `runs/<name>/<stage>/`: data (sources -> filters -> dedup ->
+tokenizer -> token shards) -> pretrain (causal LM on those shards) -> sft -> dpo -> eval (every model
+stage) -> serve (a smoke test of the final model through the real HTTP server) -> report (report.md,
+report.html, and a model card README.md in every model directory). Every stage leaves `stage.json`: its
+key (a hash of its configuration and of the recorded outputs of the stages it reads), status, timings,
+peak memory, metrics, its configuration, input hashes and versions, and the content hashes of its
+outputs. A second `run` skips a stage whose key matches and whose outputs still hash as recorded;
 a stage that was interrupted (status "running" under the same key) resumes from its own checkpoints; a
 stage whose key changed, or that `--from` names (and everything after it), starts over.
 """
@@ -27,7 +28,7 @@ from llmcycle.config import field_help as F
 from llmcycle.config import to_dict
 from llmcycle.data.config import DataConfig
 from llmcycle.errors import LlmcycleError
-from llmcycle.manifest import CARD, MANIFEST, RECORD, file_hashes
+from llmcycle.manifest import MANIFEST, RECORD, UNHASHED, file_hashes, versions
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.dpo import DPOConfig
 from llmcycle.train.sft import SFTConfig
@@ -92,26 +93,15 @@ def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
     The model card (README.md) is left out, as lineage leaves it out: it is documentation the report stage
     rewrites when evaluation results arrive, not something a later stage reads."""
     if stage in MODEL_STAGES:
-        return file_hashes(stage_dir / "model", skip=(CARD,)) if (stage_dir / "model").exists() else {}
-    skip = ("work",) if stage == "data" else ()  # the data stage's intermediate phases: not outputs
-    return {name: h for name, h in file_hashes(stage_dir, skip).items()
-            if name != RECORD and not name.endswith(".tmp")}
+        return file_hashes(stage_dir / "model", skip=UNHASHED) if (stage_dir / "model").exists() else {}
+    skip = ("work", *UNHASHED) if stage == "data" else UNHASHED  # work/: the data stage's intermediate phases
+    return {name: h for name, h in file_hashes(stage_dir, skip).items() if not name.endswith(".tmp")}
 
 
 def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
     rec = read_record(stage_dir)
     return bool(rec and rec.get("status") == "done" and rec.get("key") == key
                 and rec.get("outputs") == stage_outputs(stage, stage_dir))
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    import torch
-
-    from llmcycle import __version__
-
-    return {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 class PeakMemory:

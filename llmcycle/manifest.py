@@ -28,13 +28,19 @@ def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     return {str(f.relative_to(directory)): sha256_file(f) for f in files}
 
 
+def versions() -> dict[str, str]:
+    import torch
+
+    from llmcycle import __version__
+
+    return {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
 def write_manifest(
     directory: Path, stage: str, config: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
     skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    import torch
 
-    from llmcycle import __version__
 
     manifest = {
         "stage": stage,
@@ -43,7 +49,7 @@ def write_manifest(
         "inputs": inputs,
         "outputs": file_hashes(directory, (*skip, *UNHASHED)),
         "metrics": metrics,
-        "versions": {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest
