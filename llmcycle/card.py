@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.lineage import show_path
 from llmcycle.manifest import CARD, MANIFEST
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
@@ -46,14 +47,6 @@ def _fmt(v: Any) -> str:
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join("-" if c is None else _fmt(c) for c in row) + " |" for row in rows)]
-
-
-def _show(p: Path) -> str:
-    """Relative to the current directory when under it, as the commands that made it were given."""
-    try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(p)
 
 
 def parameter_count(model_dir: Path) -> int | None:
@@ -96,7 +89,7 @@ def _data_section(chain: list[tuple[str, Path, dict]]) -> list[str]:
                     "with Python)") if i.get("type") == "python" else
                    f"`{i.get('type')}`" + (f" ({', '.join(map(str, i['paths']))})" if i.get("paths") else "")
                    for i in cfg.get("inputs", [])]
-        lines = ["## Training data", "", f"Made by `llmcycle data` into `{_show(d)}` from " + ", ".join(sources)
+        lines = ["## Training data", "", f"Made by `llmcycle data` into `{show_path(d)}` from " + ", ".join(sources)
                  + ".", ""]
         funnel = met.get("funnel") or []
         if funnel:
@@ -134,7 +127,7 @@ def _training_section(chain: list[tuple[str, Path, dict]]) -> list[str]:
         results = [f"{k} {_fmt(v)}" for k, v in met.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and any(w in k for w in ("val_", "eval_", "loss", "accurac", "exact"))][:6]
-        lines.append(f"- **{stage}** (`{_show(d)}`, {m.get('created', '?')}): " + ", ".join(facts)
+        lines.append(f"- **{stage}** (`{show_path(d)}`, {m.get('created', '?')}): " + ", ".join(facts)
                      + (f". Measured by the trainer: {', '.join(results)}." if results else "."))
     return lines
 
@@ -198,7 +191,7 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
              "## Lineage", "", f"`llmcycle lineage {d}` prints the chain back to the raw sources and re-checks "
              "every recorded content hash:", ""]
     lines += _table(["stage", "artifact", "created", "weights sha256"],
-                    [[s, f"`{_show(p)}`", m.get("created"), (m.get("outputs") or {}).get("model.safetensors", "")[:12]
+                    [[s, f"`{show_path(p)}`", m.get("created"), (m.get("outputs") or {}).get("model.safetensors", "")[:12]
                       or None] for s, p, m in chain])
     lines += ["", *_data_section(chain), "", *_training_section(chain), "",
               *_evaluation_section(evaluation, chain), "",

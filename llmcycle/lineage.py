@@ -57,7 +57,7 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
-def _show(p: Path) -> str:
+def show_path(p: Path) -> str:
     """A path as short as it can be: relative to the current directory when under it."""
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
@@ -110,7 +110,7 @@ class _Tracer:
             return
         if not (d / MANIFEST).is_file() and parent is not None and (d.parent / MANIFEST).is_file():
             # a part of an artifact (the data stage's tokenizer/): its manifest hashes the files here
-            return self.artifact(d.parent, _show(d.parent), parent, role, hashed)
+            return self.artifact(d.parent, show_path(d.parent), parent, role, hashed)
         if not (d / MANIFEST).is_file():
             if parent is None:
                 hint = f" (did you mean {d / 'model'}?)" if (d / "model" / MANIFEST).is_file() else ""
@@ -228,7 +228,7 @@ class _Tracer:
                 if recorded:  # the shard list this model trained on, against what is there now
                     parent.problems += filter(None, [self.check(p / "shards.json", recorded, f"input {split}")])
                 if (p.parent / MANIFEST).is_file():
-                    self.artifact(p.parent, _show(p.parent), parent, "data")
+                    self.artifact(p.parent, show_path(p.parent), parent, "data")
                 elif (p.parent / "prepared.json").is_file():
                     self.prepared(parent, p.parent, None, python)
                 else:
@@ -251,7 +251,7 @@ class _Tracer:
             return
         found = json.loads((data_dir / "prepared.json").read_text())
         info = info or found
-        link = self.add(Link(key, "prepared-data", _show(data_dir), metrics=_scalars(found, ("documents.train",
+        link = self.add(Link(key, "prepared-data", show_path(data_dir), metrics=_scalars(found, ("documents.train",
                              "tokens.train", "tokens.val", "heldout_bytes_per_token")),
                              hashes={"key": info.get("key", ""), "tokenizer": info.get("tokenizer_hash", "")}),
                         parent, "data")
@@ -335,7 +335,7 @@ def lineage_main(args: argparse.Namespace) -> int:
         print(render(links))
     for link in bad:
         for p in link.problems:
-            print(f"lineage: MODIFIED: {link.stage} {_show(Path(link.key))}: {p}", file=sys.stderr)
+            print(f"lineage: MODIFIED: {link.stage} {show_path(Path(link.key))}: {p}", file=sys.stderr)
     if bad:
         print(f"lineage: {len(bad)} artifact(s) on the chain of {args.model_dir} no longer match their manifests.",
               file=sys.stderr)
