@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -230,27 +231,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="llmcycle", formatter_class=fmt,
-        description="The whole life of a language model: data, tokenizer, pre-training, and on.",
-    )
-    parser.add_argument("--version", action="version", version=f"llmcycle {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
-
-    from llmcycle.train.config import PretrainConfig
-
-    p = sub.add_parser("run", help="run the whole lifecycle from one recipe (default: embedded corpus, tiny model)",
-                       formatter_class=fmt,
-                       description="Run the lifecycle graph (data -> pretrain -> sft -> dpo -> eval -> serve -> "
-                                   "report) into runs/<name>/<stage>/; the report stage writes report.md, "
-                                   "report.html and a model card in every model directory. Up-to-date stages are "
-                                   "skipped, an interrupted one resumes. Stage sections take every key of the "
-                                   "stage's own command (llmcycle data / pretrain / sft / dpo --help), prefixed: "
-                                   "data.tokenizer.vocab_size=8192, pretrain.train.max_steps=100, sft.train.lr=1e-3; "
-                                   "their out_dir and model keys (and pre-training's data and tokenizer, with a data "
-                                   "stage) are set by the graph. Shipped recipes: default (CPU, minutes), gpu.")
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.description = ("Run the lifecycle graph (data -> pretrain -> sft -> dpo -> eval -> serve -> "
+                     "report) into runs/<name>/<stage>/; the report stage writes report.md, "
+                     "report.html and a model card in every model directory. Up-to-date stages are "
+                     "skipped, an interrupted one resumes. Stage sections take every key of the "
+                     "stage's own command (llmcycle data / pretrain / sft / dpo --help), prefixed: "
+                     "data.tokenizer.vocab_size=8192, pretrain.train.max_steps=100, sft.train.lr=1e-3; "
+                     "their out_dir and model keys (and pre-training's data and tokenizer, with a data "
+                     "stage) are set by the graph. Shipped recipes: default (CPU, minutes), smoke (the "
+                     "whole graph in miniature, to check an install), gpu.")
     p.add_argument("recipe", nargs="?", default="default", help="recipe YAML or shipped name (default: default)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
@@ -258,17 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("tokenizer", help="train tokenizers")
+
+def _add_tokenizer(p: argparse.ArgumentParser) -> None:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     tp = tsub.add_parser("train", help="train a BPE / WordPiece / Unigram tokenizer with a chat template",
-                         formatter_class=fmt, epilog=_options_epilog(TokenizerTrainConfig))
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=_options_epilog(TokenizerTrainConfig))
     _add_recipe_args(tp, None)
     tp.set_defaults(func=cmd_tokenizer_train)
 
+
+def _add_data(p: argparse.ArgumentParser) -> None:
     from llmcycle.data.config import DataConfig
 
-    p = sub.add_parser("data", help="collect, clean, deduplicate, tokenize and shard text (local or Ray)",
-                       formatter_class=fmt, epilog=_options_epilog(DataConfig) + _step_list())
+    p.epilog = _options_epilog(DataConfig) + _step_list()
     _add_recipe_args(p, "data")
     p.add_argument("--executor", choices=["local", "ray"], help="where tasks run (default: the recipe's, local)")
     p.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
@@ -277,22 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="discard finished tasks of earlier runs and start over")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("pretrain", help="pre-train a causal or masked LM (torchrun for many processes)",
-                       formatter_class=fmt, epilog=_options_epilog(PretrainConfig))
+
+def _add_pretrain(p: argparse.ArgumentParser) -> None:
+    from llmcycle.train.config import PretrainConfig
+
+    p.epilog = _options_epilog(PretrainConfig)
     _add_recipe_args(p, "tiny")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     p.set_defaults(func=cmd_pretrain)
 
-    import importlib
 
-    for name, module, config, func, help_text in POSTTRAIN_COMMANDS:
-        cls = getattr(importlib.import_module(module), config)
-        p = sub.add_parser(name, help=help_text, formatter_class=fmt, epilog=_options_epilog(cls))
+def _add_posttrain(module: str, config: str, func: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        p.epilog = _options_epilog(getattr(importlib.import_module(module), config))
         _add_recipe_args(p, None)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
         p.set_defaults(func=_posttrain_command(module, config, func))
 
-    p = sub.add_parser("generate", help="continue a prompt with a model directory")
+    return add
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir")
     p.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
@@ -302,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve model directories behind an OpenAI-compatible HTTP API",
-                       description="Serve one or more model directories (each its own engine) with the OpenAI "
-                                   "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
-                                   "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit.")
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve one or more model directories (each its own engine) with the OpenAI "
+                     "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
+                     "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="a model directory, or NAME=DIR to choose its name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -329,27 +330,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
     from llmcycle.eval.cli import add_eval_arguments, eval_main
 
-    p = sub.add_parser("eval", help="evaluate a model (bits/byte, multiple choice, exact match), or gate B against A",
-                       description="Suite v1 on a causal LM directory, or --compare A B as a regression gate "
-                                   "(exit 1 when B is worse beyond --threshold). See docs/eval.md.")
+    p.description = ("Suite v1 on a causal LM directory, or --compare A B as a regression gate "
+                     "(exit 1 when B is worse beyond --threshold). See docs/eval.md.")
     add_eval_arguments(p)
     p.set_defaults(func=eval_main)
 
+
+def _add_lineage(p: argparse.ArgumentParser) -> None:
     from llmcycle.lineage import add_lineage_arguments, lineage_main
 
-    p = sub.add_parser("lineage", help="the chain from a model back to its raw sources, verified by content hashes",
-                       description="Walk a model directory's manifests back to the data, re-hashing every "
-                                   "artifact on the way; exit 1 when one was modified after it was recorded.")
+    p.description = ("Walk a model directory's manifests back to the data, re-hashing every "
+                     "artifact on the way; exit 1 when one was modified after it was recorded.")
     add_lineage_arguments(p)
     p.set_defaults(func=lineage_main)
 
+
+def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
-    p = sub.add_parser("keys", help="create, list and revoke API keys for `llmcycle serve --keys`")
     add_keys_arguments(p)
     p.set_defaults(func=keys_main)
+
+
+# (command, help, builder). A builder adds the command's arguments, epilog and function; build_parser runs
+# only the chosen command's builder, so `llmcycle data --help` never imports torch or the trainers.
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("run", "run the whole lifecycle from one recipe (default: embedded corpus, tiny model)", _add_run),
+    ("tokenizer", "train tokenizers", _add_tokenizer),
+    ("data", "collect, clean, deduplicate, tokenize and shard text (local or Ray)", _add_data),
+    ("pretrain", "pre-train a causal or masked LM (torchrun for many processes)", _add_pretrain),
+    *((name, help_text, _add_posttrain(module, config, func))
+      for name, module, config, func, help_text in POSTTRAIN_COMMANDS),
+    ("generate", "continue a prompt with a model directory", _add_generate),
+    ("serve", "serve model directories behind an OpenAI-compatible HTTP API", _add_serve),
+    ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
+    ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
+    ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
+)
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `llmcycle` parser. Every command is listed; only `command`'s arguments are built (all of them when
+    `command` is None), because building one imports what that stage needs."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="llmcycle", formatter_class=fmt,
+        description="The whole life of a language model: data, tokenizer, pre-training, and on.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmcycle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
+    for name, help_text, add in COMMANDS:
+        p = sub.add_parser(name, help=help_text, formatter_class=fmt)
+        if command is None or command == name:
+            add(p)
     return parser
 
 
@@ -371,8 +413,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_chosen_command(argv) or "").parse_args(argv)
     try:
         return args.func(args)
     except LlmcycleError as e:

@@ -29,11 +29,17 @@ def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def versions() -> dict[str, str]:
-    import torch
+    """llmcycle, torch and Python versions. torch's is read from its installed metadata (the same string as
+    `torch.__version__`), so stages that never use torch (data, tokenizer) do not import it to say so."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from llmcycle import __version__
 
-    return {"llmcycle": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return {"llmcycle": __version__, "torch": torch_version, "python": platform.python_version()}
 
 
 def write_manifest(
