@@ -138,7 +138,7 @@ class LLMEngine:
             return list(prompt)
         if self.tokenizer is None:
             raise LlmcycleError("this engine has no tokenizer: give prompts as token ids.")
-        return self.tokenizer.encode(prompt, add_bos=True)
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise LlmcycleError if the prompt plus max_tokens does not fit the model's context."""

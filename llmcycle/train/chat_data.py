@@ -242,7 +242,7 @@ def _prompt_ids(tok: Tokenizer, prompt) -> tuple[list[int], list[dict] | None]:
         return _encode_chat(tok, messages, add_generation_prompt=True)[0], messages
     if not isinstance(prompt, str):
         raise _Bad(BAD_CONTENT)
-    return tok.encode(prompt, add_bos=True), None
+    return tok.encode(prompt, add_special_tokens=True), None
 
 
 def _completion_ids(tok: Tokenizer, prompt_ids: list[int], messages: list[dict] | None,
@@ -325,7 +325,7 @@ def _sft_record(tok: Tokenizer, record: dict):
             raise _Bad(BAD_CONTENT)
         if not text.strip():
             raise _Bad(EMPTY_COMPLETION)
-        p, c = tok.encode(prompt, add_bos=True), tok.encode(text, add_eos=True)
+        p, c = tok.encode(prompt, add_special_tokens=True), tok.encode(text, add_eos=True)
         return p + c, [False] * len(p) + [True] * len(c), p, text
     if "instruction" in record and "output" in record:
         instruction, output = record["instruction"], record["output"]
