@@ -53,7 +53,8 @@ def _llama_style(path):
 
 def _qwen2_backend():
     """A byte-level BPE built as Qwen2's (transformers rebuilds a Qwen2 tokenizer from vocab and merges)."""
-    from tokenizers import Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Backend(models.BPE())

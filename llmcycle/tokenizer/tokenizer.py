@@ -225,6 +225,18 @@ class Tokenizer:
         text, spans = render_chat(self.chat_template, messages, add_generation_prompt, variables)
         return text, messages, spans
 
+    def _prefix_renderer(self, messages: list[dict]):
+        """i -> messages[:i] rendered with the generation prompt, or None where the template refuses it."""
+        variables = self._template_variables()
+
+        def render(i: int) -> str | None:
+            try:
+                return render_chat(self.chat_template, messages[:i], True, variables)[0]
+            except LlmcycleError:  # e.g. a template that needs a first user message
+                return None
+
+        return render
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._render(messages, add_generation_prompt)[0]
 
@@ -240,7 +252,7 @@ class Tokenizer:
         text, messages, spans = self._render(messages, add_generation_prompt)
         if not GENERATION_TAG.search(self.chat_template):
             end_tokens = [t for t in (self.end_of_turn_token, self.eos_token) if t]
-            spans = find_assistant_spans(text, messages, end_tokens)
+            spans = find_assistant_spans(text, messages, end_tokens, self._prefix_renderer(messages))
         enc = self.backend.encode(text, add_special_tokens=False)
         mask = [0] * len(enc.ids)
         for i, (start, end) in enumerate(enc.offsets):
