@@ -204,3 +204,50 @@ def test_old_llmcycle_tokenizer_dirs_keep_their_bos(own_dir, tmp_path):
     bare = old.encode("hello there")
     assert old.encode("hello there", add_special_tokens=True) == [old.bos_id, *bare]
     assert old.encode_batch(["hello there"], add_bos=True, add_eos=True) == [[old.bos_id, *bare, old.eos_id]]
+
+
+# ---- chat models stop at end of turn ----
+
+
+def _end_loving_model(tok: Tokenizer, out):
+    """A model whose greedy choice is always <|end|>: the residual stream is the token's embedding (every
+    block's output projection is zero), whose first component dominates, and only <|end|>'s row reads it."""
+    from llmcycle.model.config import ModelConfig
+    from llmcycle.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    end = tok.token_to_id(tok.end_of_turn_token)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.lm_head.weight[end] = 0
+        model.lm_head.weight[end, 0] = 100.0
+    model.save_pretrained(out)
+    return end
+
+
+def test_published_chat_model_stops_at_end_of_turn(own_dir, tmp_path):
+    """transformers' generate and the engine (so /v1/completions) stop at <|end|>, not at max tokens."""
+    from llmcycle.model.hf_io import generation_eos_ids
+    from llmcycle.train.posttrain import copy_tokenizer
+
+    tok = Tokenizer.from_pretrained(own_dir)
+    model_dir = tmp_path / "tuned"
+    end = _end_loving_model(tok, model_dir)
+    copy_tokenizer(own_dir, model_dir)  # how post-training publishes a model's tokenizer
+    assert generation_eos_ids(model_dir) == [tok.eos_id, end]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "hello"}], add_generation_prompt=True)[0]])
+    with torch.no_grad():
+        new = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_id)[0, ids.shape[1]:]
+    assert new.tolist() == [end]
+    (out,) = LLM(str(model_dir), block_size=4, num_blocks=32).generate(
+        "hello there", SamplingParams(temperature=0, max_tokens=8))
+    assert out.outputs[0].token_ids == [end] and out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].text == ""
