@@ -34,8 +34,8 @@ from llmcycle.config import dump_yaml
 from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
-from llmcycle.model.hf_io import add_end_of_turn_to_generation_config
 from llmcycle.model.heads import ScalarHeadModel
+from llmcycle.model.hf_io import add_end_of_turn_to_generation_config
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train import checkpoint as ckpt
