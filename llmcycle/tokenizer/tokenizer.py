@@ -171,7 +171,7 @@ class Tokenizer:
     def _special_wrap(self, ids: list[int], add_special_tokens: bool, add_bos: bool, add_eos: bool):
         if add_special_tokens and (add_bos or add_eos):
             # Both would add BOS twice on a Llama-style tokenizer: the caller must pick one convention.
-            raise ValueError("add_special_tokens=True already adds what the tokenizer adds; drop add_bos/add_eos.")
+            raise ValueError("add_special_tokens=True adds what the tokenizer adds; drop add_bos/add_eos.")
         if add_special_tokens and self._legacy_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return self._wrap(ids, add_bos, add_eos)
@@ -202,6 +202,12 @@ class Tokenizer:
         """Whether `encode(text, add_special_tokens=True)` starts with BOS (the tokenizer's convention)."""
         bos = self.bos_id
         return bos is not None and self.encode("", add_special_tokens=True)[:1] == [bos]
+
+    @property
+    def adds_eos(self) -> bool:
+        """Whether `encode(text, add_special_tokens=True)` ends with EOS."""
+        eos = self.eos_id
+        return eos is not None and self.encode("", add_special_tokens=True)[-1:] == [eos]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # int() so numpy/torch integer tensors work as well as lists.
@@ -360,7 +366,7 @@ class Tokenizer:
             # What the post-processor does, stated as Llama's tokenizer_config does (transformers 5 follows
             # the post-processor in tokenizer.json; older tools read these flags).
             "add_bos_token": self.adds_bos,
-            "add_eos_token": self.eos_id is not None and self.encode("x", add_special_tokens=True)[-1:] == [self.eos_id],
+            "add_eos_token": self.adds_eos,
             "chat_template": self.chat_template,
             "added_tokens_decoder": added,
         }
