@@ -132,6 +132,22 @@ def test_engine_greedy_equals_transformers_generate(hf_dir):
         assert out.outputs[0].token_ids == ref
 
 
+def test_cli_generate_follows_the_tokenizer(hf_dir):
+    """`llmcycle generate` (greedy) prints what transformers' generate continues the prompt with."""
+    from conftest import run_cli
+
+    _, path = hf_dir
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = hf_tok("hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        new = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=hf_tok.eos_token_id)[0, ids.shape[1]:]
+    proc = run_cli(["generate", str(path), "--prompt", "hello there", "--temperature", "0", "--max-new-tokens", "5"],
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "hello there" + hf_tok.decode(new, skip_special_tokens=True) + "\n"
+
+
 def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
