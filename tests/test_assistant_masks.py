@@ -196,3 +196,24 @@ def test_find_assistant_spans_skips_earlier_occurrences():
     text = "S: Say 10.\nU: What is 10 plus 0?\nA: 10<end>\n"
     (span,) = find_assistant_spans(text, messages, ["<end>"])
     assert text[span[0]:span[1]] == "10<end>" and span[0] == text.index("A: ") + 3
+
+
+def test_the_300_arithmetic_chats_of_the_issue(model_dir, tmp_path):
+    """"What is a plus b?" -> "a+b" for 300 (a, b): every answer is trained on, none is rejected."""
+    tok = Tokenizer.from_pretrained(model_dir)
+    prompts = [[_user(a, b)] for a in range(20) for b in range(15)]
+    chats = [{"messages": [*p, _assistant(_answer(p))]} for p in prompts]
+    pc = [{"prompt": p, "completion": [_assistant(_answer(p))]} for p in prompts]
+    for records in (chats, pc):
+        rejects = Rejects()
+        examples = load_sft(_jsonl(tmp_path / "s.jsonl", records), tok, 128, rejects)
+        assert rejects.total() == 0 and len(examples) == 300
+        for ex in examples:
+            assert tok.decode([t for t, m in zip(ex.ids, ex.trained) if m]) == ex.reference + "<|im_end|>"
+    rejects = Rejects()
+    assert len(load_preferences(_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": p, "chosen": [_assistant(_answer(p))], "rejected": [_assistant(str(int(_answer(p)) + 1))]}
+        for p in prompts]), tok, 128, rejects)) == 300
+    kto = [{"prompt": p, "completion": [_assistant(_answer(p))], "label": True} for p in prompts]
+    assert len(load_unpaired(_jsonl(tmp_path / "k.jsonl", kto), tok, 128, rejects)) == 300
+    assert rejects.total() == 0
