@@ -478,3 +478,14 @@ def test_a_failing_reward_function_names_itself_and_the_record(tmp_path):
     funcs = load_reward_functions([f"{tmp_path / 'myrewards.py'}:picky"])
     with pytest.raises(LlmcycleError, match=r"picky.*ZeroDivisionError.*completion 1.*What is 2 plus 2\?.*''"):
         compute_rewards(funcs, ["What is 1 plus 1?", "What is 2 plus 2?"], ["2", ""], ["2", "4"])
+
+
+def test_grpo_ppo_prompts_hold_out_a_share_of_the_users_file(tok, tmp_path):
+    from llmcycle.train.rollout import load_prompt_sets
+
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {a} plus 0?", "answer": str(a)} for a in range(40)])
+    lines: list[str] = []
+    train, held, _, _ = load_prompt_sets([path], [], tok, 64, 8, lines.append, holdout=True)
+    assert held and len(train) + len(held) == 40
+    assert not {e.source for e in held} & {e.source for e in train}
+    assert any("held out" in line for line in lines)
