@@ -223,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
-        ids = tok.encode(args.prompt, add_bos=True)
+        ids = tok.encode(args.prompt, add_special_tokens=True)
     gen = torch.Generator().manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    stop_ids=tok.end_of_turn_ids, generator=gen)

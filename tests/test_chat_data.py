@@ -8,6 +8,7 @@ import pytest
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.chat_data import (
+    UNKNOWN_SHAPE,
     Rejects,
     load_preferences,
     load_prompts,
@@ -210,7 +211,7 @@ def test_sft_bad_records_are_counted_with_locations(tok, tmp_path):
     assert [e.source for e in exs] == [f"{f}:{n}" for n in (1, 4, 7, 14, 16, 19)]
     assert rejects.counts == {
         "malformed JSON": 1, "record is not an object": 1, "no assistant turn": 2, "unknown role 'tool'": 1,
-        "missing or non-string content": 3, "unknown record shape": 2, "empty assistant content": 1,
+        "missing or non-string content": 3, UNKNOWN_SHAPE: 2, "empty assistant content": 1,
         "prompt longer than max_length": 1, "invalid UTF-8": 2,
         "messages are not a list of {role, content} objects": 1,
     }
@@ -218,7 +219,7 @@ def test_sft_bad_records_are_counted_with_locations(tok, tmp_path):
         "malformed JSON": [f"{f}:2"], "record is not an object": [f"{f}:3"],
         "no assistant turn": [f"{f}:5", f"{f}:22"], "unknown role 'tool'": [f"{f}:6"],
         "missing or non-string content": [f"{f}:8", f"{f}:9", f"{f}:21"],
-        "unknown record shape": [f"{f}:10", f"{f}:15"], "empty assistant content": [f"{f}:11"],
+        UNKNOWN_SHAPE: [f"{f}:10", f"{f}:15"], "empty assistant content": [f"{f}:11"],
         "prompt longer than max_length": [f"{f}:13"], "invalid UTF-8": [f"{f}:17", f"{f}:20"],
         "messages are not a list of {role, content} objects": [f"{f}:18"],
     }
@@ -390,3 +391,101 @@ def test_prompts(tok, tmp_path):
     assert load_prompts(edge, tok, len(q), at_limit) == []
     assert at_limit.counts == {"prompt longer than max_prompt_length": 1}
     assert [e.prompt_ids for e in load_prompts(edge, tok, len(q) + 1, Rejects())] == [q]
+
+
+# ---- a user's own data: held-out share, messages that say what is wrong ----
+
+
+def test_a_json_array_file_is_refused_naming_jsonl(tmp_path):
+    for text in ('[{"prompt": "a", "completion": "b"}]\n', '[\n  {"prompt": "a", "completion": "b"}\n]\n'):
+        path = tmp_path / "data.json"
+        path.write_text(text)
+        with pytest.raises(LlmcycleError, match=r"JSON array.*JSON Lines \(\.jsonl\)"):
+            list(read_records(path, Rejects()))
+
+
+def test_unknown_record_shape_names_the_accepted_shapes(tok, tmp_path):
+    rejects = Rejects()
+    load_sft(write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}]), tok, 64, rejects)
+    (reason,) = rejects.counts
+    assert "{messages}" in reason and "{prompt, completion}" in reason and "{instruction" in reason
+
+
+def test_split_holdout_is_deterministic_and_takes_at_least_one(tok, tmp_path):
+    from llmcycle.train.chat_data import holds_out_user_data, split_holdout
+    from llmcycle.train.posttrain import DataSection
+
+    records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(60)]
+    examples = load_sft(write_jsonl(tmp_path / "sft.jsonl", records), tok, 64, Rejects())
+    lines: list[str] = []
+    train, held = split_holdout(examples, "examples", lines.append)
+    assert 1 <= len(held) < 10 and len(train) + len(held) == 60
+    assert not {e.source for e in held} & {e.source for e in train}
+    again = split_holdout(list(reversed(examples)), "examples", lambda _: None)[1]
+    assert sorted(e.source for e in again) == sorted(e.source for e in held)
+    assert "held out" in lines[0] and "data.eval" in lines[0]
+    assert len(split_holdout(examples[:2], "examples", lambda _: None)[1]) == 1
+    assert holds_out_user_data(DataSection(train="mine.jsonl"))
+    assert not holds_out_user_data(DataSection())
+    assert not holds_out_user_data(DataSection(train="mine.jsonl", eval=None))
+
+
+def _stage_opts(out, model, **extra) -> list[str]:
+    base = {"out_dir": str(out), "model": model, "train.max_steps": 1, "train.batch_size": 2,
+            "train.warmup_steps": 0, "train.dtype": "fp32", "train.threads": 1, "data.max_length": 64,
+            "eval.every": 0, "checkpoint.every": 0}
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def test_sft_on_a_user_file_holds_out_its_own_data(tiny_base_model, tmp_path):
+    """data.train is the user's file, data.eval left at its default: no silent embedded-task evaluation."""
+    from llmcycle.config import load_config
+    from llmcycle.train.sft import SFTConfig, sft
+
+    records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(40)]
+    data = write_jsonl(tmp_path / "mine.jsonl", records)
+    lines: list[str] = []
+    result = sft(load_config(SFTConfig, None, _stage_opts(tmp_path / "run", tiny_base_model,
+                                                           **{"data.train": data})), log=lines.append)
+    said = "\n".join(map(str, lines))
+    assert "held out" in said and "not your data" in said
+    assert not (tmp_path / "run" / "data").exists()  # the embedded tasks were not even written
+    assert 1 <= 40 - result["train_examples"] <= 4
+
+
+def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.train.dpo import DPOConfig, dpo
+
+    pairs = [{"prompt": f"What is {a} plus 0?", "chosen": str(a), "rejected": str(a + 1)} for a in range(8)]
+    kto = [{"prompt": "What is 1 plus 0?", "completion": "1", "label": True}]
+    opts = _stage_opts(tmp_path / "run", tiny_base_model, **{
+        "data.train": write_jsonl(tmp_path / "pairs.jsonl", pairs), "data.eval": write_jsonl(tmp_path / "kto.jsonl", kto)})
+    lines: list[str] = []
+    dpo(load_config(DPOConfig, None, opts), log=lines.append)
+    said = "\n".join(map(str, lines))
+    assert "kto.jsonl:1" in said and "missing key 'chosen'" in said
+    assert "held-out evaluation takes preference pairs {prompt, chosen, rejected}" in said
+
+
+def test_a_failing_reward_function_names_itself_and_the_record(tmp_path):
+    from llmcycle.train.rewards import compute_rewards, load_reward_functions
+
+    (tmp_path / "myrewards.py").write_text(
+        "def picky(prompts, completions, references):\n"
+        "    return [1.0 / len(c) for c in completions]\n")
+    funcs = load_reward_functions([f"{tmp_path / 'myrewards.py'}:picky"])
+    with pytest.raises(LlmcycleError, match=r"picky.*ZeroDivisionError.*completion 1.*What is 2 plus 2\?.*''"):
+        compute_rewards(funcs, ["What is 1 plus 1?", "What is 2 plus 2?"], ["2", ""], ["2", "4"])
+
+
+def test_grpo_ppo_prompts_hold_out_a_share_of_the_users_file(tok, tmp_path):
+    from llmcycle.train.rollout import load_prompt_sets
+
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {a} plus 0?", "answer": str(a)} for a in range(40)])
+    lines: list[str] = []
+    train, held, _, _ = load_prompt_sets([path], [], tok, 64, 8, lines.append, holdout=True)
+    assert held and len(train) + len(held) == 40
+    assert not {e.source for e in held} & {e.source for e in train}
+    assert any("held out" in line for line in lines)

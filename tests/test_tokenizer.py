@@ -227,7 +227,9 @@ def test_transformers_loads_our_directory(toks, saved, split, kind):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.mask_token_id) == (0, 1, 2, 3)
     texts = split[1][:10] + ["héllo wörld 😀 <|end|> tail"]
     for text in texts:
-        assert hf.encode(text, add_special_tokens=True) == tok.encode(text)
+        # Both conventions agree: the tokenizer's own (BOS first) and the bare text.
+        assert hf.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=True)
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
         if kind != "wordpiece":
             assert hf.decode(tok.encode(text)) == text
     for messages, gen in ((CHAT, False), (CHAT[:4], True)):

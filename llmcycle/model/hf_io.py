@@ -59,6 +59,52 @@ def save_model(
     _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(path: str | Path) -> list[int]:
+    """The ids `generation_config.json` ends generation on (`eos_token_id`, an int or a list, as
+    transformers accepts); [] when the file or the field is missing or unreadable."""
+    try:
+        value = json.loads((Path(path) / GENERATION_CONFIG).read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def add_stop_ids_to_generation_config(path: str | Path, stop_ids: list[int]) -> None:
+    """List `stop_ids` (eos and the chat template's end-of-turn) in the model's generation_config.json.
+
+    A chat model ends its turn with the template's end-of-turn token (`<|end|>`), not with eos; without it
+    in `eos_token_id`, transformers' `generate` repeats that token up to max_new_tokens. Does nothing when
+    the directory has no generation_config.json (a tokenizer-only directory). Order: what was there first.
+    """
+    file = Path(path) / GENERATION_CONFIG
+    if not file.is_file():
+        return
+    gen = json.loads(file.read_text(encoding="utf-8"))
+    ids = list(dict.fromkeys([*generation_eos_ids(path), *stop_ids]))
+    if not ids:
+        return
+    gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    _write_json(file, gen)
+
+
+def add_end_of_turn_to_generation_config(path: str | Path) -> None:
+    """For a model directory holding a chat tokenizer: list its eos and end-of-turn ids in
+    generation_config.json (see `add_stop_ids_to_generation_config`), as chat models on the Hub do."""
+    from llmcycle.tokenizer import Tokenizer  # here: the tokenizer package must not load for plain model I/O
+
+    if not (Path(path) / GENERATION_CONFIG).is_file() or not (Path(path) / "tokenizer.json").is_file():
+        return
+    tok = Tokenizer.from_pretrained(path)
+    if tok.chat_template is None:
+        return
+    ids = [tok.eos_id, tok.token_to_id(tok.end_of_turn_token)]
+    add_stop_ids_to_generation_config(path, [i for i in ids if i is not None])
+
+
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

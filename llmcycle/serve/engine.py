@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.model.hf_io import generation_eos_ids
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import BlockManager, num_blocks_for_budget
 from llmcycle.serve.detokenizer import IncrementalDetokenizer
@@ -123,6 +124,10 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, chunk_size)
         self.eos_id = self.tokenizer.eos_id if self.tokenizer is not None else None
+        # Further ids generation_config.json ends on (a chat model's end-of-turn): stop tokens of every
+        # request, as vLLM adds them, so /v1/completions stops at end of turn like transformers' generate.
+        gen_eos = generation_eos_ids(model_dir) if model_dir is not None else []
+        self.extra_stop_ids = [i for i in gen_eos if i != self.eos_id]
         self.max_model_len = cfg.max_position_embeddings
         self.drafter = (Drafter.load(draft_model, self.model, self.pool, num_speculative_tokens)
                         if draft_model is not None else None)
@@ -138,7 +143,14 @@ class LLMEngine:
             return list(prompt)
         if self.tokenizer is None:
             raise LlmcycleError("this engine has no tokenizer: give prompts as token ids.")
-        return self.tokenizer.encode(prompt, add_bos=True)
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def _with_extra_stops(self, params: SamplingParams) -> SamplingParams:
+        """`params` plus the model's extra stop ids (a copy: the caller's object is left as it was)."""
+        missing = [i for i in self.extra_stop_ids if i not in params.stop_token_ids]
+        if not missing or params.ignore_eos:  # ignore_eos ignores every end-of-generation id
+            return params
+        return replace(params, stop_token_ids=[*params.stop_token_ids, *missing])
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise LlmcycleError if the prompt plus max_tokens does not fit the model's context."""
@@ -162,7 +174,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
-        params = params or SamplingParams()
+        params = self._with_extra_stops(params or SamplingParams())
         ids = self.prepare(prompt, params)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._requests:

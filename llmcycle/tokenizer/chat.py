@@ -9,7 +9,7 @@ learn to produce; we record its character spans to build the assistant loss mask
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
@@ -138,14 +138,31 @@ def render_chat(
     return "".join(rec.chunks), rec.spans
 
 
-def find_assistant_spans(text: str, messages: list[dict], end_tokens: list[str]) -> list[tuple[int, int]]:
-    """For templates without `{% generation %}`: find each assistant content in order in the rendered text,
-    extended over an end-of-turn token that directly follows it."""
+def find_assistant_spans(
+    text: str, messages: list[dict], end_tokens: list[str],
+    render_prefix: Callable[[int], str | None] | None = None,
+) -> list[tuple[int, int]]:
+    """For templates without `{% generation %}`: the character span of each assistant turn's content in
+    the rendered `text`, extended over an end-of-turn token that directly follows it.
+
+    Each turn is looked for only after everything before it: after the end of the rendered prefix
+    `render_prefix(i)` (messages[:i] with the generation prompt, TRL's way) when `text` starts with it,
+    and in any case after the earlier messages' own content. So an answer that repeats text from the
+    system prompt, the question or an earlier turn ("What is 10 plus 0?" -> "10") is never found there.
+    """
     spans, pos = [], 0
     for i, m in enumerate(messages):
         content = m.get("content")
-        if m["role"] != "assistant" or not isinstance(content, str):
+        if not isinstance(content, str):
             continue
+        if m["role"] != "assistant":
+            # The first match after `pos` cannot lie past the real one, so this never skips too far.
+            found = text.find(content, pos) if content else -1
+            pos = found + len(content) if found >= 0 else pos
+            continue
+        prefix = render_prefix(i) if render_prefix is not None else None
+        if prefix and text.startswith(prefix):
+            pos = max(pos, len(prefix))
         start = text.find(content, pos)
         if start < 0:
             raise LlmcycleError(

@@ -2,8 +2,17 @@
 
 The directory format is transformers' own (tokenizer.json + tokenizer_config.json +
 special_tokens_map.json), so `AutoTokenizer.from_pretrained(dir)` loads what we save, and we load what
-transformers saves. The backend never adds BOS/EOS by itself: callers ask for them with add_bos/add_eos,
-and a rendered chat template already contains the BOS text, so it is never doubled.
+transformers saves.
+
+Two ways to encode, as in transformers:
+- `encode(text, add_special_tokens=True)` follows the tokenizer's own convention, its post-processor:
+  BOS first for Llama-style tokenizers and for ours, nothing for Qwen2-style ones (`bos_token: null`). It
+  equals `AutoTokenizer.from_pretrained(dir)(text).input_ids`. Prompts and plain training text use it.
+- `encode(text)` / `encode(text, add_bos=..., add_eos=...)` encodes the bare text and adds exactly what is
+  asked for (the data stage's shards, completions, a rendered chat template, which already holds the BOS
+  text, so it is never doubled).
+Tokenizer directories written by llmcycle before tokenizers carried a post-processor (an `llmcycle_kind`
+in tokenizer_config.json, no post-processor in tokenizer.json) keep their old behaviour: BOS first.
 """
 
 from __future__ import annotations
@@ -97,6 +106,8 @@ class Tokenizer:
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
         self.chat_template: str | None = template if isinstance(template, str) else None
         self.model_max_length = int(config.get("model_max_length") or 2048)
+        # Our own directories from before the BOS post-processor: prompts always started with BOS there.
+        self._legacy_bos = "llmcycle_kind" in config and backend.post_processor is None
         self._token_bytes: list[int] | None = None
 
     # ---- ids and sizes ----
@@ -157,14 +168,46 @@ class Tokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return self._wrap(self.backend.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+    def _special_wrap(self, ids: list[int], add_special_tokens: bool, add_bos: bool, add_eos: bool):
+        if add_special_tokens and (add_bos or add_eos):
+            # Both would add BOS twice on a Llama-style tokenizer: the caller must pick one convention.
+            raise ValueError("add_special_tokens=True adds what the tokenizer adds; drop add_bos/add_eos.")
+        if add_special_tokens and self._legacy_bos and self.bos_id is not None:
+            return [self.bos_id, *ids]
+        return self._wrap(ids, add_bos, add_eos)
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
-        """Encode many texts in parallel (Rust threads); the fast path skips computing offsets."""
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, *,
+               add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`.
+
+        add_special_tokens=True: what the tokenizer itself adds (its post-processor), i.e. exactly
+        `AutoTokenizer.from_pretrained(dir)(text).input_ids`. Otherwise the bare text plus BOS/EOS only where
+        add_bos/add_eos ask for them (an error if the tokenizer has no such token).
+        """
+        post = add_special_tokens and not self._legacy_bos
+        ids = self.backend.encode(text, add_special_tokens=post).ids
+        return self._special_wrap(ids, add_special_tokens, add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False, *,
+                     add_special_tokens: bool = False) -> list[list[int]]:
+        """`encode` of many texts in parallel (Rust threads); the fast path skips computing offsets."""
         texts = list(texts)
+        post = add_special_tokens and not self._legacy_bos
         fast = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        return [self._wrap(e.ids, add_bos, add_eos) for e in fast(texts, add_special_tokens=False)]
+        encoded = fast(texts, add_special_tokens=post)
+        return [self._special_wrap(e.ids, add_special_tokens, add_bos, add_eos) for e in encoded]
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether `encode(text, add_special_tokens=True)` starts with BOS (the tokenizer's convention)."""
+        bos = self.bos_id
+        return bos is not None and self.encode("", add_special_tokens=True)[:1] == [bos]
+
+    @property
+    def adds_eos(self) -> bool:
+        """Whether `encode(text, add_special_tokens=True)` ends with EOS."""
+        eos = self.eos_id
+        return eos is not None and self.encode("", add_special_tokens=True)[-1:] == [eos]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # int() so numpy/torch integer tensors work as well as lists.
@@ -188,6 +231,18 @@ class Tokenizer:
         text, spans = render_chat(self.chat_template, messages, add_generation_prompt, variables)
         return text, messages, spans
 
+    def _prefix_renderer(self, messages: list[dict]):
+        """i -> messages[:i] rendered with the generation prompt, or None where the template refuses it."""
+        variables = self._template_variables()
+
+        def render(i: int) -> str | None:
+            try:
+                return render_chat(self.chat_template, messages[:i], True, variables)[0]
+            except LlmcycleError:  # e.g. a template that needs a first user message
+                return None
+
+        return render
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self._render(messages, add_generation_prompt)[0]
 
@@ -203,7 +258,7 @@ class Tokenizer:
         text, messages, spans = self._render(messages, add_generation_prompt)
         if not GENERATION_TAG.search(self.chat_template):
             end_tokens = [t for t in (self.end_of_turn_token, self.eos_token) if t]
-            spans = find_assistant_spans(text, messages, end_tokens)
+            spans = find_assistant_spans(text, messages, end_tokens, self._prefix_renderer(messages))
         enc = self.backend.encode(text, add_special_tokens=False)
         mask = [0] * len(enc.ids)
         for i, (start, end) in enumerate(enc.offsets):
@@ -308,6 +363,10 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             # Byte-level text must decode verbatim; transformers' cleanup would turn " ." into ".".
             "clean_up_tokenization_spaces": False,
+            # What the post-processor does, stated as Llama's tokenizer_config does (transformers 5 follows
+            # the post-processor in tokenizer.json; older tools read these flags).
+            "add_bos_token": self.adds_bos,
+            "add_eos_token": self.adds_eos,
             "chat_template": self.chat_template,
             "added_tokens_decoder": added,
         }

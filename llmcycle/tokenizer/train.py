@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
 from llmcycle.errors import LlmcycleError
@@ -112,8 +112,13 @@ def train_tokenizer(
     backend.train_from_iterator(counted(), trainer=trainer)
     if seen["chars"] == 0:
         raise LlmcycleError("Cannot train a tokenizer on an empty corpus (no text was given).")
-    # Never add BOS/EOS inside the backend: callers pass add_bos, and chat templates carry the BOS text.
-    backend.post_processor = None
+    # The backend adds BOS as Llama's does, so transformers tokenizes a prompt exactly as we do with
+    # encode(add_special_tokens=True). Explicit callers (shards: add_bos/add_eos, rendered chat templates,
+    # which carry the BOS text) encode without it, so BOS is never doubled.
+    bos = SPECIAL_TOKENS["bos_token"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
     # Reload from JSON so the object we return is exactly what save_pretrained writes and a load reads
     # (Unigram scores can differ in the last bit after a JSON round trip).
     backend = Backend.from_str(backend.to_str())

@@ -16,6 +16,7 @@ counts. Only a dataset with no usable example at all is refused (`require_exampl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import zlib
@@ -35,7 +36,8 @@ UNREADABLE = "unreadable file"
 INVALID_UTF8 = "invalid UTF-8"
 MALFORMED_JSON = "malformed JSON"
 NOT_OBJECT = "record is not an object"
-UNKNOWN_SHAPE = "unknown record shape"
+UNKNOWN_SHAPE = ("unknown record shape (SFT records are {messages}, {prompt, completion} or "
+                 "{instruction, input?, output})")
 MALFORMED_MESSAGES = "messages are not a list of {role, content} objects"
 BAD_CONTENT = "missing or non-string content"
 NO_ASSISTANT = "no assistant turn"
@@ -163,6 +165,8 @@ def _jsonl_records(file: Path, rejects: Rejects) -> Iterator[tuple[str, dict]]:
                     continue
                 if not line.strip():  # blank lines (a trailing newline) hold no record
                     continue
+                if lineno == 1 and line.lstrip().startswith("["):
+                    raise LlmcycleError(_json_array_message(file))
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
@@ -176,6 +180,12 @@ def _jsonl_records(file: Path, rejects: Rejects) -> Iterator[tuple[str, dict]]:
                     yield source, record
     except (OSError, EOFError, zlib.error):  # unreadable or corrupt/truncated gzip: count where it stopped
         rejects.add(UNREADABLE, f"{file}:{lineno + 1}")
+
+
+def _json_array_message(file: Path) -> str:
+    target = Path(file).with_suffix(".jsonl").name
+    return (f"{file}: this is a JSON array; datasets are JSON Lines (.jsonl): one JSON object per line, no "
+            f"enclosing [ ]. Convert it, e.g. `jq -c '.[]' {file} > {target}`.")
 
 
 def _parquet_records(file: Path, rejects: Rejects) -> Iterator[tuple[str, dict]]:
@@ -242,7 +252,7 @@ def _prompt_ids(tok: Tokenizer, prompt) -> tuple[list[int], list[dict] | None]:
         return _encode_chat(tok, messages, add_generation_prompt=True)[0], messages
     if not isinstance(prompt, str):
         raise _Bad(BAD_CONTENT)
-    return tok.encode(prompt, add_bos=True), None
+    return tok.encode(prompt, add_special_tokens=True), None
 
 
 def _completion_ids(tok: Tokenizer, prompt_ids: list[int], messages: list[dict] | None,
@@ -325,7 +335,7 @@ def _sft_record(tok: Tokenizer, record: dict):
             raise _Bad(BAD_CONTENT)
         if not text.strip():
             raise _Bad(EMPTY_COMPLETION)
-        p, c = tok.encode(prompt, add_bos=True), tok.encode(text, add_eos=True)
+        p, c = tok.encode(prompt, add_special_tokens=True), tok.encode(text, add_eos=True)
         return p + c, [False] * len(p) + [True] * len(c), p, text
     if "instruction" in record and "output" in record:
         instruction, output = record["instruction"], record["output"]
@@ -457,6 +467,54 @@ def load_prompts(paths, tokenizer: Tokenizer, max_prompt_length: int,
     return _load(paths, rejects, parse)
 
 
+# ---- held-out data ----
+
+HOLDOUT_FRACTION = 0.05
+PAIRS = "preference pairs {prompt, chosen, rejected}"  # what preference evaluation reads
+
+
+def holds_out_user_data(data) -> bool:
+    """Whether held-out data come from the user's own training file: `data.train` is a file and `data.eval`
+    is left at its default 'embedded' (the embedded tasks say nothing about the user's data)."""
+    return data.train != "embedded" and data.eval == "embedded"
+
+
+def _content_key(example) -> float:
+    """A number in [0, 1) from an example's tokens (not its location), so a split survives a move."""
+    fields = {k: v for k, v in vars(example).items() if k not in ("source", "truncated")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_holdout(examples: list, what: str, log: Callable[[str], None],
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[list, list]:
+    """(train, held out): `fraction` of `examples` (at least one, chosen by a hash of their content) held
+    out for evaluation, with a line saying so; nothing held out from fewer than two examples."""
+    if len(examples) < 2:
+        log(f"eval: none (data.eval is 'embedded' but data.train is your file, and {len(examples)} {what} "
+            "is too few to hold any out); set data.eval to a held-out file")
+        return examples, []
+    keys = [_content_key(e) for e in examples]
+    held = {i for i, k in enumerate(keys) if k < fraction} or {min(range(len(keys)), key=keys.__getitem__)}
+    train = [e for i, e in enumerate(examples) if i not in held]
+    heldout = [e for i, e in enumerate(examples) if i in held]
+    log(f"eval: {len(heldout)} of {len(examples)} {what} from data.train held out ({fraction:.0%}, by "
+        "content hash) and not trained on; data.eval is left at 'embedded', which is not your data. Set "
+        "data.eval to a file to evaluate on it instead, or null for no evaluation")
+    return train, heldout
+
+
+def report_eval_rejects(rejects: Rejects, n_heldout: int, log: Callable[[str], None],
+                        expected: str = "") -> None:
+    """Print held-out rejects as training rejects are printed; say so when none of the file is usable."""
+    if not rejects.total() and not rejects.truncated:
+        return
+    log("held-out data:\n" + rejects.summary())
+    if not n_heldout and rejects.total():
+        hint = f" (held-out evaluation takes {expected})" if expected else ""
+        log(f"held-out data: no usable example{hint}; evaluation is skipped")
+
+
 def require_examples(examples: list, rejects: Rejects, what: str, paths) -> None:
     """Refuse a dataset with no usable example, saying why every record was rejected."""
     if examples:
@@ -471,6 +529,7 @@ def require_examples(examples: list, rejects: Rejects, what: str, paths) -> None
 
 
 __all__ = [
-    "Rejects", "dataset_files", "load_preferences", "load_prompts", "load_sft", "load_unpaired",
-    "read_records", "require_examples",
+    "HOLDOUT_FRACTION", "PAIRS", "Rejects", "dataset_files", "holds_out_user_data", "load_preferences",
+    "load_prompts", "load_sft", "load_unpaired",
+    "read_records", "report_eval_rejects", "require_examples", "split_holdout",
 ]

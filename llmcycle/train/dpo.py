@@ -14,7 +14,7 @@ logps/chosen, logps/rejected (and eval_ prefixed on held-out pairs).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +25,16 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import losses as L
 from llmcycle.train.batching import pad_batch, per_example_sum
-from llmcycle.train.chat_data import Rejects, load_preferences, load_unpaired, require_examples
+from llmcycle.train.chat_data import (
+    PAIRS,
+    Rejects,
+    holds_out_user_data,
+    load_preferences,
+    load_unpaired,
+    report_eval_rejects,
+    require_examples,
+    split_holdout,
+)
 from llmcycle.train.distributed import all_reduce_sum
 from llmcycle.train.examples import PreferenceExample, UnpairedExample
 from llmcycle.train.logps import token_logps
@@ -197,7 +206,8 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     kto = cfg.loss_type == "kto"
     tok = s.load_tokenizer(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    train_paths, eval_paths = resolve_data(d, s.out_dir, "kto" if kto else "pref")
+    hold = holds_out_user_data(d)
+    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "kto" if kto else "pref")
     rejects = Rejects()
     train: list = (load_unpaired if kto else load_preferences)(train_paths, tok, d.max_length, rejects)
     require_examples(train, rejects, "KTO training" if kto else "preference training", train_paths)
@@ -206,7 +216,16 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     if rejects.total() or rejects.truncated:
         s.log(rejects.summary())
     eval_rejects = Rejects()
-    heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects)[: cfg.eval.max_pairs] if eval_paths else []
+    if hold and kto:  # KTO feedback is no pair: nothing of it can be scored as chosen vs rejected
+        s.log(f"eval: none (data.eval is left at 'embedded' but data.train is your file; held-out evaluation "
+              f"takes {PAIRS}: set data.eval to such a file)")
+        heldout = []
+    elif hold:
+        train, heldout = split_holdout(train, "preference pairs", s.log)
+    else:
+        heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), s.log, PAIRS)
+    heldout = heldout[: cfg.eval.max_pairs]
     if kto:
         _check_kto_labels(train)
 
@@ -330,8 +349,6 @@ def evaluate_pairs(cfg: DPOConfig, model, pairs, ref_eval, pad_id, device, batch
 
 
 def _as_sigmoid(cfg: DPOConfig) -> DPOConfig:
-    from dataclasses import replace
-
     return replace(cfg, loss_type="sigmoid", label_smoothing=0.0)
 
 

@@ -91,7 +91,7 @@ def sample_continuations(
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt, add_bos=True)
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
         new = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40,
                        stop_ids=[tokenizer.eos_id] if tokenizer.eos_id is not None else [], generator=gen)
         out.append((prompt, tokenizer.decode(new, skip_special_tokens=True)))

@@ -16,7 +16,7 @@ divide). `train.max_steps` counts iterations; a metrics record's `step` counts o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +27,7 @@ from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import rl
+from llmcycle.train.chat_data import holds_out_user_data
 from llmcycle.train.posttrain import (
     CheckpointSection,
     EpochLoader,
@@ -137,9 +138,10 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
     funcs = load_reward_functions(cfg.reward_funcs, cfg.reward_weights)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     stop = stop_ids(tok)
-    train_paths, eval_paths = resolve_data(d, s.out_dir, "prompts")
+    hold = holds_out_user_data(d)
+    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "prompts")
     train, heldout, rejects, eval_rejects = load_prompt_sets(train_paths, eval_paths, tok, d.max_length,
-                                                             g.max_new_tokens, s.log)
+                                                             g.max_new_tokens, s.log, holdout=hold)
     ref = None
     if cfg.beta != 0.0:
         ref = Transformer.from_pretrained(cfg.model, device=s.device).eval().requires_grad_(False)

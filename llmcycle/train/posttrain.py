@@ -35,6 +35,7 @@ from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel
+from llmcycle.model.hf_io import add_end_of_turn_to_generation_config
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train import checkpoint as ckpt
@@ -212,6 +213,7 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (Path(src) / name).exists():
             shutil.copy2(Path(src) / name, dst / name)
+    add_end_of_turn_to_generation_config(dst)  # a tuned model stops at end of turn in transformers too
 
 
 class Session:

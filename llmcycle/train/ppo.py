@@ -23,7 +23,7 @@ reward model. Every iteration:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import rl
+from llmcycle.train.chat_data import holds_out_user_data
 from llmcycle.train.posttrain import (
     CheckpointSection,
     EpochLoader,
@@ -187,9 +188,10 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
     funcs = load_reward_functions(cfg.reward_funcs, cfg.reward_weights)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     stop = stop_ids(tok)
-    train_paths, eval_paths = resolve_data(d, s.out_dir, "prompts")
+    hold = holds_out_user_data(d)
+    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "prompts")
     train, heldout, rejects, eval_rejects = load_prompt_sets(train_paths, eval_paths, tok, d.max_length,
-                                                             g.max_new_tokens, s.log)
+                                                             g.max_new_tokens, s.log, holdout=hold)
     ref = _frozen(Transformer.from_pretrained(cfg.model, device=s.device))
 
     torch.manual_seed(t.seed)  # a fresh value head's initialisation

@@ -8,7 +8,7 @@ what `transformers`' LlamaForSequenceClassification computes on the saved model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,7 +16,15 @@ from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.chat_data import Rejects, load_preferences, require_examples
+from llmcycle.train.chat_data import (
+    PAIRS,
+    Rejects,
+    holds_out_user_data,
+    load_preferences,
+    report_eval_rejects,
+    require_examples,
+    split_holdout,
+)
 from llmcycle.train.examples import PreferenceExample
 from llmcycle.train.losses import bradley_terry_loss
 from llmcycle.train.posttrain import (
@@ -115,7 +123,8 @@ def _start_model(path: str) -> ScalarHeadModel:
 def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    train_paths, eval_paths = resolve_data(d, s.out_dir, "pref")
+    hold = holds_out_user_data(d)
+    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "pref")
     rejects = Rejects()
     train = load_preferences(train_paths, tok, d.max_length, rejects)
     require_examples(train, rejects, "reward-model training", train_paths)
@@ -123,7 +132,12 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     if rejects.total() or rejects.truncated:
         s.log(rejects.summary())
     eval_rejects = Rejects()
-    heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects)[: cfg.eval.max_pairs] if eval_paths else []
+    if hold:
+        train, heldout = split_holdout(train, "preference pairs", s.log)
+    else:
+        heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), s.log, PAIRS)
+    heldout = heldout[: cfg.eval.max_pairs]
 
     torch.manual_seed(t.seed)  # the fresh head's initialisation
     modules = s.trained_modules(lambda: {"policy": _start_model(cfg.model)})

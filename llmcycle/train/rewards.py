@@ -87,13 +87,39 @@ def load_reward_functions(specs: Sequence[str], weights: Sequence[float] | None 
     return [(s, load_reward_function(s), float(w)) for s, w in zip(specs, weights or [1.0] * len(specs))]
 
 
+def _record(prompt, completion, reference) -> str:
+    def cut(x) -> str:
+        text = repr(x)
+        return text if len(text) <= 200 else text[:200] + "..."
+
+    return f"prompt={cut(prompt)}, completion={cut(completion)}, reference={cut(reference)}"
+
+
+def _call(name: str, fn: RewardFn, prompts: list, completions: list[str], references: list) -> list:
+    """fn(prompts, completions, references); an exception becomes an LlmcycleError naming the function
+    and the record it fails on (found by calling it on one record at a time), not a raw traceback."""
+    try:
+        return fn(prompts, completions, references)
+    except Exception as batch_error:  # user code: anything can come out of it
+        for i, args in enumerate(zip(prompts, completions, references)):
+            try:
+                fn(*([a] for a in args))
+            except Exception as e:
+                raise LlmcycleError(f"reward function {name!r} raised {type(e).__name__}: {str(e)[:300]} on "
+                                    f"completion {i} of the batch: {_record(*args)}") from e
+        where = _record(prompts[0], completions[0], references[0]) if prompts else "an empty batch"
+        raise LlmcycleError(f"reward function {name!r} raised {type(batch_error).__name__}: "
+                            f"{str(batch_error)[:300]} on a batch of {len(completions)} completions "
+                            f"(each alone is fine); the first: {where}") from batch_error
+
+
 def compute_rewards(funcs: list[tuple[str, RewardFn, float]], prompts: list, completions: list[str],
                     references: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of every function's rewards [N] (fp32), and each function's own rewards by name."""
     total = torch.zeros(len(completions))
     each: dict[str, torch.Tensor] = {}
     for name, fn, weight in funcs:
-        values = fn(list(prompts), list(completions), list(references))
+        values = _call(name, fn, list(prompts), list(completions), list(references))
         if values is None or len(values) != len(completions):
             got = "None" if values is None else f"{len(values)} values"
             raise LlmcycleError(f"reward function {name!r} returned {got} for {len(completions)} completions.")

@@ -27,7 +27,13 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import last_token_scores
 from llmcycle.model.kv_cache import KVCache
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.chat_data import Rejects, load_prompts, require_examples
+from llmcycle.train.chat_data import (
+    Rejects,
+    load_prompts,
+    report_eval_rejects,
+    require_examples,
+    split_holdout,
+)
 from llmcycle.train.examples import PromptExample
 from llmcycle.train.logps import token_logps
 from llmcycle.train.masking import IGNORE
@@ -270,8 +276,13 @@ def stop_ids(tok: Tokenizer) -> list[int]:
 
 
 def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Tokenizer, max_length: int,
-                     max_new_tokens: int, log) -> tuple[list[PromptExample], list[PromptExample], Rejects, Rejects]:
-    """Training and held-out prompts; prompts longer than max_length - max_new_tokens are rejected (counted)."""
+                     max_new_tokens: int, log, holdout: bool = False
+                     ) -> tuple[list[PromptExample], list[PromptExample], Rejects, Rejects]:
+    """Training and held-out prompts; prompts longer than max_length - max_new_tokens are rejected (counted).
+
+    holdout=True (data.train is the user's file, data.eval left at 'embedded'): the held-out prompts are a
+    share of the training file's, taken out of training (`split_holdout`); eval_paths is not read.
+    """
     room = max_length - max_new_tokens
     if room < 1:
         raise LlmcycleError(f"data.max_length ({max_length}) leaves no room for a prompt after "
@@ -283,9 +294,11 @@ def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Token
     if rejects.total():
         log(rejects.summary())
     eval_rejects = Rejects()
-    heldout = load_prompts(eval_paths, tok, room + 1, eval_rejects) if eval_paths else []
-    if eval_rejects.total():
-        log("held-out data:\n" + eval_rejects.summary())
+    if holdout:
+        train, heldout = split_holdout(train, "prompts", log)
+    else:
+        heldout = load_prompts(eval_paths, tok, room + 1, eval_rejects) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), log)
     return train, heldout, rejects, eval_rejects
 
 

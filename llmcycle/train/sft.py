@@ -11,7 +11,7 @@ token, whatever the accumulation.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -21,7 +21,14 @@ from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train.batching import packed_batch, pad_batch, plan_packs
-from llmcycle.train.chat_data import Rejects, load_sft, require_examples
+from llmcycle.train.chat_data import (
+    Rejects,
+    holds_out_user_data,
+    load_sft,
+    report_eval_rejects,
+    require_examples,
+    split_holdout,
+)
 from llmcycle.train.examples import SFTExample
 from llmcycle.train.masking import IGNORE
 from llmcycle.train.post_eval import exact_match, heldout_loss
@@ -95,7 +102,8 @@ def sft(cfg: SFTConfig, resume: bool = False, log=print) -> dict:
 def _sft(cfg: SFTConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    train_paths, eval_paths = resolve_data(d, s.out_dir, "sft")
+    hold = holds_out_user_data(d)
+    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "sft")
     rejects = Rejects()
     train = load_sft(train_paths, tok, d.max_length, rejects, loss_on=d.loss_on)
     require_examples(train, rejects, "SFT training", train_paths)
@@ -103,9 +111,11 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     if rejects.total() or rejects.truncated:
         s.log(rejects.summary())
     eval_rejects = Rejects()
-    heldout = load_sft(eval_paths, tok, d.max_length, eval_rejects, loss_on=d.loss_on) if eval_paths else []
-    if eval_rejects.total():
-        s.log("held-out data:\n" + eval_rejects.summary())
+    if hold:
+        train, heldout = split_holdout(train, "examples", s.log)
+    else:
+        heldout = load_sft(eval_paths, tok, d.max_length, eval_rejects, loss_on=d.loss_on) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), s.log)
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model = modules["policy"]
