@@ -9,8 +9,8 @@ Every artifact directory (a model, a tokenizer, a shard set) is built in a sibli
    lineage`, a resumed run) finds a complete directory at every instant, the old one or the new one.
    Where the call or the file system does not support it, two renames: the old tree is renamed aside
    to `<final>.old-<pid>`, then the new one to `<final>`. A crash between the two leaves no `<final>`
-   but a complete `.old-*` beside it, which `recover` (run by every publish, and by whoever reads
-   the folder first: `recover` is cheap) renames back;
+   but a complete `.old-*` beside it, which `recover` renames back (every publish of that folder runs
+   it first; so does `latest_checkpoint`);
 3. the old tree is removed last.
 
 Staging directories are named `.<final>.tmp-<pid>` (hidden, same file system as the final one, so the
