@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts import recover
 from llmcycle.config import field_help as F
 from llmcycle.config import to_dict
 from llmcycle.data.config import DataConfig
@@ -107,6 +108,8 @@ def discard_stale(stage: str, stage_dir: Path) -> None:
     Other stages start from an empty folder: their results are cheap to redo, and a data stage kept
     half-old could mix the shards of two recipes."""
     kept = ("model",) if stage in MODEL_STAGES else ()
+    if kept:
+        recover(stage_dir / "model")  # a publish killed amid its fallback swap left the model renamed aside
     for entry in stage_dir.iterdir():
         if entry.name in kept:
             continue

@@ -214,6 +214,25 @@ def test_interrupted_rerun_from_dpo_keeps_the_last_dpo_model(tiny_data, tmp_path
     assert not [p.name for p in dpo.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def test_starting_over_keeps_the_model_and_one_a_crash_left_aside(tmp_path):
+    """A model stage starting over drops its working files but not model/, nor the model a publish killed
+    between its fallback's two renames left as model.old-<pid>; other stages start from an empty folder."""
+    from llmcycle.lifecycle import discard_stale
+
+    dpo = tmp_path / "dpo"
+    (dpo / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (dpo / "metrics.jsonl").write_text("{}\n")
+    (dpo / "model.old-4242").mkdir()
+    (dpo / "model.old-4242" / "config.json").write_text("{}")
+    discard_stale("dpo", dpo)
+    assert sorted(p.name for p in dpo.iterdir()) == ["model"] and (dpo / "model" / "config.json").exists()
+    discard_stale("dpo", dpo)
+    assert sorted(p.name for p in dpo.iterdir()) == ["model"]
+    (tmp_path / "eval" / "x").mkdir(parents=True)
+    discard_stale("eval", tmp_path / "eval")
+    assert not list((tmp_path / "eval").iterdir())
+
+
 def test_peak_memory_is_each_stages_own():
     from llmcycle.lifecycle import PeakMemory
 
