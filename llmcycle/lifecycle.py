@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts import recover
 from llmcycle.config import field_help as F
 from llmcycle.config import to_dict
 from llmcycle.data.config import DataConfig
@@ -96,6 +97,26 @@ def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
         return file_hashes(stage_dir / "model", skip=UNHASHED) if (stage_dir / "model").exists() else {}
     skip = ("work", *UNHASHED) if stage == "data" else UNHASHED  # work/: the data stage's intermediate phases
     return {name: h for name, h in file_hashes(stage_dir, skip).items() if not name.endswith(".tmp")}
+
+
+def discard_stale(stage: str, stage_dir: Path) -> None:
+    """Clear a stage that starts over (stale, or named by --from), all but its published model.
+
+    A model stage's checkpoints, metrics and working files go; its `model/` stays until the rerun
+    publishes the new one over it (llmcycle/artifacts.py swaps it in whole), so a rerun that is
+    interrupted still leaves the last good model, loadable and verifiable by `llmcycle lineage`.
+    Other stages start from an empty folder: their results are cheap to redo, and a data stage kept
+    half-old could mix the shards of two recipes."""
+    kept = ("model",) if stage in MODEL_STAGES else ()
+    if kept:
+        recover(stage_dir / "model")  # a publish killed amid its fallback swap left the model renamed aside
+    for entry in stage_dir.iterdir():
+        if entry.name in kept:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
@@ -231,7 +252,7 @@ class Lifecycle:
             rec = read_record(d)
             resume = stage not in forced and bool(rec) and rec.get("key") == key and rec.get("status") == "running"
             if not resume and d.exists():
-                shutil.rmtree(d)  # stale or forced: start over
+                discard_stale(stage, d)  # stale or forced: start over, but keep the last good model
             self.log(f"[{stage}] {'resuming' if resume else 'running'} -> {d}")
             started = time.time()
             _write_record(d, {"stage": stage, "key": key, "status": "running", "started": started})

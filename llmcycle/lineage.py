@@ -7,15 +7,22 @@ re-hashes every recorded file and reports, per artifact, what changed since it w
 chain is a DAG (PPO has a policy and a reward model that share their SFT parent): each artifact is
 visited and printed once.
 
-Recorded relative paths are relative to the directory the run was started from; they are looked up
-under each ancestor of the artifact that recorded them (so a copied or moved tree still resolves),
-then under the current directory.
+Recorded paths are re-rooted first: a manifest records its own stage folder (`config.out_dir`), so a
+recorded path inside the tree that held that folder (the run folder: `runs/<name>/` for `llmcycle
+run`) is looked up at the same place under where that tree is now. A run folder copied or moved
+elsewhere (`cp -r runs/default /elsewhere`) is verified against its own files, not the original's.
+Then an absolute path as recorded; a relative one (relative to the directory the run was started
+from) under each ancestor of the artifact, then under the current directory.
+
+A recorded input that is found nowhere is MISSING, and that is a failure (exit 1, `"ok": false`): a
+chain that cannot be followed proves nothing. `--allow-missing` reports it and passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -76,6 +83,7 @@ class _Tracer:
         self.verify = verify
         self.links: dict[str, Link] = {}  # insertion order = depth-first pre-order
         self._hashes: dict[Path, str] = {}
+        self._moved: dict[str, tuple[str, Path]] = {}  # artifact -> (its tree as recorded, that tree now)
 
     def sha(self, f: Path) -> str:
         if f not in self._hashes:
@@ -124,6 +132,8 @@ class _Tracer:
             stage, outputs, inputs, cfg = m["stage"], m["outputs"], m["inputs"], m["config"]
         except (ValueError, KeyError, TypeError) as e:
             raise LlmcycleError(f"{d / MANIFEST}: not a readable llmcycle manifest ({e}).") from None
+        if (moved := _tree_move(d, cfg.get("out_dir") if isinstance(cfg, dict) else None)) is not None:
+            self._moved[key] = moved
         shown_keys = CONFIG_KEYS
         if _get(cfg, "data.train_shards"):  # trained on given shards: corpus and tokenizer settings were not used
             shown_keys = tuple(k for k in CONFIG_KEYS if k not in ("data.corpus", "tokenizer.vocab_size"))
@@ -169,13 +179,17 @@ class _Tracer:
             link.status = "MODIFIED"
 
     def resolve(self, recorded: str, base: Path) -> Path | None:
+        """Where a path that artifact `base` recorded is now (module docstring), or None."""
         p = Path(recorded)
         candidates = [p] if p.is_absolute() else [a / p for a in base.resolve().parents] + [Path.cwd() / p]
-        return next((c for c in candidates if c.exists()), None)
+        if (moved := self._moved.get(str(base.resolve()))) is not None:
+            candidates.insert(0, _reroot(recorded, *moved))
+        return next((c for c in candidates if c is not None and c.exists()), None)
 
     def missing(self, parent: Link, role: str, recorded: str) -> None:
         self.add(Link(f"missing:{recorded}", "?", recorded, status="MISSING",
-                      notes=["recorded path not found (looked under the artifact's parent folders and here)"]),
+                      notes=["recorded path not found (looked in the artifact's run folder, under its parent "
+                             "folders and here)"]),
                  parent, role)
 
     # ---- what an artifact was made from ----
@@ -220,7 +234,9 @@ class _Tracer:
     def pretrain_data(self, parent: Link, d: Path, cfg: dict, info: dict, python: str) -> None:
         if "train_shards" in info:  # given shards: the data stage's output, or a prepared folder
             for split in ("train_shards", "val_shards"):
-                p = self.resolve(info[split], d) if info.get(split) else None
+                if not info.get(split):  # trained without held-out shards: nothing recorded, nothing missing
+                    continue
+                p = self.resolve(info[split], d)
                 if p is None:
                     self.missing(parent, "data", str(info.get(split)))
                     continue
@@ -282,6 +298,34 @@ class _Tracer:
                 if (p := self.check(shards / f"{e['name']}.{ext}", e[f"sha256_{ext}"], "file"))]
 
 
+def _tree_move(d: Path, out_dir: str | None) -> tuple[str, Path] | None:
+    """(the tree holding the artifact's stage folder, as recorded; that tree now), from the stage folder
+    `out_dir` its manifest recorded: the artifact is `out_dir/model` (a model) or `out_dir` itself (the
+    data stage). None when the folder names do not match (renamed, or no out_dir recorded)."""
+    if not out_dir:
+        return None
+    out = Path(os.path.normpath(out_dir))
+    d = d.resolve()
+    if d.name == "model" and d.parent.name == out.name:
+        stage_dir = d.parent
+    elif d.name == out.name:
+        stage_dir = d
+    else:
+        return None
+    return str(out.parent), stage_dir.parent
+
+
+def _reroot(recorded: str, old_tree: str, new_tree: Path) -> Path | None:
+    """`recorded` moved from under `old_tree` to under `new_tree`; None when it was not under it (both
+    are absolute, or both relative to the directory the run was started from)."""
+    if os.path.isabs(recorded) != os.path.isabs(old_tree):
+        return None
+    rel = os.path.relpath(os.path.normpath(recorded), os.path.normpath(old_tree))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return None
+    return new_tree / rel
+
+
 def trace(model_dir: str | Path, verify: bool = True) -> list[Link]:
     """Every artifact and raw source `model_dir` was made from, depth first, each once; re-hashed unless told not."""
     d = Path(model_dir)
@@ -323,20 +367,39 @@ def add_lineage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an artifact directory, e.g. runs/sft/model")
     parser.add_argument("--json", action="store_true", help="print the whole chain as JSON")
     parser.add_argument("--no-verify", action="store_true", help="follow the records without re-hashing files")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="report recorded inputs that are found nowhere, but do not fail on them")
+
+
+def _missing_lines(links: list[Link]) -> list[str]:
+    """One line per recorded input found nowhere, naming the artifact that recorded it."""
+    by = {link.key: link for link in links}
+    return [f"{link.stage} {show_path(Path(link.key))}: {role} {by[key].path} not found"
+            for link in links for role, key in link.inputs if by[key].status == "MISSING"]
 
 
 def lineage_main(args: argparse.Namespace) -> int:
-    """Print the chain; 1 when any artifact or recorded input changed after it was recorded."""
+    """Print the chain; 1 when any artifact or recorded input changed after it was recorded, or when a
+    recorded input is found nowhere (unless --allow-missing)."""
     links = trace(args.model_dir, verify=not args.no_verify)
     bad = [link for link in links if link.problems]
+    missing = _missing_lines(links)
+    allow = getattr(args, "allow_missing", False)
+    ok = not bad and (allow or not missing)
     if args.json:
-        print(json.dumps({"model": args.model_dir, "ok": not bad, "links": [asdict(x) for x in links]}, indent=1))
+        print(json.dumps({"model": args.model_dir, "ok": ok, "missing": missing,
+                          "links": [asdict(x) for x in links]}, indent=1))
     else:
         print(render(links))
     for link in bad:
         for p in link.problems:
             print(f"lineage: MODIFIED: {link.stage} {show_path(Path(link.key))}: {p}", file=sys.stderr)
+    for line in missing:
+        print(f"lineage: MISSING{' (allowed)' if allow else ''}: {line}", file=sys.stderr)
     if bad:
         print(f"lineage: {len(bad)} artifact(s) on the chain of {args.model_dir} no longer match their manifests.",
               file=sys.stderr)
-    return 1 if bad else 0
+    if missing and not allow:
+        print(f"lineage: {len(missing)} recorded input(s) on the chain of {args.model_dir} are missing; the chain "
+              "cannot be verified (--allow-missing to accept that).", file=sys.stderr)
+    return 0 if ok else 1

@@ -61,3 +61,23 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_at(500, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_a_step_written_again_replaces_the_old_copy_and_survives_a_crash_amid_the_swap(tmp_path):
+    """Writing step 10 a second time swaps the new copy in; a crash between the fallback swap's two
+    renames (the old copy renamed aside, the new one not yet in) must not lose the checkpoint `latest` names."""
+    save_checkpoint(tmp_path, 10, _writer(b"first" * 10), keep=3)
+    save_checkpoint(tmp_path, 10, _writer(b"again" * 10), keep=3)
+    assert (latest_checkpoint(tmp_path) / "weights.bin").read_bytes() == b"again" * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step_00000010"]
+    os.rename(tmp_path / "step_00000010", tmp_path / "step_00000010.old-4242")  # what that crash leaves
+    assert (latest_checkpoint(tmp_path) / "weights.bin").read_bytes() == b"again" * 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step_00000010"]
+
+
+def test_a_swap_leftover_is_not_counted_as_a_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, 10, _writer(b"a"), keep=2)
+    save_checkpoint(tmp_path, 20, _writer(b"b"), keep=2)
+    (tmp_path / "step_00000020.old-4242").mkdir()  # a stale aside copy next to a complete step 20
+    save_checkpoint(tmp_path, 30, _writer(b"c"), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step_00000020", "step_00000030"]

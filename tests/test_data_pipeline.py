@@ -278,3 +278,52 @@ def test_shipped_data_recipes_are_valid(name, tmp_path):
         from llmcycle.data.run import check_config
 
         assert len(check_config(cfg).tasks) == 8
+
+
+def _session_members(sid: int) -> list[tuple[int, str]]:
+    """(pid, command) of every live process of session `sid`, from /proc (zombies are dead: left out)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append((int(entry.name), cmd))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads sessions from /proc")
+def test_killed_driver_leaves_no_worker_forkserver_or_tracker(tmp_path):
+    """SIGKILL a multi-process `llmcycle data` mid-phase: its worker pool, forkserver and resource tracker
+    end within seconds instead of living on (each holds ~120 MB)."""
+    make_dirty_corpus(tmp_path / "in", num_files=6, docs_per_file=12, seed=1)
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "slowhook.py").write_text(SLOW_HOOK)
+    inputs = [{"type": "jsonl", "paths": [str(tmp_path / "in" / "part-*.jsonl")]}]
+    steps = ["normalize", {"harmful": {"classifier": "slowhook:score"}}]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hooks"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcycle", "data", f"out_dir={out}", f"inputs={json.dumps(inputs)}",
+                             f"steps={json.dumps(steps)}", "workers=2", "tokenizer.vocab_size=300"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "work").glob("phase0-*/task-*.done.json")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before a task finished"
+            time.sleep(0.01)
+        assert len(_session_members(proc.pid)) >= 4  # driver, forkserver, tracker, workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while (left := _session_members(proc.pid)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not left, f"still running after the driver was killed: {left}"
+    finally:
+        for pid, _ in _session_members(proc.pid):  # do not leak them into the rest of the test run
+            os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from conftest import tiny_train_overrides
 from llmcycle.cli import main
 from llmcycle.config import load_config
 from llmcycle.errors import LlmcycleError
-from llmcycle.lifecycle import Lifecycle, LifecycleConfig, read_record
+from llmcycle.lifecycle import Lifecycle, LifecycleConfig, read_record, stage_outputs
 
 
 def _post(stage: str) -> list[str]:
@@ -170,6 +170,67 @@ def test_killed_run_resumes_to_the_same_models(tiny_data, tmp_path):
     # (recipe.yaml differs: it names each run's own directories; the weights must not)
     weights = {s: h["model.safetensors"] for s, h in _hashes(runs).items()}
     assert weights == {s: h["model.safetensors"] for s, h in _hashes(whole).items()}
+
+
+def test_interrupted_rerun_from_dpo_keeps_the_last_dpo_model(tiny_data, tmp_path, capsys):
+    """`run --from dpo` SIGKILLed in the middle of DPO: dpo/model is the previous model, whole (it loads
+    and `lineage` verifies it); the next run replaces it and leaves nothing beside it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmcycle.model.hf_io import load_model
+
+    runs = tmp_path / "runs"
+    args = ["run", *miniature(tiny_data, runs, "[pretrain,sft,dpo]")]
+    assert main(args) == 0
+    dpo = runs / "mini" / "dpo"
+    before = _hashes(runs)["dpo"]
+    capsys.readouterr()
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcycle", *args, "dpo.train.max_steps=400", "--from", "dpo"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    def training() -> bool:  # the stale files went before the record says running: metrics are new ones
+        return (read_record(dpo) or {}).get("status") == "running" and (dpo / "metrics.jsonl").exists()
+
+    while not training():
+        assert proc.poll() is None, "the rerun ended before DPO began"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_record(dpo)["status"] == "running"
+    assert load_model(dpo / "model") is not None
+    assert main(["lineage", str(dpo / "model")]) == 0
+    assert stage_outputs("dpo", dpo) == before  # byte for byte the model of the first run
+
+    assert main(args) == 0  # the recipe of the first run again: DPO reruns and publishes over the kept model
+    assert "[dpo] running" in capsys.readouterr().out
+    assert _hashes(runs)["dpo"] == before  # same inputs and seeds: the same model again
+    assert not [p.name for p in dpo.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_starting_over_keeps_the_model_and_one_a_crash_left_aside(tmp_path):
+    """A model stage starting over drops its working files but not model/, nor the model a publish killed
+    between its fallback's two renames left as model.old-<pid>; other stages start from an empty folder."""
+    from llmcycle.lifecycle import discard_stale
+
+    dpo = tmp_path / "dpo"
+    (dpo / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (dpo / "metrics.jsonl").write_text("{}\n")
+    (dpo / "model.old-4242").mkdir()
+    (dpo / "model.old-4242" / "config.json").write_text("{}")
+    discard_stale("dpo", dpo)
+    assert sorted(p.name for p in dpo.iterdir()) == ["model"] and (dpo / "model" / "config.json").exists()
+    discard_stale("dpo", dpo)
+    assert sorted(p.name for p in dpo.iterdir()) == ["model"]
+    (tmp_path / "eval" / "x").mkdir(parents=True)
+    discard_stale("eval", tmp_path / "eval")
+    assert not list((tmp_path / "eval").iterdir())
 
 
 def test_peak_memory_is_each_stages_own():

@@ -26,9 +26,7 @@ def chain(tiny_data, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("chain")
     shutil.copytree(Path(tiny_data["train"]).parent, root / "data")
-    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
-            for w in ("apple", "river", "garden", "music") * 4]
-    (root / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _sft_rows(root / "sft_train.jsonl")
     old = os.getcwd()
     os.chdir(root)  # the runs record paths relative to where they were started, as in runs/
     try:
@@ -42,6 +40,77 @@ def chain(tiny_data, tmp_path_factory) -> Path:
     finally:
         os.chdir(old)
     return root
+
+
+def _sft_rows(path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("apple", "river", "garden", "music") * 4]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def moved_run(tiny_data, tmp_path_factory) -> Path:
+    """A run folder recorded with absolute paths, as `llmcycle run` records them (data/, pre/model,
+    sft/model, inputs/sft_train.jsonl), then moved: no recorded path exists any more."""
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("moved")
+    root = base / "runs" / "mini"
+    shutil.copytree(Path(tiny_data["train"]).parent, root / "data")
+    (root / "inputs").mkdir()
+    _sft_rows(root / "inputs" / "sft_train.jsonl")
+    data = root / "data"
+    pretrain(load_config(PretrainConfig, None, [f"tokenizer.path={data / 'tokenizer'}", f"data.train_shards={data / 'train'}",
+                                                f"data.val_shards={data / 'val'}", *tiny_train_overrides(root / "pre", 3)]),
+             log=QUIET)
+    sft(load_config(SFTConfig, None, [f"out_dir={root / 'sft'}", f"model={root / 'pre' / 'model'}",
+                                      f"data.train={root / 'inputs' / 'sft_train.jsonl'}", "data.eval=null",
+                                      "train.max_steps=2", "train.batch_size=4", "train.dtype=fp32", "train.threads=1",
+                                      "data.max_length=32", "eval.every=0", "checkpoint.every=0"]), log=QUIET)
+    assert json.loads((root / "sft" / "model" / "manifest.json").read_text())["inputs"]["model"]["path"] == \
+        str(root / "pre" / "model")
+    moved = base / "elsewhere"
+    os.rename(base / "runs", moved)  # mv runs elsewhere
+    return moved / "mini"
+
+
+def test_a_moved_run_folder_verifies_against_its_own_files(moved_run, capsys):
+    links = trace(moved_run / "sft" / "model")
+    assert [(x.stage, x.status) for x in links] == [
+        ("sft", "OK"), ("pretrain", "OK"), ("prepared-data", "OK"), ("corpus", "UNVERIFIABLE"),
+        ("tokenizer", "UNVERIFIABLE"), ("file", "OK")]
+    inside = str(moved_run.resolve())
+    assert all(x.key.startswith(inside) for x in links if x.stage != "corpus")
+    rc, _, err = _lineage(capsys, moved_run / "sft" / "model")
+    assert rc == 0 and err == ""
+
+
+def test_a_copied_run_folder_is_checked_against_the_copy_not_the_original(moved_run, tmp_path, capsys):
+    """Two copies under other names: a byte changed in one copy's pre-trained weights fails that copy only."""
+    a = Path(shutil.copytree(moved_run, tmp_path / "a" / "copy-a"))
+    b = Path(shutil.copytree(moved_run, tmp_path / "b" / "copy-b"))
+    weights = a / "pre" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    rc, _, err = _lineage(capsys, a / "sft" / "model")
+    assert rc == 1 and f"input model {weights}: changed" in err
+    assert _lineage(capsys, b / "sft" / "model")[0] == 0
+
+
+def test_a_deleted_parent_fails_unless_missing_is_allowed(moved_run, tmp_path, capsys):
+    root = Path(shutil.copytree(moved_run, tmp_path / "copy"))
+    shutil.rmtree(root / "pre")
+    rc, out, err = _lineage(capsys, root / "sft" / "model", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc["ok"] is False
+    recorded = moved_run.parents[1] / "runs" / "mini" / "pre" / "model"  # where it was when sft ran
+    assert doc["missing"] == [f"sft {root / 'sft' / 'model'}: model {recorded} not found"]
+    assert "lineage: MISSING: sft " in err and "are missing; the chain cannot be verified" in err
+    rc, out, err = _lineage(capsys, root / "sft" / "model", "--json", "--allow-missing")
+    doc = json.loads(out)
+    assert rc == 0 and doc["ok"] is True and len(doc["missing"]) == 1
+    assert "lineage: MISSING (allowed): sft " in err
+    assert [x["status"] for x in doc["links"] if x["stage"] == "?"] == ["MISSING"]
 
 
 def _lineage(capsys, *argv) -> tuple[int, str, str]:

@@ -11,6 +11,9 @@ import functools
 import multiprocessing
 import os
 import resource
+import select
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -31,6 +34,50 @@ def _with_peak(fn: Callable[[Any], Any], item: Any) -> tuple[Any, int]:
     return fn(item), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _driver_alive(pid: int) -> bool:
+    """Whether process `pid` still runs; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel (a zombie then still counts as alive)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _exit_with(driver: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # a pidfd turns readable when its process exits
+    else:
+        while _driver_alive(driver):
+            time.sleep(0.5)
+    os._exit(1)
+
+
+def die_with_driver(driver: int) -> None:
+    """Pool initializer: end this worker as soon as the driver process `driver` ends, even by SIGKILL.
+
+    Nothing else would: a forkserver worker holds both ends of the pool's call-queue pipe, the write end
+    of the forkserver's "driver alive" pipe and the resource tracker's pipe (that is how forkserver hands
+    them over), so after a SIGKILL of the driver it waits for work forever, and it keeps the forkserver
+    and the tracker from ever seeing EOF. Once the workers are gone those two exit by themselves.
+    (PR_SET_PDEATHSIG does not help: a worker's parent is the forkserver, which the workers keep alive.)
+    A daemon thread waits on a pidfd of the driver (Linux 5.3+), else polls it twice a second.
+    """
+    try:
+        pidfd = os.pidfd_open(driver)
+    except (AttributeError, OSError):  # not Linux, an old kernel, or the driver already gone
+        pidfd = None
+    threading.Thread(target=_exit_with, args=(driver, pidfd), daemon=True, name="exit-with-driver").start()
+
+
 class LocalExecutor:
     """A pool of worker processes (one per core by default); one task or one worker runs inline."""
 
@@ -48,7 +95,8 @@ class LocalExecutor:
         # forkserver: workers start from a clean interpreter, not a fork of a driver that may hold
         # threads (tokenizers, torch) which do not survive fork.
         ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=ctx,
+                                 initializer=die_with_driver, initargs=(os.getpid(),)) as pool:
             pairs = list(pool.map(functools.partial(_with_peak, fn), items))
         self.worker_peak_kb = max([self.worker_peak_kb, *(peak for _, peak in pairs)])
         return [result for result, _ in pairs]

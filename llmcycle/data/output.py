@@ -9,7 +9,6 @@ the same amount. The shards are the format `llmcycle pretrain` reads (`docs/toke
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmcycle.artifacts import publish_dir, staging_dir
 from llmcycle.data.pycorpus import is_heldout
 from llmcycle.data.shards import token_dtype, write_shard_files, write_sidecar
 from llmcycle.errors import LlmcycleError
@@ -41,11 +41,9 @@ def train_tokenizer_on_docs(doc_files: list[Path], out: Path, kind: str, vocab_s
                     return
 
     tok = train_tokenizer(texts(), kind=kind, vocab_size=vocab_size, min_frequency=min_frequency)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    publish_dir(tmp, out)
     return tok
 
 
@@ -135,7 +133,8 @@ def shard_count(total_tokens: int, num_docs: int, shard_tokens: int, num_ranks: 
 
 def write_split(split: str, tok_dir: Path, tasks: list[dict], out: Path, tokenizer: Tokenizer,
                 shard_tokens: int, num_ranks: int, metadata: dict) -> dict | None:
-    """Write the `split` ("train" or "val") documents of every task as one balanced shard set."""
+    """Write the `split` ("train" or "val") documents of every task as one balanced shard set at `out`,
+    replacing a previous one atomically; None (and `out` untouched) when the split has no documents."""
     from llmcycle.data.pipeline import task_name
 
     pieces = []  # per task: (tokens memmap, doc starts, doc lengths, selected mask, bytes, source)
@@ -155,8 +154,7 @@ def write_split(split: str, tok_dir: Path, tasks: list[dict], out: Path, tokeniz
     local = np.concatenate([np.arange(len(p[2])) for p in pieces])
     n = shard_count(int(doc_lengths.sum()), len(doc_lengths), shard_tokens, num_ranks)
     cuts = balanced_cuts(doc_lengths, n)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    tmp = staging_dir(out)  # the previous shard set stays whole until this one is
     dtype = token_dtype(tokenizer.vocab_size)
     entries = []
     total_bytes = 0
@@ -171,12 +169,14 @@ def write_split(split: str, tok_dir: Path, tasks: list[dict], out: Path, tokeniz
         shard_tokens_arr = np.concatenate(parts)
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(p) for p in parts], out=offsets[1:])
-        entry = write_shard_files(out, f"shard_{s:05d}", shard_tokens_arr, offsets, dtype)
+        entry = write_shard_files(tmp, f"shard_{s:05d}", shard_tokens_arr, offsets, dtype)
         entry["sources"] = dict(sorted(sources.items()))
         entries.append(entry)
     meta = dict(metadata, split=split, balanced_for_ranks=num_ranks if n % num_ranks == 0 else None)
-    return write_sidecar(out, entries, tokenizer.vocab_size, tokenizer.content_hash(), tokenizer.bos_id,
-                         total_bytes, meta)
+    sidecar = write_sidecar(tmp, entries, tokenizer.vocab_size, tokenizer.content_hash(), tokenizer.bos_id,
+                            total_bytes, meta)
+    publish_dir(tmp, out)
+    return sidecar
 
 
 def check_tokenizer(path: str) -> Tokenizer:

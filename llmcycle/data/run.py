@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llmcycle.artifacts import publish_dir, staging_dir
 from llmcycle.data.config import DataConfig
 from llmcycle.data.executor import make_executor
 from llmcycle.data.output import (
@@ -191,19 +192,20 @@ def _tokenizer(cfg: DataConfig, work: Path, key: str, doc_files: list[Path], log
 
 
 def _publish(out: Path, tokenizer_dir: Path | None, plan, final, doc_files: list[Path]) -> None:
-    """Copy the tokenizer and link the cleaned documents into the output folder."""
+    """Copy the tokenizer and link the cleaned documents into the output folder, each folder swapped in
+    whole (llmcycle/artifacts.py): a previous run's folders stay until the new ones are complete."""
     dest = out / "tokenizer"
     if tokenizer_dir is not None and tokenizer_dir.resolve() != dest.resolve():
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(tokenizer_dir, dest, ignore=shutil.ignore_patterns("manifest.json"))
-    docs = out / "documents"
-    shutil.rmtree(docs, ignore_errors=True)
-    docs.mkdir(parents=True)
+        tmp = staging_dir(dest)
+        shutil.copytree(tokenizer_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("manifest.json"))
+        publish_dir(tmp, dest)
+    docs = staging_dir(out / "documents")
     for f in doc_files:
         try:
             os.link(f, docs / f.name)
         except OSError:  # another file system
             shutil.copy2(f, docs / f.name)
+    publish_dir(docs, out / "documents")
 
 
 def _collect_stats(phase_summaries: list[list[dict]], decisions: list[dict], samples: int) -> list[StepStats]:

@@ -9,22 +9,27 @@ Layout under `<out_dir>/checkpoints/`:
 
 A checkpoint is written into a hidden temporary directory, every file fsync'd, then renamed into
 place; only after that does `latest` change (itself replaced atomically). A crash at any moment leaves
-either the previous checkpoint as latest or the new one complete, never a half-written one.
+either the previous checkpoint as latest or the new one complete, never a half-written one. A step
+written again (a resumed run reaching it a second time) replaces the old one by `publish_dir`'s swap, so
+the checkpoint `latest` names is never missing either (llmcycle/artifacts.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from llmcycle.artifacts import publish_dir, recover
 from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
 
 MANIFEST = "checkpoint.json"
 LATEST = "latest"
+STEP = re.compile(r"step_\d+")  # a checkpoint; not step_*.old-<pid>, a swap's leftover
 
 
 def _fsync_path(path: Path) -> None:
@@ -55,24 +60,20 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     write(tmp)
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync_path(f)
         files[str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     manifest = {"step": step, "files": files, **(extra or {})}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _fsync_path(tmp / MANIFEST)
-    _fsync_path(tmp)
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_path(root)
+    publish_dir(tmp, final)  # fsyncs it all; over an older copy of this step: swapped, never deleted first
     write_text_atomic(root / LATEST, name + "\n")
     _prune(root, keep)
     return final
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for aside in root.glob("step_*.old-*"):  # left by a crash amid a swap: back in place, or removed
+        recover(root / aside.name.split(".old-")[0])
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and STEP.fullmatch(p.name))
     for old in steps[: max(0, len(steps) - max(keep, 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob(".tmp-*"):  # left by a crashed writer
@@ -86,6 +87,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not marker.exists():
         return None
     path = root / marker.read_text().strip()
+    recover(path)  # a crash amid replacing it may have left it renamed aside
     verify_checkpoint(path)
     return path
 

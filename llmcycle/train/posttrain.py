@@ -400,22 +400,22 @@ class Session:
         return at == max_steps or bool(every and at % every == 0)
 
     def publish(self, inputs: dict[str, Any], metrics: dict[str, Any], modules: Sequence[str] = (MAIN,)) -> Path:
-        """Write `out_dir/model` (the main module, a Hugging Face directory) with its manifest, atomically."""
+        """Write `out_dir/model` (the main module, a Hugging Face directory) with its manifest, atomically:
+        a previous `out_dir/model` stays whole until the new one, complete, takes its place."""
+        from llmcycle.artifacts import publish_dir, staging_dir
         from llmcycle.manifest import write_manifest
 
         final = self.out_dir / "model"
         if not self.dist.is_main:
             return final
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = staging_dir(final)  # complete first; the previous model stays until the swap
         for name in modules:
             save_module(self.modules[name], tmp if name == MAIN else tmp / name)
         copy_tokenizer(self.tokenizer_dir, tmp)
         (tmp / "recipe.yaml").write_text(dump_yaml(self.cfg))
         metrics = {**metrics, "steps": self.step_count, "train_seconds": round(time.time() - self.t_start, 2)}
         write_manifest(tmp, stage=self.stage, config=asdict(self.cfg), inputs=inputs, metrics=metrics)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         write_card_quietly(final, self.log)
         return final
 

@@ -425,14 +425,13 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg, data_info: dict, result: dict) -> None:
+    from llmcycle.artifacts import publish_dir, staging_dir
     from llmcycle.manifest import write_manifest
 
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(final_dir)  # complete first; the previous model stays until the swap
     save_model(model, tmp, state_dict=model_state)
     _copy_tokenizer(tokenizer_dir, tmp)
     (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
     write_manifest(tmp, stage="pretrain", config=asdict(cfg), inputs={"data": data_info}, metrics=result)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp, final_dir)
+    publish_dir(tmp, final_dir)
     write_card_quietly(final_dir, print)
