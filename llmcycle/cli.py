@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Suite v1 on a causal LM directory, or --compare A B as a regression gate "
                                    "(exit 1 when B is worse beyond --threshold). See docs/eval.md.")
     add_eval_arguments(p)
-    p.set_defaults(func=_checked(eval_main, lambda a: [a.model, *(a.compare or []), a.judge]))
+    p.set_defaults(func=eval_main)
 
     from llmcycle.lineage import add_lineage_arguments, lineage_main
 
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Walk a model directory's manifests back to the data, re-hashing every "
                                    "artifact on the way; exit 1 when one was modified after it was recorded.")
     add_lineage_arguments(p)
-    p.set_defaults(func=_checked(lineage_main, lambda a: [a.model_dir], what="artifact", marker="manifest.json"))
+    p.set_defaults(func=lineage_main)
 
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
@@ -394,17 +394,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checked(func, dirs, **kw):
-    """`func`, after every directory `dirs(args)` names (None skipped) passed `check_model_dir`: the commands
-    implemented in modules of their own get the same "not a model directory" wording as the rest."""
+# The directories that commands implemented in modules of their own open, with check_model_dir's
+# arguments: checked here, before dispatch, so they get the same "not a model directory" wording.
+CHECKED_DIRS = {
+    "eval": (lambda a: [a.model, *(a.compare or []), a.judge], {}),
+    "lineage": (lambda a: [a.model_dir], {"what": "artifact", "marker": "manifest.json"}),
+}
 
-    def run(args: argparse.Namespace) -> int:
-        for d in dirs(args):
-            if d is not None:
-                check_model_dir(d, **kw)
-        return func(args)
 
-    return run
+def check_dirs(args: argparse.Namespace) -> None:
+    """Raise LlmcycleError (one wording) for the first directory of CHECKED_DIRS[command] that is not one."""
+    dirs, kw = CHECKED_DIRS.get(args.command, (lambda a: [], {}))
+    for d in dirs(args):
+        if d is not None:
+            check_model_dir(d, **kw)
 
 
 def _latest_checkpoint(roots: list[Path]) -> Path | None:
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        check_dirs(args)
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
         return code
