@@ -11,14 +11,6 @@ from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
 
-QUICKSTART_RUN = Path("runs/default")
-
-
-def quickstart_model(stage: str) -> str:
-    """`runs/default/<stage>/model`: the model `llmcycle run` (default recipe) leaves for a stage."""
-    return str(QUICKSTART_RUN / stage / "model")
-
-
 def check_model_dir(path: str | Path, what: str = "model", marker: str = "config.json", hint: str = "") -> Path:
     """`path` as a Path when it is a directory holding `marker`; else LlmcycleError in the one wording:
 
