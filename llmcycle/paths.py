@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
 
+
 def check_model_dir(path: str | Path, what: str = "model", marker: str = "config.json", hint: str = "") -> Path:
     """`path` as a Path when it is a directory holding `marker`; else LlmcycleError in the one wording:
 
