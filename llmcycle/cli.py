@@ -114,6 +114,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         plan = check_config(cfg)
         print(f"recipe ok: {len(plan.tasks)} tasks, steps: {', '.join(n for n, _ in plan.steps) or 'none'}")
         return 0
+    args.data_work = Path(cfg.out_dir) / "work"
     if args.fresh:
         import shutil
 
@@ -428,6 +429,10 @@ def interrupted_message(args: argparse.Namespace | None, argv: list[str]) -> str
     the standalone trainers refuse an out_dir with checkpoints unless given --resume."""
     import shlex
 
+    if getattr(args, "data_work", None) is not None:  # the data stage keeps every finished task
+        again = [a for a in argv if a != "--fresh"]
+        return (f"llmcycle: interrupted; finished tasks are kept in {args.data_work}\n"
+                f"continue with: llmcycle {shlex.join(again)}")
     roots = getattr(args, "checkpoint_roots", None) if args is not None else None
     if roots is None:  # not a training command, or interrupted before its recipe was read
         return "llmcycle: interrupted"

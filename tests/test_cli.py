@@ -216,6 +216,10 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path):
     args = argparse.Namespace(command="sft", checkpoint_roots=[roots[1]])
     assert interrupted_message(args, ["sft"]) == ("llmcycle: interrupted; no checkpoint was written yet\n"
                                                   "start again with: llmcycle sft --resume")
+    args = argparse.Namespace(command="data", data_work=tmp_path / "work")
+    assert interrupted_message(args, ["data", "--fresh"]) == (
+        f"llmcycle: interrupted; finished tasks are kept in {tmp_path / 'work'}\ncontinue with: llmcycle data")
+    assert interrupted_message(None, ["data"]) == "llmcycle: interrupted"
 
 
 def test_progress_is_plain_lines_off_a_terminal():
