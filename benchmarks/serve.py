@@ -26,7 +26,7 @@ measure the neighbours. Under load, `--threads 1` gives steadier numbers.
 
     PYTHONPATH=. python benchmarks/serve.py                       # defaults: a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/serve.py --quick               # smoke run, well under a minute
-    PYTHONPATH=. python benchmarks/serve.py --model runs/sft/model --request-rate 4 --json serve.json
+    PYTHONPATH=. python benchmarks/serve.py --model runs/default/sft/model --request-rate 4   # after `llmcycle run` --json serve.json
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def build_model(out: Path, size: str, tokenizer_dir: Path, tie: bool) -> Path:
         from llmcycle.data.pycorpus import collect_python_corpus
         from llmcycle.tokenizer.train import train_tokenizer
 
-        print(f"no tokenizer in {tokenizer_dir}: training one", flush=True)
+        print(f"no tokenizer in {tokenizer_dir} (`llmcycle run` writes one there): training one", flush=True)
         tok = train_tokenizer((d.text for d in collect_python_corpus(max_bytes=2_000_000)), vocab_size=4096)
         tok.save_pretrained(out)
     cfg = config_for_size(size, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
@@ -344,7 +344,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="model directory (default: build a random-weight one of --size)")
     p.add_argument("--size", default="mini", help="config_for_size name of the built model (default: mini)")
     p.add_argument("--tie-embeddings", action="store_true", help="built model: tie input and output embeddings")
-    p.add_argument("--tokenizer", type=Path, default=ROOT / "runs/sft/model", help="tokenizer for the built model")
+    p.add_argument("--tokenizer", type=Path, default=ROOT / "runs/default/sft/model",
+                   help="tokenizer for the built model (default: the quickstart's, which `llmcycle run` writes; "
+                        "trained here when absent)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request (ignore_eos)")
@@ -361,6 +363,15 @@ def main() -> None:
     if a.quick:
         p.set_defaults(**QUICK)
         a = p.parse_args()
+    if a.model:
+        from llmcycle.errors import LlmcycleError
+        from llmcycle.paths import check_model_dir
+
+        try:
+            check_model_dir(a.model, hint="`llmcycle run` writes runs/default/sft/model; without --model a "
+                                          "random-weight model is built.")
+        except LlmcycleError as e:
+            p.error(str(e))
 
     import torch
     import transformers

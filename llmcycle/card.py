@@ -30,6 +30,25 @@ CONFIG_ROWS = {  # what a reader wants to know of each training stage, by dotted
 }
 
 
+POST_TRAINING = ("sft", "reward", "dpo", "ppo", "grpo")
+# One example per embedded task (llmcycle.train.synthetic), for the card's task list.
+TASK_EXAMPLES = {
+    "add": "What is 17 + 25? -> 42", "sub": "What is 52 - 17? -> 35", "max": "Which is larger, 37 or 52? -> 52",
+    "last": "What is the last letter of 'socket'? -> t", "upper": "Write 'socket' in uppercase. -> SOCKET",
+    "name": "Which function does `def urljoin(base, url, allow_fragments=True)` define? -> urljoin",
+    "param": "What is the second parameter of `def urljoin(base, url, allow_fragments=True)`? -> url",
+    "arity": "How many parameters does `def urljoin(base, url, allow_fragments=True)` take? -> 3",
+    "import": "Write the import statement for `urljoin` from `urllib.parse`. -> from urllib.parse import urljoin",
+    "reverse": "Reverse the word 'socket'. -> tekcos", "count": "How many times does 'e' occur in 'deepcopy'? -> 2",
+}
+# The model's license (the `license` field) is the project's: the weights are made by llmcycle's code. The
+# embedded corpus it learns from is Python's documentation and standard-library source, under the PSF
+# License 2.0 (Zero-Clause BSD for the documentation's code examples); the card says so next to it.
+MODEL_LICENSE = "apache-2.0"
+CORPUS_LICENSE = ("the embedded corpus is Python's documentation and standard-library source, distributed "
+                  "under the PSF License Version 2 (code examples in the documentation under Zero-Clause BSD)")
+
+
 def _get(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -150,6 +169,119 @@ def _evaluation_section(evaluation: dict[str, dict[str, float]] | None, chain) -
     return lines
 
 
+def trained_tasks(chain: list[tuple[str, Path, dict]]) -> dict[str, dict[str, int] | list[str]]:
+    """What each post-training stage on the chain trained on, first to last: {task: training items} for the
+    embedded tasks, read from the info.json written beside its data and accepted only when the manifest's
+    hash of a training file matches one info.json lists; else the training files the manifest names (the
+    tasks in a user's own files are not recorded, so none are claimed)."""
+    out: dict[str, dict[str, int] | list[str]] = {}
+    for stage, d, m in reversed(chain):
+        if stage not in POST_TRAINING:
+            continue
+        hashes = {v for v in ((m.get("inputs") or {}).get("data") or {}).values() if isinstance(v, str)}
+        info_path = d.parent / "data" / "info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        trained = {f["sha256"] for n, f in (info.get("files") or {}).items() if n.endswith("_train")}
+        if _get(m.get("config", {}), "data.train") == "embedded" and hashes & trained:
+            out[stage] = {t: c["train"] for t, c in (info.get("counts") or {}).items() if c.get("train")}
+        else:
+            out[stage] = [show_path(Path(p)) for p in ((m.get("inputs") or {}).get("data") or {})]
+    return out
+
+
+def _tasks_section(tasks: dict[str, dict[str, int] | list[str]]) -> list[str]:
+    if not tasks:
+        return []
+    lines = ["## Tasks", ""]
+    embedded = {s: t for s, t in tasks.items() if isinstance(t, dict)}
+    if embedded:
+        names = list(dict.fromkeys(n for t in embedded.values() for n in t))
+        lines += ["Post-trained on these tasks derived from the embedded corpus (training items per stage; the "
+                  "held-out items of the same tasks are the evaluation's):", ""]
+        lines += _table(["task", "example (prompt -> answer)", *embedded],
+                        [[n, TASK_EXAMPLES.get(n, "-"), *(t.get(n) for t in embedded.values())] for n in names])
+    for stage, files in tasks.items():
+        if isinstance(files, list):
+            lines += ["", f"- **{stage}** trained on " + (", ".join(f"`{f}`" for f in files) or "unrecorded data")
+                      + " (its tasks are whatever those files hold; not recorded here)."]
+    return lines
+
+
+def _front_matter(name: str, stage: str, cfg: dict, chain, evaluation, tasks, embedded_only: bool) -> list[str]:
+    """Hugging Face metadata: license, language, datasets, base_model and the evaluation as a model-index."""
+    import yaml
+
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                            "tags": ["llmcycle", cfg.get("model_type", "llama"), stage],
+                            "license": MODEL_LICENSE if embedded_only else "other"}
+    meta["language"] = ["en", "code"] if embedded_only else ["en"]
+    datasets = (["python-stdlib-docs-and-source"] if embedded_only else []) + \
+        (["llmcycle-embedded-tasks"] if any(isinstance(t, dict) for t in tasks.values()) else [])
+    if datasets:
+        meta["datasets"] = datasets
+    parent = next((show_path(p) for s, p, _ in chain[1:] if s in TRAINING_STAGES), None)
+    if parent and stage in POST_TRAINING:
+        meta["base_model"] = parent
+        meta["base_model_relation"] = "finetune"
+    results = _model_index_results((evaluation or {}).get(stage) or {})
+    if results:
+        meta["model-index"] = [{"name": name, "results": results}]
+    return ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---"]
+
+
+METRIC_NAMES = {"heldout_bpb": "held-out bits per byte", "heldout_perplexity": "held-out perplexity",
+                "mc_accuracy": "multiple-choice accuracy", "exact_match": "exact match (greedy)"}
+
+
+def _model_index_results(metrics: dict[str, float]) -> list[dict]:
+    """The suite's numbers in HF's model-index schema: one result per dataset the suite measures on."""
+    groups = (("llmcycle eval suite v1: held-out text", "llmcycle-heldout-text", ("heldout_bpb", "heldout_perplexity")),
+              ("llmcycle eval suite v1: held-out embedded tasks", "llmcycle-embedded-tasks",
+               ("mc_accuracy", "exact_match")))
+    results = []
+    for ds_name, ds_type, keys in groups:
+        ms = [{"type": k, "value": round(float(metrics[k]), 4), "name": METRIC_NAMES[k]} for k in keys
+              if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)]
+        if ms:
+            results.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                            "dataset": {"name": ds_name, "type": ds_type}, "metrics": ms})
+    return results
+
+
+def _license_text(embedded_only: bool) -> str:
+    if embedded_only:
+        return (f"The model: Apache-2.0 (`license: {MODEL_LICENSE}`), the license of llmcycle, whose code made "
+                f"the weights. Its training text: {CORPUS_LICENSE}, a permissive license that asks to keep the "
+                "copyright notice with copies of that text.")
+    return ("`license: other`: llmcycle (Apache-2.0) made the weights, but they carry the terms of their training "
+            "data (see Training data), which this card cannot know; set `license` to what those terms allow.")
+
+
+def usage_snippet(model_dir: Path) -> list[str]:
+    """Load with transformers and generate one chat answer that stops at the end of the assistant's turn."""
+    from llmcycle.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_pretrained(model_dir)
+        stops = [t for t in dict.fromkeys((tok.end_of_turn_token, tok.eos_token)) if t]
+        chat = bool(tok.chat_template)
+    except (LlmcycleError, OSError, ValueError):
+        stops, chat = [], False
+    stop_ids = ", ".join(f"tok.convert_tokens_to_ids({t!r})" for t in stops) or "tok.eos_token_id"
+    if chat:
+        body = ['messages = [{"role": "user", "content": "What is 17 + 25?"}]',
+                "inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+                "return_dict=True)"]
+    else:
+        body = ['inputs = tok("def ", return_tensors="pt")']
+    return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"path = {str(model_dir)!r}", "tok = AutoTokenizer.from_pretrained(path)",
+            "model = AutoModelForCausalLM.from_pretrained(path)", *body,
+            f"stop = [{stop_ids}]  # end of turn (and end of text): the answer ends there",
+            "out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=stop)",
+            'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```"]
+
+
 def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | None = None,
                name: str | None = None) -> str:
     """The card's Markdown: front matter, description, data, training, evaluation, intended use, limits."""
@@ -179,27 +311,29 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
             f"{cfg.get('num_attention_heads')} attention heads ({cfg.get('num_key_value_heads')} key/value), "
             f"vocabulary {cfg.get('vocab_size')}, context {cfg.get('max_position_embeddings')} tokens")
     versions = manifest.get("versions") or {}
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             f"tags: [llmcycle, {cfg.get('model_type', 'llama')}, {stage}]", "---", "",
+    tasks = trained_tasks(chain)
+    task_names = list(dict.fromkeys(n for t in tasks.values() if isinstance(t, dict) for n in t))
+    lines = [*_front_matter(name or d.name, stage, cfg, chain, evaluation, tasks, embedded_only), "",
              f"# {name or d.name}", "",
              f"A {size}{cfg.get('model_type', 'llama').capitalize()}-architecture causal language model ({arch}), "
              f"the output of `llmcycle {stage}` ({manifest.get('created', '?')}; llmcycle "
              f"{versions.get('llmcycle', '?')}, torch {versions.get('torch', '?')}).", "",
-             f"Use it with `llmcycle serve {d}` (OpenAI-compatible API) or `transformers`: "
-             f"`AutoModelForCausalLM.from_pretrained(\"{d}\")` with `AutoTokenizer` (the chat template is in "
-             "tokenizer_config.json).", "",
+             f"Use it with `llmcycle serve {d}` (OpenAI-compatible API) or `transformers` (the chat template is "
+             "in tokenizer_config.json):", "", *usage_snippet(d), "",
+             "## License", "", _license_text(embedded_only), "",
              "## Lineage", "", f"`llmcycle lineage {d}` prints the chain back to the raw sources and re-checks "
              "every recorded content hash:", ""]
     lines += _table(["stage", "artifact", "created", "weights sha256"],
                     [[s, f"`{show_path(p)}`", m.get("created"), (m.get("outputs") or {}).get("model.safetensors", "")[:12]
                       or None] for s, p, m in chain])
     lines += ["", *_data_section(chain), "", *_training_section(chain), "",
+              *([*_tasks_section(tasks), ""] if tasks else []),
               *_evaluation_section(evaluation, chain), "",
               "## Intended use", "",
               ("Learning, testing and demonstrating the model lifecycle: a small model trained end to end on "
                "one machine, whose every number can be traced to its data. It completes Python-flavoured "
-               "English text and answers the embedded procedural tasks (arithmetic, string reversal and "
-               "counting, what a standard-library function does) in the chat format it was tuned on."
+               "English text" + (f" and answers the tasks it was tuned on ({', '.join(task_names)}; see Tasks) "
+                                 "in the chat format of its template." if task_names else ".")
                if embedded_only else
                "Research and evaluation of the training stages listed above, on the data listed above. It "
                "has been measured only by the numbers in this card; judge it on your own task before use."), "",

@@ -18,6 +18,7 @@ from llmcycle import __version__
 from llmcycle.config import describe_fields, dump_yaml, load_config
 from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
+from llmcycle.paths import check_model_dir
 
 
 def _options_epilog(cls: type) -> str:
@@ -114,6 +115,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         plan = check_config(cfg)
         print(f"recipe ok: {len(plan.tasks)} tasks, steps: {', '.join(n for n, _ in plan.steps) or 'none'}")
         return 0
+    args.data_work = Path(cfg.out_dir) / "work"
     if args.fresh:
         import shutil
 
@@ -128,6 +130,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _load_recipe(PretrainConfig, args.config, args)
     if cfg is None:
         return 0
+    args.checkpoint_roots = [Path(cfg.out_dir) / "checkpoints"]
     from llmcycle.train.pretrain import pretrain
 
     pretrain(cfg, resume=args.resume)
@@ -144,6 +147,7 @@ def _posttrain_command(module: str, config: str, func: str):
         cfg = _load_recipe(getattr(mod, config), args.config, args)
         if cfg is None:
             return 0
+        args.checkpoint_roots = [Path(cfg.out_dir) / "checkpoints"]
         getattr(mod, func)(cfg, resume=args.resume)
         return 0
 
@@ -178,6 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmcycle.lifecycle import Lifecycle
 
     lc = Lifecycle(cfg)
+    args.checkpoint_roots = [lc.dir(s) / "checkpoints" for s in lc.stages]
     results = lc.run(from_stage=args.from_stage)
     print("\nsummary")
     pre = (results.get("pretrain") or {}).get("metrics") or {}
@@ -218,6 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llmcycle.model import Transformer, generate
     from llmcycle.tokenizer import Tokenizer
 
+    check_model_dir(args.model_dir)
     model = Transformer.from_pretrained(args.model_dir)
     tok = Tokenizer.from_pretrained(args.model_dir)
     if args.chat:
@@ -227,8 +233,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    stop_ids=tok.end_of_turn_ids, generator=gen)
-    print(args.prompt + tok.decode(new, skip_special_tokens=True))
+    answer = tok.decode(new, skip_special_tokens=True)
+    # A chat answer is a turn of its own: glued to the prompt it read as one run-on sentence.
+    print(f"user: {args.prompt}\nassistant: {answer.strip()}" if args.chat else args.prompt + answer)
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a "did you mean" for a misspelled subcommand or choice (Python < 3.14 has none)."""
+
+    def error(self, message: str):
+        import re
+
+        from llmcycle.config import did_you_mean
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            message += did_you_mean(m.group(1), re.findall(r"'([^']*)'", m.group(2)))
+        super().error(message)
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -382,7 +404,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `llmcycle` parser. Every command is listed; only `command`'s arguments are built (all of them when
     `command` is None), because building one imports what that stage needs."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llmcycle", formatter_class=fmt,
         description="The whole life of a language model: data, tokenizer, pre-training, and on.",
     )
@@ -400,6 +422,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from llmcycle.serve.server import run_server
 
+    for spec in args.models + ([args.draft_model] if args.draft_model else []):
+        name, sep, path = spec.partition("=")
+        check_model_dir(path if sep else spec)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -412,16 +437,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# The directories that commands implemented in modules of their own open, with check_model_dir's
+# arguments: checked here, before dispatch, so they get the same "not a model directory" wording.
+CHECKED_DIRS = {
+    "eval": (lambda a: [a.model, *(a.compare or []), a.judge], {}),
+    "lineage": (lambda a: [a.model_dir], {"what": "artifact", "marker": "manifest.json"}),
+}
+
+
+def check_dirs(args: argparse.Namespace) -> None:
+    """Raise LlmcycleError (one wording) for the first directory of CHECKED_DIRS[command] that is not one."""
+    dirs, kw = CHECKED_DIRS.get(args.command, (lambda a: [], {}))
+    for d in dirs(args):
+        if d is not None:
+            check_model_dir(d, **kw)
+
+
+def _latest_checkpoint(roots: list[Path]) -> Path | None:
+    """The newest published checkpoint under any of `roots` (each `<out_dir>/checkpoints`), by its `latest`."""
+    from llmcycle.train.checkpoint import LATEST
+
+    markers = [r / LATEST for r in roots if (r / LATEST).is_file()]
+    if not markers:
+        return None
+    newest = max(markers, key=lambda m: m.stat().st_mtime)
+    return newest.parent / newest.read_text().strip()
+
+
+def interrupted_message(args: argparse.Namespace | None, argv: list[str]) -> str:
+    """What Ctrl-C leaves behind: the latest checkpoint and the command that continues from it.
+
+    `llmcycle run` resumes an interrupted stage by itself, so its resume command is the same command;
+    the standalone trainers refuse an out_dir with checkpoints unless given --resume."""
+    import shlex
+
+    if getattr(args, "data_work", None) is not None:  # the data stage keeps every finished task
+        again = [a for a in argv if a != "--fresh"]
+        return (f"llmcycle: interrupted; finished tasks are kept in {args.data_work}\n"
+                f"continue with: llmcycle {shlex.join(again)}")
+    roots = getattr(args, "checkpoint_roots", None) if args is not None else None
+    if roots is None:  # not a training command, or interrupted before its recipe was read
+        return "llmcycle: interrupted"
+    resume = list(argv)
+    if args.command != "run" and "--resume" not in resume:
+        resume.append("--resume")
+    ckpt = _latest_checkpoint(roots)
+    where = f"latest checkpoint: {ckpt}" if ckpt else "no checkpoint was written yet"
+    again = "resume with" if ckpt else "start again with"
+    return f"llmcycle: interrupted; {where}\n{again}: llmcycle {shlex.join(resume)}"
+
+
+def _quiet_broken_pipe() -> int:
+    """`llmcycle lineage | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush
+    does not raise again, and exit as a process killed by SIGPIPE would (128 + 13)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(_chosen_command(argv) or "").parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
-        return args.func(args)
+        args = build_parser(_chosen_command(argv) or "").parse_args(argv)
+        check_dirs(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except LlmcycleError as e:
         print(f"llmcycle: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmcycle: interrupted", file=sys.stderr)
+        print(interrupted_message(args, argv), file=sys.stderr)
         return 130
 
 

@@ -8,6 +8,7 @@ wrong types and invalid choices with the key's dotted name and what would be val
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -30,8 +31,9 @@ def resolve_recipe(path: str | Path) -> Path:
     for candidate in (PACKAGE_RECIPES / p.name, PACKAGE_RECIPES / f"{p.name}.yaml"):
         if candidate.exists():
             return candidate
-    shipped = ", ".join(sorted(f.stem for f in PACKAGE_RECIPES.glob("*.yaml")))
-    raise ConfigError(f"recipe {str(path)!r} not found (shipped recipes: {shipped}).")
+    shipped = sorted(f.stem for f in PACKAGE_RECIPES.glob("*.yaml"))
+    raise ConfigError(f"recipe {str(path)!r} not found{did_you_mean(p.stem, shipped)} "
+                      f"(shipped recipes: {', '.join(shipped)}).")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
@@ -81,12 +83,19 @@ def build(cls: type[T], data: dict[str, Any], source: str = "recipe", prefix: st
     if unknown:
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys at {where}: {', '.join(fields)}."
+            f"{source}: unknown key '{prefix}{unknown[0]}'{did_you_mean(unknown[0], fields, prefix)}; "
+            f"valid keys at {where}: {', '.join(fields)}."
         )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, f"{prefix}{name}", source)
     return cls(**kwargs)
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """` (did you mean 'prefix.close'?)` for the nearest choice to a misspelled `word`, else ""."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:

@@ -232,9 +232,9 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path, monkeypatch
 
 def test_clear_errors(task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/ here: the default model directories do not exist
-    with pytest.raises(LlmcycleError, match="runs/sft/model: model directory not found"):
+    with pytest.raises(LlmcycleError, match="runs/default/sft/model: model directory not found"):
         ppo(load_config(PPOConfig, None, [f"out_dir={tmp_path / 'a'}"]), log=quiet)
-    with pytest.raises(LlmcycleError, match="runs/sft/model: model directory not found"):
+    with pytest.raises(LlmcycleError, match="runs/default/sft/model: model directory not found"):
         grpo(load_config(GRPOConfig, None, [f"out_dir={tmp_path / 'b'}"]), log=quiet)
     with pytest.raises(LlmcycleError, match="runs/reward/model: reward model directory not found"):
         ppo(load_config(PPOConfig, None, [f"out_dir={tmp_path / 'c'}", f"model={task['policy']}",

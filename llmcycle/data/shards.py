@@ -215,12 +215,12 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLi
     tokenizer needs .encode_batch(list[str], add_bos=True, add_eos=True), .vocab_size, .bos_id
     and .content_hash(); the hash is recorded so training can refuse shards from another tokenizer.
     """
-    from tqdm.auto import tqdm
+    from llmcycle.progress import progress as progress_bar
 
     writer = ShardWriter(out_dir, tokenizer.vocab_size, tokenizer.content_hash(), tokenizer.bos_id,
                          shard_tokens, metadata=metadata)
     num_docs = 0
-    bar = tqdm(desc=f"tokenizing into {out_dir}", unit="doc", disable=not progress)
+    bar = progress_bar(desc=f"tokenizing into {out_dir}", unit="doc", disable=not progress)
     try:
         batch: list[str] = []
         for text in _with_sentinel(texts):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
@@ -31,7 +32,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=256, help="items per metric, and held-out sequences")
     parser.add_argument("--out", help="where to write the JSON results (default: eval.json beside MODEL_DIR, so the "
                                       "model directory itself stays as its manifest recorded it; "
-                                      "with --compare, nothing unless given)")
+                                      "with --compare, nothing unless given); the path written, "
+                                      "and whether it replaced earlier results, goes to stderr")
     parser.add_argument("--json", action="store_true", help="print the JSON results instead of a table")
     parser.add_argument("--threshold", type=float, default=0.02,
                         help="gate tolerance: relative for bpb, absolute for accuracies and win rate")
@@ -86,11 +88,17 @@ def _compare_table(a: dict, b: dict) -> str:
 
 
 def _write(path: str | Path, result: dict) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    """Write the results and say so on stderr (stdout stays the table or pure JSON for --json), naming
+    the file and whether earlier results in it were replaced: never a silent overwrite."""
+    path = Path(path)
+    verb = "replaced" if path.exists() else "wrote"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"eval: {verb} {path}" + (" (earlier results in it are gone; --out FILE keeps them apart)"
+                                    if verb == "replaced" else ""), file=sys.stderr)
 
 
 def default_out(model_dir: str | Path) -> Path:
-    """`runs/sft/model` -> `runs/sft/eval.json`: next to the model, not inside it (a file added to a model
+    """`runs/default/sft/model` -> `runs/default/sft/eval.json`: next to the model, not inside it (a file added to a model
     directory would make `llmcycle lineage` report it as modified)."""
     return Path(model_dir).resolve().parent / "eval.json"
 
@@ -103,8 +111,8 @@ def eval_main(args: argparse.Namespace) -> int:
     kw = {"limit": args.limit, "train_shards": args.train_shards, "decontam": not args.no_decontam}
     if args.model:
         res, _ = evaluate_model(args.model, args.heldout, **kw)
-        _write(args.out or default_out(args.model), res)
         print(json.dumps(res, indent=2) if args.json else _single_table(res))
+        _write(args.out or default_out(args.model), res)
         return 0
     a_dir, b_dir = args.compare
     # Both models are measured on the same held-out rows: A's shards and row length, unless --heldout.
@@ -118,12 +126,12 @@ def eval_main(args: argparse.Namespace) -> int:
     failed = gate(ma, mb, args.threshold)
     result = {"suite": SUITE_VERSION, "a": ra, "b": rb, "win_rate": mb.get("win_rate"),
               "threshold": args.threshold, "failed": failed}
-    if args.out:
-        _write(args.out, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"suite {SUITE_VERSION}: A = {a_dir}, B = {b_dir}\n{_compare_table(ma, mb)}")
         print("\n".join(f"GATE FAILED {f}" for f in failed) if failed else
               f"gate passed (threshold {args.threshold})")
+    if args.out:
+        _write(args.out, result)
     return 1 if failed else 0

@@ -76,7 +76,7 @@ class DPOEval:
 @dataclass
 class DPOConfig:
     out_dir: str = Fh("runs/dpo", "output directory (checkpoints, final model, reference cache, metrics)")
-    model: str = Fh("runs/sft/model", "the model to tune (usually the SFT model)")
+    model: str = Fh("runs/default/sft/model", "the model to tune (usually the SFT model)")
     ref_model: str | None = Fh(None, "reference model; null: the starting model itself")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Fh(
         "sigmoid", "sigmoid (DPO), ipo, hinge, robust (label smoothing), simpo, orpo (reference-free), kto (unpaired)")

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.progress import progress
 from llmcycle.train import rl
 from llmcycle.train.chat_data import holds_out_user_data
 from llmcycle.train.posttrain import (
@@ -75,7 +75,7 @@ class GRPOOptim(OptimSection):
 @dataclass
 class GRPOConfig:
     out_dir: str = Fh("runs/grpo", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
+    model: str = Fh("runs/default/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
     reward_funcs: list[str] = Fh(["exact_match"], "reward functions, summed with reward_weights: exact_match, "
                                  "module:function or path/file.py:function")
     reward_weights: list[float] | None = Fh(None, "weight of each reward function; null: 1.0 each")
@@ -238,8 +238,7 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
 
     last_eval: dict = {}
     record: dict = {}
-    bar = tqdm(total=max_steps, initial=iteration, desc="grpo", unit="it", disable=not s.dist.is_main,
-               dynamic_ncols=True)
+    bar = progress(total=max_steps, initial=iteration, desc="grpo", unit="it", disable=not s.dist.is_main)
     while iteration < max_steps:
         lr = s.set_lr(max_steps, iteration)
         examples = [train[i] for i in loader.next_step()]

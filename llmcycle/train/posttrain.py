@@ -37,6 +37,8 @@ from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.hf_io import add_end_of_turn_to_generation_config
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
+from llmcycle.progress import progress
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train import checkpoint as ckpt
 from llmcycle.train.distributed import (
@@ -265,11 +267,8 @@ class Session:
     def load_tokenizer(self, model_dir: str | Path) -> Tokenizer:
         """The tokenizer travels with the model; on resume it is the checkpoint's copy."""
         src = self.resume_from or Path(model_dir)
-        if not Path(src).is_dir():
-            raise LlmcycleError(
-                f"{src}: model directory not found. Train one first (`llmcycle run` writes runs/default/pretrain/model; "
-                "`llmcycle sft` writes runs/sft/model), or set model=DIR."
-            )
+        check_model_dir(src, hint="Train one first (`llmcycle run` writes runs/default/pretrain/model and "
+                                  "runs/default/sft/model; `llmcycle sft` writes runs/sft/model), or set model=DIR.")
         if not (Path(src) / "tokenizer.json").exists():
             raise LlmcycleError(f"{src}: no tokenizer.json next to the model; post-training needs the model's tokenizer.")
         # A private copy: checkpoints (the source on resume) are rotated away during the run, and the
@@ -471,11 +470,8 @@ def train_loop(s: Session, desc: str, max_steps: int, loader: EpochLoader, micro
                extra_state: dict) -> dict:
     """The offline loop: step, log, evaluate every `eval_every` steps and at the end, checkpoint. Returns the
     last held-out metrics."""
-    from tqdm import tqdm
-
     last_eval: dict = {}
-    bar = tqdm(total=max_steps, initial=s.step_count, desc=desc, unit="step", disable=not s.dist.is_main,
-               dynamic_ncols=True)
+    bar = progress(total=max_steps, initial=s.step_count, desc=desc, unit="step", disable=not s.dist.is_main)
     while s.step_count < max_steps:
         lr = s.set_lr(max_steps)
         t0 = time.perf_counter()

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
+from llmcycle.progress import progress
 from llmcycle.train import rl
 from llmcycle.train.chat_data import holds_out_user_data
 from llmcycle.train.posttrain import (
@@ -93,7 +93,7 @@ class PPOGeneration(GenerationSection):
 @dataclass
 class PPOConfig:
     out_dir: str = Fh("runs/ppo", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
+    model: str = Fh("runs/default/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
     reward_model: str | None = Fh("runs/reward/model", "reward model directory (`llmcycle reward`); null: "
                                   "reward functions only")
     value_model: str | None = Fh(None, "where the value model starts; null: the reward model (or the policy's "
@@ -301,8 +301,7 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
 
     last_eval: dict = {}
     record: dict = {}
-    bar = tqdm(total=max_steps, initial=iteration, desc="ppo", unit="it", disable=not s.dist.is_main,
-               dynamic_ncols=True)
+    bar = progress(total=max_steps, initial=iteration, desc="ppo", unit="it", disable=not s.dist.is_main)
     while iteration < max_steps:
         lr = s.set_lr(max_steps, iteration)
         examples = [train[i] for i in loader.next_step()]

@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
@@ -36,6 +35,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig, config_for_size, describe
 from llmcycle.model.hf_io import save_model
 from llmcycle.model.transformer import Transformer
+from llmcycle.progress import progress
 from llmcycle.train import checkpoint as ckpt
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.distributed import (
@@ -255,8 +255,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, dist: DistInfo, device: torch.d
     last_eval: dict = {}
     step = start_step
     t_start = time.time()
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="pretrain", unit="step", disable=not dist.is_main,
-               dynamic_ncols=True)
+    bar = progress(total=t.max_steps, initial=start_step, desc="pretrain", unit="step", disable=not dist.is_main)
     train_model.train()
     while step < t.max_steps:
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)

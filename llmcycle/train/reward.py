@@ -58,7 +58,7 @@ class RewardEval:
 @dataclass
 class RewardConfig:
     out_dir: str = Fh("runs/reward", "output directory (checkpoints, final reward model, metrics)")
-    model: str = Fh("runs/sft/model", "model to start from: a language model (a fresh head is added) or a reward model")
+    model: str = Fh("runs/default/sft/model", "model to start from: a language model (a fresh head is added) or a reward model")
     center_coefficient: float | None = Fh(None, "weight of the (r_chosen + r_rejected)^2 centering term; null: none")
     data: DataSection = field(default_factory=DataSection)
     train: RewardOptim = field(default_factory=RewardOptim)

@@ -28,6 +28,7 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
+from llmcycle.paths import check_model_dir
 from llmcycle.train.post_eval import normalize_answer
 from llmcycle.train.rollout import rollout_batch, sequence_scores
 
@@ -139,9 +140,8 @@ class RewardModelScorer:
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", batch_size: int = 16):
         path = Path(path)
-        if not path.is_dir():
-            raise LlmcycleError(f"{path}: reward model directory not found. Train one with `llmcycle reward` "
-                                "(it writes runs/reward/model), or set reward_model=DIR.")
+        check_model_dir(path, "reward model", hint="Train one with `llmcycle reward` (it writes runs/reward/model), "
+                                                   "or set reward_model=DIR.")
         self.path = path
         self.model = ScalarHeadModel.from_pretrained(path, device=device).eval().requires_grad_(False)
         self.batch_size = batch_size
