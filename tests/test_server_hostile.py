@@ -3,6 +3,7 @@ answered 4xx in OpenAI's error shape, none reaches the batch, and afterwards the
 correct (the same greedy text, every gauge and KV block back to zero). Plus a bounded fuzz run over the
 request schemas that /openapi.json publishes, a drain as SIGTERM starts it, and the 404/405/models surface."""
 
+import collections
 import json
 import signal
 import socket
@@ -63,6 +64,7 @@ def _nested(depth: int) -> bytes:
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 CATALOGUE = [
     ("huge n", C, {"model": "tiny", "prompt": "a", "n": 100_000_000}, None, 400, "n must be <= 16"),
+    ("200 prompts", C, {"model": "tiny", "prompt": ["a"] * 200}, None, 400, "at most 128 prompts"),
     ("huge best_of", C, {"model": "tiny", "prompt": "a", "best_of": 100_000_000}, None, 400, "best_of"),
     ("chat huge n", CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "n": 10**9}, None,
      400, "n must"),
@@ -215,7 +217,13 @@ def _typed(prop: dict) -> st.SearchStrategy:
     if "integer" in types:
         pools.append(st.sampled_from([-1, 0, 1, 2, 17, 2**31, 2**63, -(2**63) - 1, 10**20]))
     if "number" in types:
-        pools.append(st.sampled_from([0.0, 1e-320, 1e308, -2.5, 0.5, float("nan"), float("inf")]))
+        pools.append(st.sampled_from([0.0, 1e-320, 1e308, -2.5, 0.5, 1.0, float("nan"), float("inf")]))
+    if "string" in types:
+        pools.append(st.one_of(st.text(max_size=30), st.just("\ud800")))
+    if "boolean" in types:
+        pools.append(st.booleans())
+    if "array" in types:
+        pools.append(st.lists(st.one_of(st.text(max_size=5), st.integers(-5, 600)), max_size=20))
     return st.one_of(*pools)
 
 
@@ -233,6 +241,7 @@ def hostile_bodies(draw, schemas):
 
 def test_fuzz_the_request_schemas_never_5xx(server, schemas):
     url, state, reference = server
+    statuses = []
     with httpx.Client(base_url=url, timeout=60) as client:
 
         @settings(max_examples=100, deadline=None, database=None,
@@ -243,12 +252,15 @@ def test_fuzz_the_request_schemas_never_5xx(server, schemas):
             content = json.dumps(body, allow_nan=True)  # NaN/Infinity literals on purpose
             r = client.post(path, content=content, headers={"content-type": "application/json"})
             assert r.status_code < 500, (body, r.text)
+            statuses.append(r.status_code)
             if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
             elif body.get("stream") is True:
                 assert "InternalServerError" not in r.text and r.text.endswith("data: [DONE]\n\n"), r.text
 
         one()
+    print(sorted(collections.Counter(statuses).items()))
+    assert 200 in statuses and {400, 422} <= set(statuses)  # both served and refused bodies were tried
     _assert_healthy(url, state, reference)
 
 

@@ -23,11 +23,12 @@ class RequestLimits:
     """Bounds on one request, each refused with 400 (413 for the body) before anything is queued.
 
     Without them one request could wedge the engine for everyone: `n: 100000000` builds that many
-    sequences, 50,000 stop strings are searched on every step of the request, a 20 MB body is read,
-    parsed and tokenized whole. The defaults are generous next to OpenAI's (n <= 128, 4 stop strings).
+    sequences, 20,000 prompts in one request stall the event loop for seconds, 50,000 stop strings are
+    searched on every step of the request, a 20 MB body is read, parsed and tokenized whole. The defaults are generous next to OpenAI's (n <= 128, 4 stop strings).
     """
 
     max_n: int = 16  # n and best_of: sequences one prompt may fan out into
+    max_prompts: int = 128  # prompts in one completion request (each is a request to the engine)
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 1024  # characters per stop string (each step compares the text's tail with it)
     max_stop_token_ids: int = 1024
@@ -119,6 +120,9 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
     def check_limits(self, limits: RequestLimits) -> tuple[str, str] | None:
+        if len(self.prompts()) > limits.max_prompts:
+            return "prompt", (f"prompt takes at most {limits.max_prompts} prompts on this server, "
+                              f"got {len(self.prompts())}")
         if self.best_of is not None and self.best_of > limits.max_n:
             return "best_of", f"best_of must be <= {limits.max_n} on this server, got {self.best_of}"
         return super().check_limits(limits)

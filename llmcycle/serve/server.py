@@ -732,8 +732,9 @@ def parse_model_args(models: list[str]) -> dict[str, str]:
 
 def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, keys: str | None = None,
                max_waiting: int = 256, drain_timeout: float = 30.0, log_level: str = "info",
-               max_n: int = RequestLimits.max_n, max_stop: int = RequestLimits.max_stop,
-               max_body_bytes: int = RequestLimits.max_body_bytes, **engine_args: Any) -> None:
+               max_n: int = RequestLimits.max_n, max_prompts: int = RequestLimits.max_prompts,
+               max_stop: int = RequestLimits.max_stop, max_body_bytes: int = RequestLimits.max_body_bytes,
+               **engine_args: Any) -> None:
     """Load every model into its own engine and serve them until SIGINT/SIGTERM, which drain (see
     `DrainingServer`); returns after a clean drain, raises LlmcycleError when the drain timed out."""
     from llmcycle.serve.engine import LLMEngine
@@ -742,7 +743,8 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, key
     store = KeyStore(keys, create=False) if keys else None
     engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=max_waiting)
                for name, path in dirs.items()}
-    state = ServerState(engines, store, RequestLimits(max_n=max_n, max_stop=max_stop, max_body_bytes=max_body_bytes))
+    limits = RequestLimits(max_n=max_n, max_prompts=max_prompts, max_stop=max_stop, max_body_bytes=max_body_bytes)
+    state = ServerState(engines, store, limits)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
