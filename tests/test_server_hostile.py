@@ -187,6 +187,20 @@ def test_tokenizing_a_long_prompt_does_not_stall_other_clients(model_dir):
         assert max(latencies) < 0.5, latencies
 
 
+def test_bodies_are_parsed_and_validated_off_the_event_loop(server, monkeypatch):
+    """A body of megabytes takes a while to parse, walk and validate: none of it on the event loop."""
+    import llmcycle.serve.server as srv
+
+    url, state, reference = server
+    threads = []
+    real = srv._check_tree
+    monkeypatch.setattr(srv, "_check_tree", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    r = httpx.post(url + C, json={"model": "tiny", "prompt": [1] * 10_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert len(threads) == 1 and threads[0].startswith("asyncio"), threads  # asyncio.to_thread's workers
+    _assert_healthy(url, state, reference)
+
+
 # ---- a bounded fuzz run over the request schemas ---------------------------------------------------
 
 

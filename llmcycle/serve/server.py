@@ -190,19 +190,24 @@ def _check_tree(obj: Any, max_depth: int) -> None:
             stack.extend((x, depth + 1) for x in (node if isinstance(node, list) else [*node, *node.values()]))
 
 
-async def _json_body(request: Request, limits: RequestLimits) -> Any:
-    """The parsed body of a POST, every client mistake a 4xx: not JSON (415), too large (413), malformed,
-    NaN/Infinity, too deep, a lone surrogate (400)."""
-    _require_json(request)
-    raw = await _read_body(request, limits.max_body_bytes)
+def _loads(raw: bytes, max_depth: int) -> Any:
     try:
         body = json.loads(raw, parse_constant=_no_constants)
     except RecursionError:  # the C parser recurses per level: 10,000 levels of [ raise this
-        raise APIError(400, f"The request body is nested deeper than {limits.max_json_depth} levels.") from None
+        raise APIError(400, f"The request body is nested deeper than {max_depth} levels.") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
         raise APIError(400, f"The request body is not valid JSON: {exc}") from None
-    _check_tree(body, limits.max_json_depth)
+    _check_tree(body, max_depth)
     return body
+
+
+async def _request(request: Request, model: type[_SamplingFields], limits: RequestLimits) -> Any:
+    """The validated request of a POST, every client mistake a 4xx: not JSON (415), too large (413),
+    malformed, NaN/Infinity, too deep, a lone surrogate, over a limit (400), off the schema (422).
+    Parsing and validating a body of megabytes takes a while: that runs off the event loop."""
+    _require_json(request)
+    raw = await _read_body(request, limits.max_body_bytes)
+    return await asyncio.to_thread(lambda: _parse(model, _loads(raw, limits.max_json_depth), limits))
 
 
 def _parse(model: type[_SamplingFields], body: Any, limits: RequestLimits) -> Any:
@@ -440,7 +445,7 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         key = _authorize(state, request)
-        req: CompletionRequest = _parse(CompletionRequest, await _json_body(request, state.limits), state.limits)
+        req: CompletionRequest = await _request(request, CompletionRequest, state.limits)
         engine = state.engine(req.model)
         prompts = req.prompts()
         if not prompts:
@@ -456,8 +461,7 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         key = _authorize(state, request)
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _json_body(request, state.limits),
-                                            state.limits)
+        req: ChatCompletionRequest = await _request(request, ChatCompletionRequest, state.limits)
         engine = state.engine(req.model)
         tok = engine.engine.tokenizer
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
