@@ -303,10 +303,9 @@ def test_404_405_models_and_openapi(server, model_dir):
 # ---- draining -------------------------------------------------------------------------------------
 
 
-def test_drain_answers_503_finishes_streams_then_exits(model_dir):
-    """What SIGTERM does (`handle_exit`, called here from the test thread): the listener stays up, new
-    requests get 503 and /health "draining", the running stream completes, then the server stops."""
-    state = ServerState({"m": _slow_engine(model_dir, seconds=0.02)})
+def _draining_server(model_dir: str, seconds: float) -> tuple[DrainingServer, threading.Thread, str]:
+    """A DrainingServer over a slowed engine, started in a thread; (server, thread, url)."""
+    state = ServerState({"m": _slow_engine(model_dir, seconds=seconds)})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -318,9 +317,18 @@ def test_drain_answers_503_finishes_streams_then_exits(model_dir):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    body = {"model": "m", "prompt": "def", "max_tokens": 60, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+STREAM = {"model": "m", "prompt": "def", "max_tokens": 60, "ignore_eos": True, "stream": True,
+          "stream_options": {"include_usage": True}}
+
+
+def test_drain_answers_503_finishes_streams_then_exits(model_dir):
+    """What SIGTERM does (`handle_exit`, called here from the test thread): the listener stays up, new
+    requests get 503 and /health "draining", the running stream completes, then the server stops."""
+    server, thread, url = _draining_server(model_dir, seconds=0.02)
+    state, body = server.state, STREAM
     events = []
     with httpx.stream("POST", url + C, json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -339,3 +347,16 @@ def test_drain_answers_503_finishes_streams_then_exits(model_dir):
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 60
     thread.join(30)
     assert not thread.is_alive() and server.drained_cleanly is True
+
+
+def test_a_second_signal_stops_at_once(model_dir):
+    server, thread, url = _draining_server(model_dir, seconds=0.1)  # 60 tokens: 6 s
+    t0 = time.monotonic()
+    with httpx.stream("POST", url + C, json=STREAM, timeout=60) as r:
+        lines = r.iter_lines()  # keep a reference: a collected iterator closes the stream
+        next(line for line in lines if line.startswith("data:"))
+        server.handle_exit(signal.SIGTERM, None)
+        server.handle_exit(signal.SIGINT, None)
+        thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+    assert server.forced and not server.drained_cleanly

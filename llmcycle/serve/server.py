@@ -535,16 +535,33 @@ class _DrainGate:
 class DrainingServer(uvicorn.Server):
     """uvicorn with a drain on SIGTERM/SIGINT: keep listening, answer new requests 503 and /health
     "draining", let admitted requests finish (streams included, up to `drain_timeout` s), then shut down.
-    A second signal stops at once. `drained_cleanly` says afterwards whether the drain finished in time."""
+    A second signal stops at once (`forced`). `drained_cleanly` says afterwards whether the drain finished
+    in time."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
         self.state, self.drain_timeout = state, drain_timeout
         self.drained_cleanly: bool | None = None
+        self.forced = False
+
+    def run(self, sockets: Any = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            self._stop_engines()
+
+    def _stop_engines(self) -> None:
+        """Stop the engine threads a forced exit left running (uvicorn then skips the lifespan shutdown);
+        a thread still in a torch kernel at interpreter exit would abort the process."""
+        async def stop() -> None:
+            await asyncio.gather(*(e.shutdown(drain=False) for e in self.state.engines.values()))
+
+        asyncio.run(stop())
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # The signal is not recorded for uvicorn to re-raise after shutdown: a drained server exits 0.
         if self.state.draining:
+            self.forced = True
             self.should_exit = self.force_exit = True
             return
         self.begin_drain()
@@ -558,7 +575,7 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.drain_timeout
         while self.state.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.drained_cleanly = not self.state.busy()
+        self.drained_cleanly = not self.state.busy() and not self.forced
         if not self.drained_cleanly:
             log.warning("drain timed out after %.0f s; cutting off the requests still in flight", self.drain_timeout)
         self.should_exit = True
@@ -761,5 +778,7 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, key
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, state, drain_timeout)
     server.run()
+    if server.forced:
+        raise LlmcycleError("stopped by a second signal while draining; requests in flight were cut off.")
     if server.drained_cleanly is False:
         raise LlmcycleError(f"the drain timed out after {drain_timeout:.0f} s; requests in flight were cut off.")
