@@ -1,5 +1,6 @@
 """The chat page at `/` driven by headless Chromium against a real server on loopback: models listed,
-a greedy streamed reply equal to the non-streamed API's, incremental rendering, Stop, errors, API key."""
+a greedy streamed reply equal to the non-streamed API's, incremental rendering, Stop, errors, API key,
+a default max tokens that fits the context, and a conversation trimmed when it outgrows the context."""
 
 import os
 import socket
@@ -201,3 +202,39 @@ def test_server_error_is_shown_and_the_turn_taken_back(page, server):
     # The API key is kept for the tab's session and sent as a bearer token.
     assert req.value.headers["authorization"] == "Bearer sk-test-123"
     assert page.evaluate("sessionStorage.getItem('llmcycle-api-key')") == "sk-test-123"
+
+
+def test_default_max_tokens_fits_and_a_long_conversation_is_trimmed(page, model_dir):
+    """Max tokens is left to the server by default (the context minus the prompt), so the first message
+    works; when the conversation outgrows the context the oldest exchanges stop being sent, visibly."""
+    from llmcycle.tokenizer import Tokenizer
+
+    assert page.input_value("#max-tokens") == ""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#temperature", "0")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    _wait_idle(page)
+    assert page.text_content("#error") == "" and page.text_content("#notice") == ""
+    assert "max_tokens" not in sent[0]  # auto: the server's default, what the context leaves
+    assert page.text_content(".msg.assistant")
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    long = "the cat sat on the mat. " * 4
+    while len(tok.encode(long)) < 90:  # three such turns do not fit a 256-token context
+        long += "the cat sat on the mat. "
+    page.fill("#max-tokens", "8")
+    for i in range(3):
+        page.fill("#prompt", f"{i} {long}")
+        page.click("#send")
+        _wait_idle(page)
+        assert page.text_content("#error") == "", page.text_content("#error")
+    assert "context of 256 tokens" in page.text_content("#notice")
+    last = sent[-1]["messages"]
+    assert last[-1] == {"role": "user", "content": f"2 {long}".strip()} and last[0]["role"] == "user"
+    assert all(m["content"] != "hi" for m in last)
+    shown = page.eval_on_selector_all("#messages > .msg", "ms => ms.map(m => m.className)")
+    n_dropped = sum("dropped" in c for c in shown)
+    assert n_dropped >= 2 and f"the {n_dropped} oldest messages" in page.text_content("#notice")
+    assert len(shown) - n_dropped == len(last) + 1  # what is sent is what is not faded, plus the reply

@@ -65,6 +65,15 @@ def test_defaults_match_vllm_and_stop_is_normalised():
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"seed": 1.5}, "seed"),
+        # values a JSON body can carry that would otherwise reach a batch tensor (int64) or torch's seed
+        ({"top_k": 10**20}, "top_k"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
     ],
 )
 def test_validate_names_the_field(kwargs, field):
@@ -75,6 +84,16 @@ def test_validate_names_the_field(kwargs, field):
 def test_validate_accepts_edges():
     SamplingParams(temperature=0, top_p=1.0, min_p=1.0, logprobs=20, top_k=0, seed=3).validate()
     SamplingParams(logprobs=0, top_k=None, presence_penalty=-2.0).validate()
+    SamplingParams(top_k=2**63 - 1, seed=-(2**63)).validate()
+
+
+def test_any_valid_seed_makes_a_generator():
+    # The engine seeds sequence i with seed * 1_000_003 + i, beyond torch's range for large seeds.
+    for seed in (2**63 - 1, -(2**63), -1, 0):
+        SamplingParams(seed=seed).validate()
+        torch.rand(1, generator=make_generator(seed * 1_000_003 + 7))
+    # a reduced seed keeps the stream torch gives the seed itself (-1 is 2**64 - 1 to torch)
+    assert torch.equal(torch.rand(3, generator=make_generator(-1)), torch.rand(3, generator=make_generator(2**64 - 1)))
 
 
 # ---------------------------------------------------------------- penalties

@@ -199,11 +199,13 @@ def test_errors_have_the_openai_shape_and_name_the_problem(server):
         ([1, 2], 400, "JSON object"),
     ]
     for body, status, needle in cases:
-        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+            else {"json": body}
         r = httpx.post(url + "/v1/completions", **kw)
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
-        assert needle in err["message"] and err["code"] == status and err["type"], (body, err)
+        code = "context_length_exceeded" if needle == "context" else status  # OpenAI's code for it
+        assert needle in err["message"] and err["code"] == code and err["type"], (body, err)
     r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 422 and "role" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []})
@@ -377,8 +379,8 @@ def test_sigterm_drains_running_requests_then_exits(model_dir):
                         proc.send_signal(signal.SIGTERM)
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 100  # the request finished in full
-        # uvicorn re-raises the signal once it has shut down gracefully, so the status says SIGTERM
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        # a clean drain exits 0 (uvicorn alone would re-raise the signal and die by it)
+        assert proc.wait(30) == 0
         out = proc.stdout.read()
         assert re.search(r"model 'm' from", out), out
     finally:

@@ -2,16 +2,38 @@
 
 Field names and defaults are OpenAI's, plus vLLM's sampling extras (top_k, min_p, repetition_penalty,
 stop_token_ids, ignore_eos). Unknown fields are refused (extra="forbid") so a typo such as `max_token`
-is an error naming the field instead of a silently ignored setting.
+is an error naming the field instead of a silently ignored setting; so are NaN and infinities.
+
+`RequestLimits` are the server's bounds on what one request may ask for (n, stop lists, body size):
+`check_limits` names the first one a request goes over, before any work is done for it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmcycle.serve.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one request, each refused with 400 (413 for the body) before anything is queued.
+
+    Without them one request could wedge the engine for everyone: `n: 100000000` builds that many
+    sequences, 20,000 prompts in one request stall the event loop for seconds, 50,000 stop strings are
+    searched on every step of the request, a 20 MB body is read, parsed and tokenized whole. The defaults are generous next to OpenAI's (n <= 128, 4 stop strings).
+    """
+
+    max_n: int = 16  # n and best_of: sequences one prompt may fan out into
+    max_prompts: int = 128  # prompts in one completion request (each is a request to the engine)
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 1024  # characters per stop string (each step compares the text's tail with it)
+    max_stop_token_ids: int = 1024
+    max_body_bytes: int = 4 * 2**20  # 413 above; also bounds the prompt the server will tokenize
+    max_json_depth: int = 64  # nesting of arrays/objects in a body (a chat body needs about 5)
 
 
 class StreamOptions(BaseModel):
@@ -20,7 +42,7 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     n: int = 1
@@ -60,6 +82,20 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
         )
 
+    def check_limits(self, limits: RequestLimits) -> tuple[str, str] | None:
+        """(field, message) for the first of the server's limits this request goes over, else None."""
+        if self.n > limits.max_n:
+            return "n", f"n must be <= {limits.max_n} on this server, got {self.n}"
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > limits.max_stop:
+            return "stop", f"stop takes at most {limits.max_stop} strings on this server, got {len(stops)}"
+        if any(len(s) > limits.max_stop_chars for s in stops):
+            return "stop", f"a stop string may have at most {limits.max_stop_chars} characters on this server"
+        if len(self.stop_token_ids or []) > limits.max_stop_token_ids:
+            return "stop_token_ids", (f"stop_token_ids takes at most {limits.max_stop_token_ids} ids on this "
+                                      f"server, got {len(self.stop_token_ids or [])}")
+        return None
+
     def unsupported(self) -> str | None:
         """A message for a well-formed setting this server does not implement, else None."""
         if self.logit_bias:
@@ -83,6 +119,14 @@ class CompletionRequest(_SamplingFields):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    def check_limits(self, limits: RequestLimits) -> tuple[str, str] | None:
+        if len(self.prompts()) > limits.max_prompts:
+            return "prompt", (f"prompt takes at most {limits.max_prompts} prompts on this server, "
+                              f"got {len(self.prompts())}")
+        if self.best_of is not None and self.best_of > limits.max_n:
+            return "best_of", f"best_of must be <= {limits.max_n} on this server, got {self.best_of}"
+        return super().check_limits(limits)
+
     def unsupported(self) -> str | None:
         if self.suffix:
             return "suffix is not supported"
@@ -91,14 +135,22 @@ class CompletionRequest(_SamplingFields):
         return super().unsupported()
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content list: text parts are used, other kinds (images) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: accepted, ignored by the template
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 

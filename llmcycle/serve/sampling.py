@@ -17,12 +17,14 @@ sampled from (after temperature and filtering, filtered tokens at -inf). We defa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 too.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a torch long (top_k) or a seed can hold
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
@@ -63,13 +65,21 @@ class SamplingParams:
         return 0 if self.top_k is None or self.top_k <= 0 else int(self.top_k)
 
     def validate(self) -> SamplingParams:
-        """Raise ValueError naming the offending field; returns self so it can be chained."""
+        """Raise ValueError naming the offending field; returns self so it can be chained.
+
+        Every value that passes is safe to put in a batch: a request's bad value must fail that request
+        here, not the engine step (which would fail every request in flight)."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < -1):
-            raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or not -1 <= self.top_k <= INT64_MAX):
+            raise ValueError(f"top_k must be -1, 0 (off) or a positive integer up to 2**63-1, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
@@ -80,8 +90,8 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise ValueError(f"seed must be a 64-bit integer or None, got {self.seed!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -98,7 +108,10 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(seed)
+    # torch takes seeds in [-2**63, 2**64); the engine derives per-sequence seeds as seed * 1_000_003 + i,
+    # which leaves that range for large seeds. Reducing mod 2**64 is what torch does to a negative seed
+    # already (-1 and 2**64 - 1 give the same stream), so every seed in range keeps its stream.
+    g.manual_seed(seed % 2**64)
     return g
 
 

@@ -3,9 +3,15 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (API key required when keys are
 configured), GET /health, GET /metrics (Prometheus), GET / (a small streaming chat page).
 Errors use OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed JSON or
-a bad value, 401 no valid key, 404 unknown model, 422 a body that does not fit the schema, 429 over a
-key's rate limit (with Retry-After), 503 queue full or shutting down, 500 an internal error (the server
-goes on serving). Streams are server-sent events ending in `data: [DONE]`.
+a bad value (NaN, a lone surrogate, deep nesting, over a `RequestLimits` bound, a prompt longer than the
+context: code "context_length_exceeded"), 401 no valid key, 404 unknown model or route, 405 wrong method,
+413 body too large, 415 not `application/json`, 422 a body that does not fit the schema, 429 over a key's
+rate limit (with Retry-After), 503 queue full or draining, 500 an internal error (the server goes on
+serving). Streams are server-sent events ending in `data: [DONE]`.
+
+No client value reaches an engine unchecked: bodies are bounded and parsed strictly here, settings are
+checked by the schema and `SamplingParams.validate`, and prompts are tokenized off the event loop, so one
+hostile request cannot stall the other clients or fail the batch they share.
 """
 
 from __future__ import annotations
@@ -15,25 +21,31 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
 from llmcycle.serve.engine import CompletionOutput, RequestOutput
 from llmcycle.serve.metrics import ServerMetrics
-from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.sampling import SamplingParams
+from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -43,30 +55,38 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+             405: "MethodNotAllowedError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
              422: "UnprocessableEntityError", 429: "RateLimitError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.code = code  # OpenAI's machine-readable code where one exists, else the status
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
-                          "param": self.param, "code": self.status}}
+                          "param": self.param, "code": self.code or self.status}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class ServerState:
-    """What the routes share: the engines by model name, keys, rate limits and metrics."""
+    """What the routes share: the engines by model name, keys, rate limits, request limits, metrics,
+    and the drain state (`draining`, and `in_flight`: admitted HTTP requests not yet answered in full)."""
 
-    def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None) -> None:
+    def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
+                 limits: RequestLimits | None = None) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
         self.keys = keys
+        self.limits = limits or RequestLimits()
+        self.draining = False
+        self.in_flight = 0
+        self.bytes_per_token = {name: max_bytes_per_token(e.engine.tokenizer) for name, e in engines.items()}
         self.limiter = RateLimiter()
         self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
         self.created = int(time.time())
@@ -80,19 +100,117 @@ class ServerState:
                            "model")
         return self.engines[name]
 
+    def busy(self) -> bool:
+        """Whether a drain must still wait: an admitted request unanswered, or a sequence in an engine."""
+        return self.in_flight > 0 or any(e.num_in_flight for e in self.engines.values())
+
+
+def _types(node: Any) -> set[str]:
+    """The `type` names in a tokenizer.json component, through `Sequence` nesting."""
+    if not isinstance(node, dict):
+        return set()
+    inner = node.get("pretokenizers") or node.get("decoders") or []
+    return {node.get("type")} | {t for n in inner for t in _types(n)}
+
+
+def max_bytes_per_token(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes of prompt text that one token can stand for; None where no bound is safe.
+
+    Why this bounds a prompt: when the tokens spell the text's bytes exactly (no normalizer; byte-level,
+    or byte fallback, so nothing becomes an unknown token), each token covers at most this many bytes of
+    the text (a special token written out in the text: its own length), so a text of B bytes needs at
+    least B / bound tokens. A text longer than context * bound bytes is too long for certain, before it
+    is tokenized. A normalizer (which may drop characters) or an unknown-token model (WordPiece turns a
+    whole long word into one [UNK]) breaks the bound: those prompts are tokenized, off the event loop,
+    and counted.
+    """
+    if tokenizer is None:
+        return None
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    if spec.get("normalizer") is not None or model.get("type") == "WordPiece":
+        return None
+    byte_level = "ByteLevel" in _types(spec.get("pre_tokenizer")) | _types(spec.get("decoder"))
+    if byte_level and any(tokenizer.backend.token_to_id(c) is None for c in BYTE_OF_CHAR):
+        return None  # a byte without a token would become an unknown token
+    if not byte_level and not model.get("byte_fallback"):
+        return None
+    added = [len(t.content.encode("utf-8")) for t in tokenizer.backend.get_added_tokens_decoder().values()]
+    return max([1, *tokenizer.token_bytes(), *added])
+
 
 # ---- request handling helpers ------------------------------------------------------------------
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared JSON. A cross-site page can POST text/plain to a key-less local
+    server without the browser asking first; application/json always needs a CORS preflight."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"Send the request body as JSON with `Content-Type: application/json` "
+                            f"(got {media or 'no content type'!r}).")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 past `limit` bytes: from Content-Length before reading anything, and counted while
+    reading, for a chunked body has no Content-Length."""
+    too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constants(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not allowed (JSON has no NaN or Infinity)")
+
+
+def _check_tree(obj: Any, max_depth: int) -> None:
+    """400 for nesting deeper than `max_depth`, or a string that is not Unicode text: JSON's `\\ud800`
+    escape can carry a lone surrogate, which no tokenizer (nor UTF-8) can encode."""
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, "The request body has a string that is not valid Unicode "
+                                        "(a lone surrogate).") from None
+        elif isinstance(node, (list, dict)):
+            if depth >= max_depth:
+                raise APIError(400, f"The request body is nested deeper than {max_depth} levels.")
+            stack.extend((x, depth + 1) for x in (node if isinstance(node, list) else [*node, *node.values()]))
+
+
+def _loads(raw: bytes, max_depth: int) -> Any:
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:  # the C parser recurses per level: 10,000 levels of [ raise this
+        raise APIError(400, f"The request body is nested deeper than {max_depth} levels.") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
         raise APIError(400, f"The request body is not valid JSON: {exc}") from None
+    _check_tree(body, max_depth)
+    return body
 
 
-def _parse(model: type[_SamplingFields], body: Any) -> Any:
+async def _request(request: Request, model: type[_SamplingFields], limits: RequestLimits) -> Any:
+    """The validated request of a POST, every client mistake a 4xx: not JSON (415), too large (413),
+    malformed, NaN/Infinity, too deep, a lone surrogate, over a limit (400), off the schema (422).
+    Parsing and validating a body of megabytes takes a while: that runs off the event loop."""
+    _require_json(request)
+    raw = await _read_body(request, limits.max_body_bytes)
+    return await asyncio.to_thread(lambda: _parse(model, _loads(raw, limits.max_json_depth), limits))
+
+
+def _parse(model: type[_SamplingFields], body: Any, limits: RequestLimits) -> Any:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
     try:
@@ -102,10 +220,28 @@ def _parse(model: type[_SamplingFields], body: Any) -> Any:
         field = ".".join(str(p) for p in first["loc"]) or None
         msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         raise APIError(422, f"Invalid request: {msg}", field) from None
+    over = req.check_limits(limits)
+    if over:
+        raise APIError(400, over[1], over[0])
     problem = req.unsupported()
     if problem:
         raise APIError(400, problem)
     return req
+
+
+def _check_prompt_bytes(state: ServerState, name: str, texts: list[str], param: str) -> None:
+    """400 (context_length_exceeded) for a text prompt provably longer than the context, from its byte
+    length alone: cheap enough for the event loop, and it spares tokenizing megabytes (see
+    `max_bytes_per_token`)."""
+    bound = state.bytes_per_token[name]
+    if bound is None:
+        return
+    limit = state.engines[name].engine.max_model_len
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    if size > limit * bound:
+        raise APIError(400, f"The prompt is {size} bytes: more than the model's context of {limit} tokens "
+                            f"can hold (a token here is at most {bound} bytes).", param,
+                       code="context_length_exceeded")
 
 
 def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
@@ -126,12 +262,18 @@ def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
 
 def _check_params(engine: AsyncLLMEngine, prompts: list[str | list[int]], make: Any,
                   param: str = "prompt") -> tuple[list, list]:
-    """Tokenize and validate every prompt; map engine errors to 400 naming the problem."""
+    """Tokenize and validate every prompt; map engine errors to 400 naming the problem.
+    Blocking (tokenizing a long prompt takes a while): run it off the event loop."""
     ids_list, params_list = [], []
     for p in prompts:
         try:
             ids = engine.engine.encode_prompt(p)
             params: SamplingParams = make(len(ids))
+            params.validate()
+            try:
+                engine.engine.check_length(len(ids), params.max_tokens)
+            except LlmcycleError as exc:
+                raise APIError(400, str(exc), param, code="context_length_exceeded") from None
             engine.prepare(ids, params)
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]
@@ -257,10 +399,18 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
 
     app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.llmcycle = state
+    app.add_middleware(_DrainGate, state=state)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: f"There is no route {request.url.path}.",
+                    405: f"{request.method} is not allowed on {request.url.path}."}
+        return APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                        headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -268,8 +418,8 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if any(e.draining for e in state.engines.values()):
-            return APIError(503, "shutting down").response()
+        if state.draining or any(e.draining for e in state.engines.values()):
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -286,44 +436,149 @@ def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _authorize(state, request)
+        # root is the name, not the directory: a client has no business knowing the server's paths
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
-                 "root": e.engine.model_dir, "max_model_len": e.engine.max_model_len}
+                 "root": name, "max_model_len": e.engine.max_model_len}
                 for name, e in state.engines.items()]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         key = _authorize(state, request)
-        req: CompletionRequest = _parse(CompletionRequest, await _json_body(request))
+        req: CompletionRequest = await _request(request, CompletionRequest, state.limits)
         engine = state.engine(req.model)
         prompts = req.prompts()
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
-        ids_list, params_list = _check_params(
-            engine, prompts, lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
+        for p in prompts:
+            if isinstance(p, str):
+                _check_prompt_bytes(state, req.model, [p], "prompt")
+        ids_list, params_list = await asyncio.to_thread(
+            _check_params, engine, prompts,
+            lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
         return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         key = _authorize(state, request)
-        req: ChatCompletionRequest = _parse(ChatCompletionRequest, await _json_body(request))
+        req: ChatCompletionRequest = await _request(request, ChatCompletionRequest, state.limits)
         engine = state.engine(req.model)
         tok = engine.engine.tokenizer
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        try:
-            ids = tok.encode_chat(messages, add_generation_prompt=True)[0]
-        except LlmcycleError as exc:
-            raise APIError(400, str(exc), "messages") from None
+        _check_prompt_bytes(state, req.model, [m["content"] for m in messages], "messages")
+        ids = await asyncio.to_thread(_encode_chat, tok, messages)
         k = req.top_logprobs if req.logprobs else None
         if req.logprobs and k is None:
             k = 0
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        ids_list, params_list = _check_params(
-            engine, [ids], lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
+        ids_list, params_list = await asyncio.to_thread(
+            _check_params, engine, [ids],
+            lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
         return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _encode_chat(tok: Any, messages: list[dict]) -> list[int]:
+    """The chat's prompt ids (blocking: run off the event loop); a template error is a 400."""
+    try:
+        return tok.encode_chat(messages, add_generation_prompt=True)[0]
+    except LlmcycleError as exc:
+        raise APIError(400, str(exc), "messages") from None
+
+
+def _request_body(model: str) -> dict:
+    """OpenAPI for a route that parses its own body (to control every error): the schema it expects."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request models the completion routes validate against."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+class _DrainGate:
+    """ASGI middleware: counts admitted requests (`state.in_flight`) and, while the server drains, answers
+    new ones 503 at once. The listener stays open during a drain, so a client gets an answer it can act
+    on (retry elsewhere) instead of a refused connection; /health and /metrics keep answering."""
+
+    PROBES = ("/health", "/metrics")
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining:
+            err = APIError(503, "The server is shutting down and takes no new requests.",
+                           headers={"Connection": "close"})
+            await err.response()(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn with a drain on SIGTERM/SIGINT: keep listening, answer new requests 503 and /health
+    "draining", let admitted requests finish (streams included, up to `drain_timeout` s), then shut down.
+    A second signal stops at once (`forced`). `drained_cleanly` says afterwards whether the drain finished
+    in time."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.state, self.drain_timeout = state, drain_timeout
+        self.drained_cleanly: bool | None = None
+        self.forced = False
+
+    def run(self, sockets: Any = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            self._stop_engines()
+
+    def _stop_engines(self) -> None:
+        """Stop the engine threads a forced exit left running (uvicorn then skips the lifespan shutdown);
+        a thread still in a torch kernel at interpreter exit would abort the process."""
+        async def stop() -> None:
+            await asyncio.gather(*(e.shutdown(drain=False) for e in self.state.engines.values()))
+
+        asyncio.run(stop())
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # The signal is not recorded for uvicorn to re-raise after shutdown: a drained server exits 0.
+        if self.state.draining:
+            self.forced = True
+            self.should_exit = self.force_exit = True
+            return
+        self.begin_drain()
+
+    def begin_drain(self) -> None:
+        """Start draining (safe from a signal handler or another thread); the server exits when done."""
+        self.state.draining = True
+        threading.Thread(target=self._drain, name="llmcycle-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.state.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.drained_cleanly = not self.state.busy() and not self.forced
+        if not self.drained_cleanly:
+            log.warning("drain timed out after %.0f s; cutting off the requests still in flight", self.drain_timeout)
+        self.should_exit = True
 
 
 async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine, req: Any,
@@ -498,17 +753,19 @@ def parse_model_args(models: list[str]) -> dict[str, str]:
 
 def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, keys: str | None = None,
                max_waiting: int = 256, drain_timeout: float = 30.0, log_level: str = "info",
+               max_n: int = RequestLimits.max_n, max_prompts: int = RequestLimits.max_prompts,
+               max_stop: int = RequestLimits.max_stop, max_body_bytes: int = RequestLimits.max_body_bytes,
                **engine_args: Any) -> None:
-    """Load every model into its own engine and serve them until SIGINT/SIGTERM (which drains)."""
-    import uvicorn
-
+    """Load every model into its own engine and serve them until SIGINT/SIGTERM, which drain (see
+    `DrainingServer`); returns after a clean drain, raises LlmcycleError when the drain timed out."""
     from llmcycle.serve.engine import LLMEngine
 
     dirs = parse_model_args(models)
     store = KeyStore(keys, create=False) if keys else None
     engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=max_waiting)
                for name, path in dirs.items()}
-    state = ServerState(engines, store)
+    limits = RequestLimits(max_n=max_n, max_prompts=max_prompts, max_stop=max_stop, max_body_bytes=max_body_bytes)
+    state = ServerState(engines, store, limits)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
@@ -516,6 +773,12 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, key
               flush=True)
     if store is not None:
         print(f"API keys required ({len(store)} active in {keys})", flush=True)
+    # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
     config = uvicorn.Config(build_app(state, drain_timeout), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=int(drain_timeout))
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config, state, drain_timeout)
+    server.run()
+    if server.forced:
+        raise LlmcycleError("stopped by a second signal while draining; requests in flight were cut off.")
+    if server.drained_cleanly is False:
+        raise LlmcycleError(f"the drain timed out after {drain_timeout:.0f} s; requests in flight were cut off.")
