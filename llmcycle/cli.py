@@ -350,6 +350,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    p.add_argument("--max-n", type=int, default=16, help="most sequences per prompt (n, best_of); more get 400 "
+                   "(default: 16)")
+    p.add_argument("--max-prompts", type=int, default=128,
+                   help="most prompts in one completion request (default: 128)")
+    p.add_argument("--max-stop", type=int, default=16, help="most stop strings per request (default: 16)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB; larger ones get 413 (default: 4)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before exiting 2 (default: 30)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -425,6 +434,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for spec in args.models + ([args.draft_model] if args.draft_model else []):
         name, sep, path = spec.partition("=")
         check_model_dir(path if sep else spec)
+    for flag in ("max_n", "max_prompts", "max_stop", "max_body_mb", "drain_timeout"):
+        if getattr(args, flag) <= 0:
+            raise LlmcycleError(f"--{flag.replace('_', '-')} must be positive, not {getattr(args, flag)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -433,7 +445,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                chunk_size=args.chunk_size, enable_prefix_caching=not args.no_prefix_caching,
                device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
+               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+               max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
+               max_body_bytes=int(args.max_body_mb * 2**20), drain_timeout=args.drain_timeout)
     return 0
 
 

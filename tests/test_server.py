@@ -356,7 +356,8 @@ def test_sigterm_drains_running_requests_then_exits(model_dir):
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "llmcycle.cli", "serve", f"m={model_dir}", "--port", str(port),
-                             "--threads", "1", "--log-level", "warning"], env=env,
+                             "--threads", "1", "--log-level", "warning", "--max-n", "2", "--max-body-mb", "0.01"],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -368,6 +369,9 @@ def test_sigterm_drains_running_requests_then_exits(model_dir):
                     break
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        # the command's request limits reach the server
+        assert httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "def", "n": 3}).status_code == 400
+        assert httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "x" * 20_000}).status_code == 413
         body = {"model": "m", "prompt": "def", "max_tokens": 100, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         events = []
