@@ -364,7 +364,7 @@ def render(links: list[Link]) -> str:
 
 
 def add_lineage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an artifact directory, e.g. runs/sft/model")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an artifact directory, e.g. runs/default/dpo/model")
     parser.add_argument("--json", action="store_true", help="print the whole chain as JSON")
     parser.add_argument("--no-verify", action="store_true", help="follow the records without re-hashing files")
     parser.add_argument("--allow-missing", action="store_true",

@@ -267,3 +267,30 @@ def test_published_chat_model_stops_at_end_of_turn(own_dir, tmp_path):
         "hello there", SamplingParams(temperature=0, max_tokens=8))
     assert out.outputs[0].token_ids == [end] and out.outputs[0].finish_reason == "stop"
     assert out.outputs[0].text == ""
+
+
+def test_completions_endpoint_stops_at_end_of_turn(own_dir, tmp_path):
+    """/v1/completions on a published chat model stops at <|end|> like the offline engine (finish_reason stop)."""
+    import httpx
+
+    from llmcycle.serve.async_engine import AsyncLLMEngine
+    from llmcycle.serve.engine import LLMEngine
+    from llmcycle.serve.server import ServerState
+    from llmcycle.serve.smoke import serve_in_thread
+    from llmcycle.train.posttrain import copy_tokenizer
+
+    tok = Tokenizer.from_pretrained(own_dir)
+    model_dir = tmp_path / "tuned"
+    _end_loving_model(tok, model_dir)
+    copy_tokenizer(own_dir, model_dir)
+    engine = AsyncLLMEngine(LLMEngine(str(model_dir), block_size=4, num_blocks=32))
+    with serve_in_thread(ServerState({"m": engine}, None)) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "hello there", "max_tokens": 8,
+                                                      "temperature": 0}, timeout=30)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == 1
+        # ignore_eos generates past it, as vLLM does
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "hello there", "max_tokens": 8,
+                                                      "temperature": 0, "ignore_eos": True}, timeout=30)
+        assert r.json()["choices"][0]["finish_reason"] == "length"

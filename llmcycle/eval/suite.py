@@ -32,6 +32,7 @@ from llmcycle.eval.overlap import contamination, jsonl_stream, shard_stream
 from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
 from llmcycle.serve.engine import LLM
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.tokenizer import Tokenizer
@@ -207,9 +208,7 @@ def evaluate_model(model_dir: str | Path, heldout: str | Path | None = None, tra
     `seq_len` (held-out row length) defaults to pre-training's, so bpb equals its `val_bpb`."""
     if limit < 1:
         raise LlmcycleError(f"--limit must be at least 1, got {limit}.")
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LlmcycleError(f"{model_dir} is not a model directory (no config.json).")
+    model_dir = check_model_dir(model_dir)
     lin = lineage(model_dir)
     heldout = heldout or lin.heldout
     if heldout is None:

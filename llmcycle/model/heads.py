@@ -16,6 +16,7 @@ from torch import nn
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
 
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 
@@ -49,9 +50,7 @@ class ScalarHeadModel(Transformer):
     def from_pretrained(cls, path: str | Path, device=None, dtype: torch.dtype | None = None) -> ScalarHeadModel:
         from llmcycle.model.hf_io import read_state_dict
 
-        path = Path(path)
-        if not path.is_dir():
-            raise LlmcycleError(f"{path}: model directory not found.")
+        path = check_model_dir(path)
         raw = json.loads((path / "config.json").read_text())
         config = ModelConfig.from_json_file(path / "config.json")
         state = read_state_dict(path)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -161,9 +162,7 @@ def load_model(
 
     dtype None loads float32 (the training default); pass torch.bfloat16 etc. for inference.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise LlmcycleError(f"{path}: model directory not found.")
+    path = check_model_dir(path)
     config = ModelConfig.from_json_file(path / "config.json")
     state = read_state_dict(path)
     return model_from_state(config, state, source=str(path), device=device, dtype=dtype)

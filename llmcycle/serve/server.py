@@ -39,6 +39,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
 from llmcycle.serve.engine import CompletionOutput, RequestOutput
@@ -742,9 +743,8 @@ def parse_model_args(models: list[str]) -> dict[str, str]:
         if not sep:
             path = m
             p = Path(m).resolve()
-            name = p.parent.name if p.name == "model" else p.name  # runs/sft/model -> "sft"
-        if not (Path(path) / "config.json").exists():
-            raise LlmcycleError(f"{path} is not a model directory (no config.json).")
+            name = p.parent.name if p.name == "model" else p.name  # runs/default/sft/model -> "sft"
+        check_model_dir(path)
         if name in out:
             raise LlmcycleError(f"two models are named {name!r}; name them with NAME=DIR.")
         out[name] = path

@@ -33,6 +33,7 @@ from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
 from llmcycle.progress import progress
 from llmcycle.train import rl
 from llmcycle.train.chat_data import holds_out_user_data
@@ -155,8 +156,7 @@ def _value_model(cfg: PPOConfig) -> ScalarHeadModel:
     src = cfg.value_model or cfg.reward_model
     if src is None:
         return ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(cfg.model))
-    if not Path(src).is_dir():
-        raise LlmcycleError(f"{src}: value model directory not found.")
+    check_model_dir(src, "value model")
     try:
         return ScalarHeadModel.from_pretrained(src)
     except LlmcycleError as e:
