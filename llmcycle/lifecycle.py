@@ -31,8 +31,7 @@ from llmcycle.data.config import DataConfig
 from llmcycle.errors import LlmcycleError
 from llmcycle.manifest import MANIFEST, RECORD, UNHASHED, file_hashes, versions
 from llmcycle.train.config import PretrainConfig
-from llmcycle.train.dpo import DPOConfig
-from llmcycle.train.sft import SFTConfig
+from llmcycle.train.post_config import DPOConfig, SFTConfig
 
 STAGES = ("data", "pretrain", "sft", "dpo", "eval", "serve", "report")
 MODEL_STAGES = ("pretrain", "sft", "dpo")

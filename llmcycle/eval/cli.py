@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
-from llmcycle.eval.suite import SUITE_VERSION, evaluate_model, heldout_items, lineage, win_rate
 
 # Gated metrics: True where higher is better. bpb gets a relative threshold (its scale depends on the
 # data), accuracies an absolute one (they are already fractions).
@@ -104,6 +103,9 @@ def default_out(model_dir: str | Path) -> Path:
 
 
 def eval_main(args: argparse.Namespace) -> int:
+    # the suite imports torch: only when evaluating, not for `llmcycle eval --help`
+    from llmcycle.eval.suite import SUITE_VERSION, evaluate_model, heldout_items, lineage, win_rate
+
     if bool(args.model) == bool(args.compare):
         raise LlmcycleError("give either one MODEL_DIR or --compare A B.")
     if args.judge and not args.compare:

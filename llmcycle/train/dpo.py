@@ -14,13 +14,11 @@ logps/chosen, logps/rejected (and eval_ prefixed on held-out pairs).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import losses as L
@@ -38,12 +36,12 @@ from llmcycle.train.chat_data import (
 from llmcycle.train.distributed import all_reduce_sum
 from llmcycle.train.examples import PreferenceExample, UnpairedExample
 from llmcycle.train.logps import token_logps
+from llmcycle.train.post_config import (
+    DPOConfig,
+)
 from llmcycle.train.post_eval import exact_match
 from llmcycle.train.posttrain import (
-    CheckpointSection,
-    DataSection,
     EpochLoader,
-    OptimSection,
     Session,
     chunks,
     file_inputs,
@@ -57,40 +55,6 @@ from llmcycle.train.posttrain import (
 PAIRED = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 REF_CACHE = "ref_logps.pt"
-
-
-@dataclass
-class DPOOptim(OptimSection):
-    lr: float = Fh(2e-4, "peak learning rate")
-    epochs: float = Fh(1.0, "passes over the training data (ignored when max_steps > 0)")
-
-
-@dataclass
-class DPOEval:
-    every: int = Fh(50, "held-out evaluation every N steps (and before the first and after the last)")
-    max_pairs: int = Fh(256, "held-out preference pairs per evaluation")
-    generate: int = Fh(64, "held-out prompts answered greedily, compared with the chosen answer (0: none)")
-    max_new_tokens: int = Fh(24, "tokens generated per answer")
-
-
-@dataclass
-class DPOConfig:
-    out_dir: str = Fh("runs/dpo", "output directory (checkpoints, final model, reference cache, metrics)")
-    model: str = Fh("runs/default/sft/model", "the model to tune (usually the SFT model)")
-    ref_model: str | None = Fh(None, "reference model; null: the starting model itself")
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = Fh(
-        "sigmoid", "sigmoid (DPO), ipo, hinge, robust (label smoothing), simpo, orpo (reference-free), kto (unpaired)")
-    beta: float = Fh(0.1, "DPO beta / IPO tau / SimPO beta (paper: 2.0-2.5) / ORPO lambda / KTO beta")
-    label_smoothing: float = Fh(0.0, "robust DPO and SimPO: assumed fraction of flipped labels")
-    rpo_alpha: float | None = Fh(None, "RPO (TRL's rpo_alpha): add alpha x the chosen answers' mean token NLL, "
-                                 "so preference tuning does not unlearn the right answers; null: off")
-    simpo_gamma_beta_ratio: float = Fh(0.5, "SimPO: target margin gamma as a multiple of beta")
-    desirable_weight: float = Fh(1.0, "KTO: weight of desirable examples' loss")
-    undesirable_weight: float = Fh(1.0, "KTO: weight of undesirable examples' loss")
-    data: DataSection = field(default_factory=DataSection)
-    train: DPOOptim = field(default_factory=DPOOptim)
-    eval: DPOEval = field(default_factory=DPOEval)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 # ---- log-probs of completions --------------------------------------------------------------------

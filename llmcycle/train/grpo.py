@@ -16,22 +16,21 @@ divide). `train.max_steps` counts iterations; a metrics record's `step` counts o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.progress import progress
 from llmcycle.train import rl
 from llmcycle.train.chat_data import holds_out_user_data
+from llmcycle.train.post_config import (
+    GRPOConfig,
+)
 from llmcycle.train.posttrain import (
-    CheckpointSection,
     EpochLoader,
-    OptimSection,
     Session,
     chunks,
     evaluate_and_checkpoint,
@@ -44,9 +43,6 @@ from llmcycle.train.posttrain import (
 )
 from llmcycle.train.rewards import compute_rewards, load_reward_functions
 from llmcycle.train.rollout import (
-    GenerationSection,
-    OnlineEval,
-    PromptData,
     RolloutBatch,
     check_generation,
     decode_completions,
@@ -61,39 +57,6 @@ from llmcycle.train.rollout import (
     rollout_logps,
     stop_ids,
 )
-
-
-@dataclass
-class GRPOOptim(OptimSection):
-    lr: float = Fh(5e-5, "peak learning rate")
-    batch_size: int = Fh(16, "completions per micro-batch per process")
-    grad_accum: int = Fh(4, "micro-batches per optimizer step")
-    max_steps: int = Fh(100, "GRPO iterations (generation batches); 0 derives them from epochs over the prompts")
-    warmup_steps: int = Fh(0, "linear warm-up, in iterations")
-
-
-@dataclass
-class GRPOConfig:
-    out_dir: str = Fh("runs/grpo", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/default/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
-    reward_funcs: list[str] = Fh(["exact_match"], "reward functions, summed with reward_weights: exact_match, "
-                                 "module:function or path/file.py:function")
-    reward_weights: list[float] | None = Fh(None, "weight of each reward function; null: 1.0 each")
-    num_generations: int = Fh(8, "completions sampled per prompt (the group)")
-    beta: float = Fh(0.04, "weight of the k3 KL to the reference; 0: no reference model is loaded")
-    epsilon: float = Fh(0.2, "ratio clip (lower side, and upper side unless epsilon_high)")
-    epsilon_high: float | None = Fh(None, "upper ratio clip (DAPO's clip-higher); null: epsilon")
-    kl_bias_correction: bool = Fh(True, "weigh each token's KL by the policy ratio (TRL's use_bias_correction_kl)")
-    num_iterations: int = Fh(1, "optimizer steps on each generation batch (mu in the paper)")
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Fh(
-        "dapo", "loss normalisation, as TRL: dapo = per token over the step, grpo = per sequence then per batch, "
-        "dr_grpo = per batch x max_new_tokens")
-    scale_rewards: bool = Fh(True, "divide advantages by the group's reward std (false: Dr. GRPO)")
-    generation: GenerationSection = field(default_factory=GenerationSection)
-    data: PromptData = field(default_factory=PromptData)
-    train: GRPOOptim = field(default_factory=GRPOOptim)
-    eval: OnlineEval = field(default_factory=OnlineEval)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 @dataclass

@@ -21,9 +21,9 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
-from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel
@@ -49,6 +48,10 @@ from llmcycle.train.distributed import (
     pick_device,
     shutdown,
 )
+from llmcycle.train.post_config import (
+    DataSection,
+    OptimSection,
+)
 from llmcycle.train.pretrain import MetricsLog, TrainingDiverged, autocast_dtype
 from llmcycle.train.schedule import lr_at
 
@@ -56,35 +59,6 @@ TRAINER_STATE = "trainer_state.pt"
 MODULES_FILE = "modules.json"
 MAIN = "policy"  # the module saved at the top of a checkpoint / final directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-@dataclass
-class OptimSection:
-    batch_size: int = F(8, "examples (or packed rows) per micro-batch per process")
-    grad_accum: int = F(1, "micro-batches per optimizer step")
-    epochs: float = F(1.0, "passes over the training set (ignored when max_steps > 0)")
-    max_steps: int = F(0, "optimizer steps; 0 derives them from epochs")
-    lr: float = F(1e-4, "peak learning rate")
-    min_lr_ratio: float = F(0.1, "cosine decays to lr * min_lr_ratio")
-    warmup_steps: int = F(10, "linear warm-up steps")
-    weight_decay: float = F(0.0, "AdamW weight decay (matrices only)")
-    beta1: float = F(0.9, "AdamW beta1")
-    beta2: float = F(0.999, "AdamW beta2")
-    grad_clip: float = F(1.0, "max global gradient norm; 0 disables clipping")
-    dtype: Literal["auto", "fp32", "bf16"] = F("auto", "autocast dtype; auto = bf16 where the device is fast at it")
-    device: str = F("auto", "auto, cpu, cuda, cuda:N")
-    seed: int = F(42, "seed for data order, dropout-free sampling and initialisation of new heads")
-    threads: int | None = F(None, "torch CPU threads (default: torch's choice)")
-
-
-@dataclass
-class DataSection:
-    train: str = F("embedded", "training data: a .jsonl/.jsonl.gz/.parquet file or a folder of them; 'embedded' "
-                   "writes the tasks derived from the embedded corpus (llmcycle.train.synthetic)")
-    eval: str | None = F("embedded", "held-out data in the same format; 'embedded' for the embedded tasks; null for none")
-    max_length: int = F(256, "tokens per example (prompt + completion); longer ones are truncated and counted")
-    embedded_per_task: int = F(400, "examples per embedded task (train + eval)")
-    embedded_seed: int = F(0, "seed of the embedded tasks")
 
 
 # Which embedded file feeds each kind of dataset (names returned by synthetic.write_embedded_datasets).
@@ -111,12 +85,6 @@ def resolve_data(data: DataSection, out_dir: Path, kind: str) -> tuple[list[Path
         return [p]
 
     return pick(data.train, 0), pick(data.eval, 1)
-
-
-@dataclass
-class CheckpointSection:
-    every: int = F(100, "save a checkpoint every N steps (and at the end)")
-    keep: int = F(2, "keep the last K checkpoints")
 
 
 class EpochLoader:

@@ -23,13 +23,11 @@ reward model. Every iteration:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
@@ -37,10 +35,11 @@ from llmcycle.paths import check_model_dir
 from llmcycle.progress import progress
 from llmcycle.train import rl
 from llmcycle.train.chat_data import holds_out_user_data
+from llmcycle.train.post_config import (
+    PPOConfig,
+)
 from llmcycle.train.posttrain import (
-    CheckpointSection,
     EpochLoader,
-    OptimSection,
     Session,
     chunks,
     evaluate_and_checkpoint,
@@ -58,9 +57,6 @@ from llmcycle.train.rewards import (
     load_reward_functions,
 )
 from llmcycle.train.rollout import (
-    GenerationSection,
-    OnlineEval,
-    PromptData,
     RolloutBatch,
     check_generation,
     decode_completions,
@@ -76,52 +72,6 @@ from llmcycle.train.rollout import (
     rollout_values,
     stop_ids,
 )
-
-
-@dataclass
-class PPOOptim(OptimSection):
-    lr: float = Fh(3e-5, "peak learning rate (policy and value model)")
-    batch_size: int = Fh(8, "rollouts per micro-batch per process")
-    max_steps: int = Fh(100, "PPO iterations (rollout batches); 0 derives them from epochs over the prompts")
-    warmup_steps: int = Fh(0, "linear warm-up, in iterations")
-
-
-@dataclass
-class PPOGeneration(GenerationSection):
-    temperature: float = Fh(0.7, "sampling temperature (> 0); log-probs are taken at the same temperature")
-
-
-@dataclass
-class PPOConfig:
-    out_dir: str = Fh("runs/ppo", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/default/sft/model", "the policy to train (usually the SFT model); also the frozen reference")
-    reward_model: str | None = Fh("runs/reward/model", "reward model directory (`llmcycle reward`); null: "
-                                  "reward functions only")
-    value_model: str | None = Fh(None, "where the value model starts; null: the reward model (or the policy's "
-                                 "body with a fresh head when there is no reward model)")
-    reward_funcs: list[str] = Fh([], "reward functions added to the reward model's score: exact_match, "
-                                 "module:function or path/file.py:function")
-    reward_weights: list[float] | None = Fh(None, "weight of each reward function; null: 1.0 each")
-    missing_eos_penalty: float | None = Fh(None, "subtracted from the score of a completion that did not end "
-                                           "with its end-of-turn token; null: none")
-    num_minibatches: int = Fh(1, "minibatches (optimizer steps) per pass over a rollout batch")
-    ppo_epochs: int = Fh(4, "passes over each rollout batch")
-    cliprange: float = Fh(0.2, "policy ratio clip")
-    cliprange_value: float = Fh(0.2, "value clip around the rollout's values")
-    vf_coef: float = Fh(0.1, "weight of the value loss")
-    gamma: float = Fh(1.0, "discount")
-    lam: float = Fh(0.95, "GAE lambda")
-    whiten_rewards: bool = Fh(False, "whiten per-token rewards (spread only, level kept) before GAE")
-    kl_coef: float = Fh(0.05, "KL penalty coefficient (the initial one with adaptive_kl)")
-    kl_estimator: Literal["k1", "k3"] = Fh("k1", "per-token KL estimate: k1 = log pi - log ref, k3 = (r-1) - log r")
-    adaptive_kl: bool = Fh(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = Fh(6.0, "adaptive KL: target KL per completion (summed over its tokens)")
-    kl_horizon: int = Fh(10000, "adaptive KL: horizon in rollouts")
-    generation: PPOGeneration = field(default_factory=PPOGeneration)
-    data: PromptData = field(default_factory=PromptData)
-    train: PPOOptim = field(default_factory=PPOOptim)
-    eval: OnlineEval = field(default_factory=OnlineEval)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 @dataclass

@@ -8,11 +8,10 @@ what `transformers`' LlamaForSequenceClassification computes on the saved model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
@@ -27,11 +26,11 @@ from llmcycle.train.chat_data import (
 )
 from llmcycle.train.examples import PreferenceExample
 from llmcycle.train.losses import bradley_terry_loss
+from llmcycle.train.post_config import (
+    RewardConfig,
+)
 from llmcycle.train.posttrain import (
-    CheckpointSection,
-    DataSection,
     EpochLoader,
-    OptimSection,
     Session,
     chunks,
     file_inputs,
@@ -41,29 +40,6 @@ from llmcycle.train.posttrain import (
     total_steps,
     train_loop,
 )
-
-
-@dataclass
-class RewardOptim(OptimSection):
-    lr: float = Fh(3e-4, "peak learning rate")
-    epochs: float = Fh(2.0, "passes over the training pairs (ignored when max_steps > 0)")
-
-
-@dataclass
-class RewardEval:
-    every: int = Fh(50, "held-out accuracy every N steps (and before the first and after the last)")
-    max_pairs: int = Fh(512, "held-out pairs per evaluation")
-
-
-@dataclass
-class RewardConfig:
-    out_dir: str = Fh("runs/reward", "output directory (checkpoints, final reward model, metrics)")
-    model: str = Fh("runs/default/sft/model", "model to start from: a language model (a fresh head is added) or a reward model")
-    center_coefficient: float | None = Fh(None, "weight of the (r_chosen + r_rejected)^2 centering term; null: none")
-    data: DataSection = field(default_factory=DataSection)
-    train: RewardOptim = field(default_factory=RewardOptim)
-    eval: RewardEval = field(default_factory=RewardEval)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 def pair_rows(pairs: list[PreferenceExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,11 +18,10 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import last_token_scores
 from llmcycle.model.kv_cache import KVCache
@@ -37,7 +36,9 @@ from llmcycle.train.chat_data import (
 from llmcycle.train.examples import PromptExample
 from llmcycle.train.logps import token_logps
 from llmcycle.train.masking import IGNORE
-from llmcycle.train.posttrain import DataSection
+from llmcycle.train.post_config import (
+    GenerationSection,
+)
 
 # ---- sampling --------------------------------------------------------------------------------------
 
@@ -227,29 +228,6 @@ def in_chunks(fn: Callable[[RolloutBatch], torch.Tensor], batch: RolloutBatch, s
 
 
 # ---- shared by ppo.py and grpo.py --------------------------------------------------------------------
-
-
-@dataclass
-class PromptData(DataSection):
-    max_length: int = Fh(256, "prompt + completion tokens: prompts longer than max_length - "
-                         "generation.max_new_tokens are rejected (and counted)")
-
-
-@dataclass
-class GenerationSection:
-    max_new_tokens: int = Fh(24, "tokens generated per completion at most")
-    temperature: float = Fh(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
-    top_k: int | None = Fh(None, "sample among the k most likely tokens; null: all")
-    top_p: float | None = Fh(None, "nucleus sampling mass; null: off")
-    batch_size: int = Fh(0, "rows generated together; 0: the whole rollout batch at once")
-    sampler: Literal["simple", "engine"] = Fh(
-        "simple", "simple: one padded KV-cache batch; engine: the serving engine (paged KV, continuous batching)")
-
-
-@dataclass
-class OnlineEval:
-    every: int = Fh(50, "held-out exact match every N steps (and before the first and after the last)")
-    generate: int = Fh(64, "held-out prompts with a reference answered greedily (0: none)")
 
 
 def make_sampler(g: GenerationSection) -> Sampler:

@@ -11,13 +11,11 @@ token, whatever the accumulation.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from llmcycle.config import field_help as Fh
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train.batching import packed_batch, pad_batch, plan_packs
@@ -31,12 +29,12 @@ from llmcycle.train.chat_data import (
 )
 from llmcycle.train.examples import SFTExample
 from llmcycle.train.masking import IGNORE
+from llmcycle.train.post_config import (
+    SFTConfig,
+)
 from llmcycle.train.post_eval import exact_match, heldout_loss
 from llmcycle.train.posttrain import (
-    CheckpointSection,
-    DataSection,
     EpochLoader,
-    OptimSection,
     Session,
     chunks,
     file_inputs,
@@ -46,36 +44,6 @@ from llmcycle.train.posttrain import (
     total_steps,
     train_loop,
 )
-
-
-@dataclass
-class SFTData(DataSection):
-    loss_on: Literal["assistant", "all"] = Fh("assistant", "train on assistant tokens only, or on every token")
-    packing: bool = Fh(True, "pack several examples per row (no attention across them); false pads one per row")
-
-
-@dataclass
-class SFTOptim(OptimSection):
-    lr: float = Fh(1e-3, "peak learning rate")
-    epochs: float = Fh(3.0, "passes over the training set (ignored when max_steps > 0)")
-
-
-@dataclass
-class SFTEval:
-    every: int = Fh(50, "held-out evaluation every N steps (and before the first and after the last)")
-    max_examples: int = Fh(256, "held-out examples for the loss")
-    generate: int = Fh(64, "held-out examples answered greedily for exact match (0: none)")
-    max_new_tokens: int = Fh(24, "tokens generated per answer")
-
-
-@dataclass
-class SFTConfig:
-    out_dir: str = Fh("runs/sft", "output directory (checkpoints, final model, metrics)")
-    model: str = Fh("runs/default/pretrain/model", "model directory to fine-tune (Hugging Face layout, with its tokenizer)")
-    data: SFTData = field(default_factory=SFTData)
-    train: SFTOptim = field(default_factory=SFTOptim)
-    eval: SFTEval = field(default_factory=SFTEval)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
 
 def examples_hash(examples: list[SFTExample]) -> str:
