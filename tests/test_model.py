@@ -260,7 +260,8 @@ def test_missing_config(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(LlmcycleError) as e:
         Transformer.from_pretrained(tmp_path)
-    _assert_clean_error(e, str(tmp_path / "config.json"))
+    # the one wording for a folder that is not a model directory (llmcycle.paths.check_model_dir)
+    _assert_clean_error(e, f"{tmp_path}: not a model directory (no config.json).")
 
 
 def test_bad_config_json(tmp_path):
