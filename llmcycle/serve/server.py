@@ -42,8 +42,8 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
-from llmcycle.serve.engine import CompletionOutput, RequestOutput
 from llmcycle.serve.metrics import ServerMetrics
+from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
