@@ -27,6 +27,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.hf_io import generation_eos_ids
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import BlockManager
+from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.kv_pool import KVPool
 from llmcycle.serve.model_runner import ModelRunner
 from llmcycle.serve.output_processor import OutputProcessor, RequestMetrics, RequestOutput, RequestState
@@ -39,12 +40,17 @@ from llmcycle.tokenizer import Tokenizer
 class LLMEngine:
     """Scheduler, model runner and output processor; `step()` runs one batched step."""
 
-    def __init__(self, model_dir: str | Path | None, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_bytes: int = 256 * 2**20, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 chunk_size: int | None = None, enable_prefix_caching: bool = True,
+    def __init__(self, model_dir: str | Path | None, block_size: int = ServeConfig.block_size,
+                 num_blocks: int | None = None, kv_cache_bytes: int = ServeConfig.kv_cache_mb * 2**20,
+                 max_num_seqs: int = ServeConfig.max_num_seqs,
+                 max_num_batched_tokens: int = ServeConfig.max_num_batched_tokens,
+                 chunk_size: int | None = ServeConfig.chunk_size,
+                 enable_prefix_caching: bool = ServeConfig.enable_prefix_caching,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 draft_model: str | Path | None = None, num_speculative_tokens: int = 4,
+                 draft_model: str | Path | None = None,
+                 num_speculative_tokens: int = ServeConfig.num_speculative_tokens,
                  model: Transformer | None = None, tokenizer: Tokenizer | None = None):
+        # Defaults are ServeConfig's (`ServeConfig.engine_args()` gives them all from a recipe).
         # `model` (with model_dir None) serves a live in-memory model, e.g. a policy's rollouts during
         # PPO/GRPO; without a tokenizer the engine works in token ids only (no text, no stop strings).
         if model is None and model_dir is None:

@@ -93,8 +93,8 @@ class ModelRunner:
         return Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
 
     @classmethod
-    def for_model(cls, model: Transformer, block_size: int = 16, num_blocks: int | None = None,
-                  kv_cache_bytes: int = 256 * 2**20) -> ModelRunner:
+    def for_model(cls, model: Transformer, block_size: int, num_blocks: int | None, kv_cache_bytes: int
+                  ) -> ModelRunner:
         """A runner around a loaded model, its pool sized by `num_blocks` or else by the byte budget."""
         cfg = model.config
         p = next(model.parameters())
