@@ -217,22 +217,32 @@ def _headline(stage: str, record: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from llmcycle.model import Transformer, generate
+    from llmcycle.serve.engine import LLM
+    from llmcycle.serve.sampling import SamplingParams
     from llmcycle.tokenizer import Tokenizer
 
     check_model_dir(args.model_dir)
-    model = Transformer.from_pretrained(args.model_dir)
     tok = Tokenizer.from_pretrained(args.model_dir)
     if args.chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(args.prompt, add_special_tokens=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   stop_ids=tok.end_of_turn_ids, generator=gen)
-    answer = tok.decode(new, skip_special_tokens=True)
+    # The serving engine is the generator: the same sampling, stop handling and text as `llmcycle serve`.
+    # One request needs a KV pool for one sequence, not a server's budget.
+    block_size = 16
+    llm = LLM(args.model_dir, tokenizer=tok, block_size=block_size, max_num_seqs=1,
+              num_blocks=max(1, -(-(len(ids) + args.max_new_tokens) // block_size)))
+    context = llm.engine.max_model_len
+    max_tokens = min(args.max_new_tokens, context - len(ids))
+    if max_tokens < 1:
+        raise LlmcycleError(f"the prompt ({len(ids)} tokens) leaves no room in the model's context of {context}.")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, seed=args.seed, max_tokens=max_tokens,
+                            stop_token_ids=list(tok.end_of_turn_ids))
+    try:
+        params.validate()
+    except ValueError as e:
+        raise LlmcycleError(str(e)) from None
+    answer = llm.generate([ids], params)[0].outputs[0].text
     # A chat answer is a turn of its own: glued to the prompt it read as one run-on sentence.
     print(f"user: {args.prompt}\nassistant: {answer.strip()}" if args.chat else args.prompt + answer)
     return 0
