@@ -217,22 +217,32 @@ def _headline(stage: str, record: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from llmcycle.model import Transformer, generate
+    from llmcycle.serve.engine import LLM
+    from llmcycle.serve.sampling import SamplingParams
     from llmcycle.tokenizer import Tokenizer
 
     check_model_dir(args.model_dir)
-    model = Transformer.from_pretrained(args.model_dir)
     tok = Tokenizer.from_pretrained(args.model_dir)
     if args.chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         ids = tok.encode(args.prompt, add_special_tokens=True)
-    gen = torch.Generator().manual_seed(args.seed)
-    new = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   stop_ids=tok.end_of_turn_ids, generator=gen)
-    answer = tok.decode(new, skip_special_tokens=True)
+    # The serving engine is the generator: the same sampling, stop handling and text as `llmcycle serve`.
+    # One request needs a KV pool for one sequence, not a server's budget.
+    block_size = 16
+    llm = LLM(args.model_dir, tokenizer=tok, block_size=block_size, max_num_seqs=1,
+              num_blocks=max(1, -(-(len(ids) + args.max_new_tokens) // block_size)))
+    context = llm.engine.max_model_len
+    max_tokens = min(args.max_new_tokens, context - len(ids))
+    if max_tokens < 1:
+        raise LlmcycleError(f"the prompt ({len(ids)} tokens) leaves no room in the model's context of {context}.")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, seed=args.seed, max_tokens=max_tokens,
+                            stop_token_ids=list(tok.end_of_turn_ids))
+    try:
+        params.validate()
+    except ValueError as e:
+        raise LlmcycleError(str(e)) from None
+    answer = llm.generate([ids], params)[0].outputs[0].text
     # A chat answer is a turn of its own: glued to the prompt it read as one run-on sentence.
     print(f"user: {args.prompt}\nassistant: {answer.strip()}" if args.chat else args.prompt + answer)
     return 0
@@ -325,39 +335,54 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
+    from llmcycle.serve.config import ServeConfig as S
+
     p.description = ("Serve one or more model directories (each its own engine) with the OpenAI "
                      "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
-                     "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit.")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="a model directory, or NAME=DIR to choose its name")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--keys", metavar="DB", help="API key database (llmcycle keys create ...): keys required")
-    p.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget per model in MiB (default: 256)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk length (default: token budget)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--draft-model", metavar="DIR", default=None,
+                     "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit. Options come "
+                     "from a recipe (--config, keys below) with key=value overrides; the flags override both.")
+    p.epilog = _options_epilog(S)
+    p.add_argument("items", nargs="*", metavar="MODEL|key=value",
+                   help="a model directory, or NAME=DIR to choose its name (these replace the recipe's models); "
+                        "key=value overrides a recipe key")
+    p.add_argument("--config", "-c", default=None, metavar="RECIPE",
+                   help="recipe YAML file or shipped recipe name, e.g. serve (default: built-in defaults)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    # Flags default to "not given" so that only the ones on the command line override the recipe.
+    none = argparse.SUPPRESS
+    p.add_argument("--host", default=none, help=f"address to listen on (default: {S.host})")
+    p.add_argument("--port", type=int, default=none, help=f"port (default: {S.port})")
+    p.add_argument("--keys", metavar="DB", default=none,
+                   help="API key database (llmcycle keys create ...): keys required")
+    p.add_argument("--kv-cache-mb", type=int, default=none,
+                   help=f"KV cache budget per model in MiB (default: {S.kv_cache_mb})")
+    p.add_argument("--block-size", type=int, default=none, help=f"tokens per KV block (default: {S.block_size})")
+    p.add_argument("--max-num-seqs", type=int, default=none, help=f"sequences per batch (default: {S.max_num_seqs})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=none,
+                   help=f"tokens per step (default: {S.max_num_batched_tokens})")
+    p.add_argument("--chunk-size", type=int, default=none, help="prefill chunk length (default: token budget)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=none,
+                   help="disable prefix caching")
+    p.add_argument("--draft-model", metavar="DIR", default=none,
                    help="a smaller model with the same tokenizer for speculative decoding (all served models)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4,
-                   help="draft tokens proposed per step with --draft-model (default: 4)")
-    p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests allowed to wait; more get 503 (default: 256)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--num-speculative-tokens", type=int, default=none,
+                   help=f"draft tokens proposed per step with --draft-model (default: {S.num_speculative_tokens})")
+    p.add_argument("--max-waiting", type=int, default=none,
+                   help=f"requests allowed to wait; more get 503 (default: {S.max_waiting})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=none,
                    help="weights and KV dtype (default: as saved)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
-    p.add_argument("--max-n", type=int, default=16, help="most sequences per prompt (n, best_of); more get 400 "
-                   "(default: 16)")
-    p.add_argument("--max-prompts", type=int, default=128,
-                   help="most prompts in one completion request (default: 128)")
-    p.add_argument("--max-stop", type=int, default=16, help="most stop strings per request (default: 16)")
-    p.add_argument("--max-body-mb", type=float, default=4.0,
-                   help="largest request body in MiB; larger ones get 413 (default: 4)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for running requests before exiting 2 (default: 30)")
+    p.add_argument("--device", default=none, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
+    p.add_argument("--threads", type=int, default=none, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default=none, help=f"uvicorn log level (default: {S.log_level})")
+    p.add_argument("--max-n", type=int, default=none,
+                   help=f"most sequences per prompt (n, best_of); more get 400 (default: {S.max_n})")
+    p.add_argument("--max-prompts", type=int, default=none,
+                   help=f"most prompts in one completion request (default: {S.max_prompts})")
+    p.add_argument("--max-stop", type=int, default=none, help=f"most stop strings per request (default: {S.max_stop})")
+    p.add_argument("--max-body-mb", type=float, default=none,
+                   help=f"largest request body in MiB; larger ones get 413 (default: {S.max_body_mb:g})")
+    p.add_argument("--drain-timeout", type=float, default=none,
+                   help=f"seconds SIGTERM waits for running requests before exiting 2 (default: {S.drain_timeout:g})")
     p.set_defaults(func=cmd_serve)
 
 
@@ -426,27 +451,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
+    import dataclasses
+
+    from llmcycle.serve.config import ServeConfig
+
+    keys = {f.name for f in dataclasses.fields(ServeConfig)}
+    # A positional item is a recipe override when what precedes "=" names a recipe key (engine.x: a key
+    # with a section); otherwise it is a model, DIR or NAME=DIR.
+    overrides = [a for a in args.items if a.partition("=")[1] and a.partition("=")[0].split(".")[0] in keys]
+    models = [a for a in args.items if a not in overrides]
+    cfg = load_config(ServeConfig, args.config, overrides)
+    flags = {k: v for k, v in vars(args).items() if k in keys}
+    cfg = dataclasses.replace(cfg, **flags, **({"models": models} if models else {}))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    for spec in cfg.models + ([cfg.draft_model] if cfg.draft_model else []):
+        name, sep, path = spec.partition("=")
+        check_model_dir(path if sep else spec)
+    cfg.validate()
 
     from llmcycle.serve.server import run_server
 
-    for spec in args.models + ([args.draft_model] if args.draft_model else []):
-        name, sep, path = spec.partition("=")
-        check_model_dir(path if sep else spec)
-    for flag in ("max_n", "max_prompts", "max_stop", "max_body_mb", "drain_timeout"):
-        if getattr(args, flag) <= 0:
-            raise LlmcycleError(f"--{flag.replace('_', '-')} must be positive, not {getattr(args, flag)}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    run_server(args.models, host=args.host, port=args.port, keys=args.keys, max_waiting=args.max_waiting,
-               log_level=args.log_level, block_size=args.block_size, kv_cache_bytes=args.kv_cache_mb * 2**20,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               chunk_size=args.chunk_size, enable_prefix_caching=not args.no_prefix_caching,
-               device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-               max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
-               max_body_bytes=int(args.max_body_mb * 2**20), drain_timeout=args.drain_timeout)
+    run_server(cfg)
     return 0
 
 

@@ -7,7 +7,8 @@ from llmcycle.model.config import ModelConfig
 from llmcycle.model.generate import generate
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import BlockManager
-from llmcycle.serve.kv_pool import KVPool, PagedBatch, forward_paged
+from llmcycle.serve.kv_pool import KVPool, PagedBatch
+from llmcycle.serve.model_runner import forward_paged
 
 BS = 4  # block size: small, so prompts span several blocks and partial ones
 

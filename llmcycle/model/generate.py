@@ -1,7 +1,14 @@
 """Plain autoregressive sampling with a KV cache: for previews during training and for tests.
 
-The serving engine (llmcycle.serve) is the fast path for real traffic; this is the short, obviously
-correct one.
+The serving engine (`llmcycle.serve.engine.LLM`) is the generator: `llmcycle generate`, `llmcycle serve`,
+the evaluation suite and `generation.sampler: engine` rollouts use it. This helper stays for the places
+where depending on the engine is wrong:
+- inside a training loop (pretraining's sample continuations, post-training's held-out exact match): one
+  prompt at a time from the live, in-memory model (DDP-wrapped or not), without allocating a paged KV pool
+  next to the optimizer state, and with the RNG stream those runs have always drawn (their logged samples
+  stay comparable run to run; they never touch the weights);
+- as the reference the engine is tested against (greedy output token for token): the short, obviously
+  correct implementation, with nothing of the engine's machinery in it.
 """
 
 from __future__ import annotations

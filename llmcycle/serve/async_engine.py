@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.engine import LLMEngine, RequestOutput
 from llmcycle.serve.sampling import SamplingParams
 
@@ -49,7 +50,7 @@ class _Stream:
 class AsyncLLMEngine:
     """Thread-driven `LLMEngine` with an async `generate`; `max_waiting` bounds queued requests."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256,
+    def __init__(self, engine: LLMEngine, max_waiting: int = ServeConfig.max_waiting,
                  on_output: Callable[[RequestOutput], None] | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting

@@ -6,6 +6,8 @@ sequences that implements the model's kv_cache protocol (`update(layer, k, v)`, 
 it scatters each row's new K/V into that row's slots and gathers the row's blocks back as a dense,
 right-padded [B, kv_heads, T_keys, head_dim] tensor for SDPA (T_keys = the widest row's blocks x block_size).
 
+`model_runner.forward_paged` runs the model over a `PagedBatch`; this module only stores and addresses K/V.
+
 This gather is the plain-PyTorch path (nano-vllm replaces it with a paged flash-attention kernel): it
 copies each row's context every layer, whole blocks at a time, which is simple and exact.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from llmcycle.model.config import ModelConfig
-from llmcycle.model.transformer import Transformer
 
 
 class KVPool:
@@ -155,25 +156,3 @@ class PagedBatch:
 
     def advance(self, n: int) -> None:
         """No-op: token counts live in the BlockManager / scheduler, not in this per-step view."""
-
-
-@torch.no_grad()
-def forward_paged(
-    model: Transformer, pool: KVPool, seqs: list[tuple[list[int], int, list[int]]],
-    num_logits: list[int] | None = None,
-) -> torch.Tensor:
-    """One forward over (block_table, num_cached, new_token_ids) rows; logits of each last new token [B, V].
-
-    With `num_logits`, row b gives the logits of its last num_logits[b] tokens, all rows concatenated
-    ([sum(num_logits), V]; speculative decoding verifies several positions per row). Writes the new
-    tokens' K/V into the pool. The caller has already allocated the slots (BlockManager).
-    """
-    batch = PagedBatch(pool, [s[0] for s in seqs], [s[1] for s in seqs], [len(s[2]) for s in seqs])
-    input_ids = batch.input_ids([s[2] for s in seqs])
-    return model(
-        input_ids,
-        positions=batch.positions,
-        kv_cache=batch,
-        attention_mask=batch.attention_mask,
-        logits_mask=batch.logits_mask(num_logits),
-    )

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.sampling import SamplingParams
 
 
@@ -27,12 +28,12 @@ class RequestLimits:
     searched on every step of the request, a 20 MB body is read, parsed and tokenized whole. The defaults are generous next to OpenAI's (n <= 128, 4 stop strings).
     """
 
-    max_n: int = 16  # n and best_of: sequences one prompt may fan out into
-    max_prompts: int = 128  # prompts in one completion request (each is a request to the engine)
-    max_stop: int = 16  # stop strings per request
+    max_n: int = ServeConfig.max_n  # n and best_of: sequences one prompt may fan out into
+    max_prompts: int = ServeConfig.max_prompts  # prompts in one completion request (each is a request to the engine)
+    max_stop: int = ServeConfig.max_stop  # stop strings per request
     max_stop_chars: int = 1024  # characters per stop string (each step compares the text's tail with it)
     max_stop_token_ids: int = 1024
-    max_body_bytes: int = 4 * 2**20  # 413 above; also bounds the prompt the server will tokenize
+    max_body_bytes: int = int(ServeConfig.max_body_mb * 2**20)  # 413 above; also bounds the prompt the server will tokenize
     max_json_depth: int = 64  # nesting of arrays/objects in a body (a chat body needs about 5)
 
 

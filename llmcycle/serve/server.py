@@ -42,8 +42,9 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
-from llmcycle.serve.engine import CompletionOutput, RequestOutput
+from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.metrics import ServerMetrics
+from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
@@ -389,7 +390,7 @@ class _Logprobs:
 # ---- the app -----------------------------------------------------------------------------------
 
 
-def build_app(state: ServerState, drain_timeout: float = 30.0) -> FastAPI:
+def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeout) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for eng in state.engines.values():
@@ -751,20 +752,26 @@ def parse_model_args(models: list[str]) -> dict[str, str]:
     return out
 
 
-def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, keys: str | None = None,
-               max_waiting: int = 256, drain_timeout: float = 30.0, log_level: str = "info",
-               max_n: int = RequestLimits.max_n, max_prompts: int = RequestLimits.max_prompts,
-               max_stop: int = RequestLimits.max_stop, max_body_bytes: int = RequestLimits.max_body_bytes,
-               **engine_args: Any) -> None:
-    """Load every model into its own engine and serve them until SIGINT/SIGTERM, which drain (see
+def run_server(cfg: ServeConfig) -> None:
+    """Load every model of `cfg` into its own engine and serve them until SIGINT/SIGTERM, which drain (see
     `DrainingServer`); returns after a clean drain, raises LlmcycleError when the drain timed out."""
+    import torch
+
     from llmcycle.serve.engine import LLMEngine
 
-    dirs = parse_model_args(models)
-    store = KeyStore(keys, create=False) if keys else None
-    engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=max_waiting)
+    cfg.validate()
+    dirs = parse_model_args(cfg.models)
+    if cfg.draft_model is not None:
+        check_model_dir(cfg.draft_model)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    store = KeyStore(cfg.keys, create=False) if cfg.keys else None
+    engine_args = cfg.engine_args()
+    engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=cfg.max_waiting)
                for name, path in dirs.items()}
-    limits = RequestLimits(max_n=max_n, max_prompts=max_prompts, max_stop=max_stop, max_body_bytes=max_body_bytes)
+    limits = RequestLimits(max_n=cfg.max_n, max_prompts=cfg.max_prompts, max_stop=cfg.max_stop,
+                           max_body_bytes=cfg.max_body_bytes)
     state = ServerState(engines, store, limits)
     for name, e in engines.items():
         pool = e.engine.pool
@@ -772,13 +779,13 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8000, key
               f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}",
               flush=True)
     if store is not None:
-        print(f"API keys required ({len(store)} active in {keys})", flush=True)
+        print(f"API keys required ({len(store)} active in {cfg.keys})", flush=True)
     # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
-    config = uvicorn.Config(build_app(state, drain_timeout), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5)
-    server = DrainingServer(config, state, drain_timeout)
+    config = uvicorn.Config(build_app(state, cfg.drain_timeout), host=cfg.host, port=cfg.port,
+                            log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(config, state, cfg.drain_timeout)
     server.run()
     if server.forced:
         raise LlmcycleError("stopped by a second signal while draining; requests in flight were cut off.")
     if server.drained_cleanly is False:
-        raise LlmcycleError(f"the drain timed out after {drain_timeout:.0f} s; requests in flight were cut off.")
+        raise LlmcycleError(f"the drain timed out after {cfg.drain_timeout:.0f} s; requests in flight were cut off.")

@@ -77,7 +77,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
 class SimpleSampler:
     """Batched KV-cache sampling with one forward per generated token for the whole batch.
 
-    `batch_size` rows are generated together (None: all prompts at once).
+    `batch_size` rows are generated together (None: all prompts at once). The default PPO/GRPO sampler
+    although the serving engine can do the same (`EngineSampler`, `generation.sampler: engine`): a run's
+    weights depend on the exact tokens sampled, and this sampler's random stream is what every recipe's
+    results were made with; it samples from the live policy inside the training step (DDP-wrapped, with the
+    same temperature / top-k / top-p the log-probs are taken at) without building an engine per rollout.
     """
 
     def __init__(self, batch_size: int | None = None):

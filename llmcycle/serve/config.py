@@ -1,0 +1,80 @@
+"""`ServeConfig`: every option of `llmcycle serve`, with its one default (torch-free).
+
+`llmcycle serve` reads it from a recipe like every other stage (`--config recipes/serve.yaml key=value ...`);
+its flags (`--port`, `--kv-cache-mb`, ...) stay, as overrides. The engine's and the server's own defaults
+are these values (`LLMEngine`'s keyword defaults, `RequestLimits`), so a default is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmcycle.config import field_help as F
+from llmcycle.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+# The options that configure each LLMEngine (and its model runner), as opposed to the HTTP server.
+ENGINE_KEYS = ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "chunk_size",
+               "enable_prefix_caching", "draft_model", "num_speculative_tokens", "dtype", "device")
+
+
+@dataclass
+class ServeConfig:
+    # what and where
+    models: list[str] = F([], "model directories to serve, each DIR or NAME=DIR (the name defaults to the "
+                              "directory's name)")
+    host: str = F("127.0.0.1", "address to listen on")
+    port: int = F(8000, "port")
+    keys: str | None = F(None, "API key database (llmcycle keys create ...): keys required")
+    log_level: str = F("info", "uvicorn log level")
+    # engine (one per served model)
+    block_size: int = F(16, "tokens per KV block")
+    kv_cache_mb: int = F(256, "KV cache budget per model in MiB")
+    max_num_seqs: int = F(64, "sequences per batch")
+    max_num_batched_tokens: int = F(2048, "tokens per step")
+    chunk_size: int | None = F(None, "prefill chunk length (null: the token budget)")
+    enable_prefix_caching: bool = F(True, "reuse the KV blocks of a shared prompt prefix")
+    draft_model: str | None = F(None, "a smaller model with the same tokenizer for speculative decoding "
+                                      "(all served models)")
+    num_speculative_tokens: int = F(4, "draft tokens proposed per step with draft_model")
+    dtype: Dtype | None = F(None, "weights and KV dtype (null: as saved)")
+    device: str | None = F(None, "cpu, cuda, cuda:1 ... (null: cuda if present, else cpu)")
+    threads: int | None = F(None, "torch CPU threads (null: torch's choice)")
+    # admission and request limits
+    max_waiting: int = F(256, "requests allowed to wait; more get 503")
+    max_n: int = F(16, "most sequences per prompt (n, best_of); more get 400")
+    max_prompts: int = F(128, "most prompts in one completion request")
+    max_stop: int = F(16, "most stop strings per request")
+    max_body_mb: float = F(4.0, "largest request body in MiB; larger ones get 413")
+    drain_timeout: float = F(30.0, "seconds SIGTERM waits for running requests before exiting 2")
+
+    def validate(self) -> ServeConfig:
+        """Raise ConfigError naming the first bad value; returns self."""
+        if not self.models:
+            raise ConfigError("serve: no model to serve; give a model directory (or models: [...] in the recipe).")
+        for key in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "chunk_size",
+                    "num_speculative_tokens", "threads", "max_waiting", "max_n", "max_prompts", "max_stop",
+                    "max_body_mb", "drain_timeout"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"serve: {key} must be positive, not {value}.")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"serve: port must be in [0, 65535], not {self.port}.")
+        return self
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments of `LLMEngine` (imports torch for the dtype)."""
+        import torch
+
+        return dict(block_size=self.block_size, kv_cache_bytes=self.kv_cache_mb * 2**20,
+                    max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                    chunk_size=self.chunk_size, enable_prefix_caching=self.enable_prefix_caching,
+                    draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens,
+                    dtype=getattr(torch, self.dtype) if self.dtype else None, device=self.device)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
