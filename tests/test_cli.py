@@ -155,13 +155,13 @@ def test_a_closed_pipe_ends_quietly(tiny_base_model, tmp_path):
 
 
 def test_eval_says_where_it_wrote_and_what_it_replaced(tmp_path, capsys, monkeypatch):
-    import llmcycle.eval.cli as eval_cli
+    import llmcycle.eval.suite as eval_suite  # eval_main imports it when evaluating (not for --help)
     from llmcycle.cli import main
 
     model = _stage_dir(tmp_path) / "model"
     fake = {"suite": "v1", "model": str(model), "model_sha256": "0" * 64, "metrics": {"mc_accuracy": 0.5},
             "per_task": {}, "counts": {}, "decontamination": None}
-    monkeypatch.setattr(eval_cli, "evaluate_model", lambda *a, **k: (fake, None))
+    monkeypatch.setattr(eval_suite, "evaluate_model", lambda *a, **k: (fake, None))
     out = model.parent / "eval.json"
     assert main(["eval", str(model), "--json"]) == 0
     cap = capsys.readouterr()
