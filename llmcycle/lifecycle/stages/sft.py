@@ -6,6 +6,7 @@ filled in by the graph, and its report section from the trainer's own held-out n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmcycle import svg
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from llmcycle.report import Block, Section
 
 
-def from_previous_model(stage: str) -> Any:
+def from_previous_model(stage: str) -> Callable[[Lifecycle, Any], Any]:
     """A `configure` for a stage that trains the previous model: its out_dir and model set by the graph."""
 
     def configure(lc: Lifecycle, cfg: Any) -> Any:
@@ -28,7 +29,7 @@ def from_previous_model(stage: str) -> Any:
     return configure
 
 
-def trainer_report(stage: str) -> Any:
+def trainer_report(stage: str) -> Callable[[Records], list[Section]]:
     """A `report` for a post-training stage: the trainer's held-out numbers and its loss curves."""
 
     def report(run: Records) -> list[Section]:
