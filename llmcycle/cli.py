@@ -169,7 +169,7 @@ POSTTRAIN_COMMANDS = (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: the lifecycle graph from one recipe (llmcycle/lifecycle.py)."""
+    """The main job: the lifecycle graph from one recipe (llmcycle/lifecycle/)."""
     from llmcycle.lifecycle import LifecycleConfig
 
     if args.recipe and "=" in args.recipe:  # `llmcycle run pretrain.train.lr=1e-3`: an override, not a recipe
@@ -184,36 +184,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.checkpoint_roots = [lc.dir(s) / "checkpoints" for s in lc.stages]
     results = lc.run(from_stage=args.from_stage)
     print("\nsummary")
-    pre = (results.get("pretrain") or {}).get("metrics") or {}
-    rows = [(f"{s} ({r.get('seconds', 0) / 60:.1f} min)", ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in _headline(s, r).items()))
-        for s, r in results.items() if s != "report"]
-    if pre:
-        rows.insert(0, ("held-out bits/byte", f"{pre.get('val_bpb', float('nan')):.3f} "
-                                               f"(unigram baseline {pre.get('unigram_bpb', float('nan')):.3f})"))
-    for name, value in rows:
+    for name, value in summary_lines(results):
         print(f"  {name:<28} {value}")
-    by_stage = ((results.get("eval") or {}).get("metrics") or {}).get("by_stage") or {}
-    for metric in ("mc_accuracy", "exact_match", "heldout_bpb"):
-        values = [(s, m[metric]) for s, m in by_stage.items() if metric in m]
-        if values:
-            print(f"  {metric + ' by stage':<28} " + " -> ".join(f"{s} {v:.3f}" for s, v in values))
-    if "report" in results:
-        print(f"  {'report':<28} {lc.root / 'report.md'}, {lc.root / 'report.html'}")
     print(f"  {'model':<28} {lc.final_model()} (model card: README.md)")
     return 0
 
 
-def _headline(stage: str, record: dict) -> dict:
-    """The few numbers of a stage worth a summary line."""
-    m = record.get("metrics") or {}
-    if stage == "data":
-        return {"documents kept": f"{m.get('documents_kept', 0):,} of {m.get('documents_read', 0):,}",
-                "training tokens": f"{(m.get('train') or {}).get('num_tokens', 0):,}"}
-    keys = {"pretrain": ("val_loss",), "sft": ("eval_loss", "eval_exact_match"),
-            "dpo": ("eval_rewards/accuracies", "eval_exact_match"),
-            "serve": ("output_tokens_per_s", "ttft_median_s")}.get(stage, ())
-    return {k: m[k] for k in keys if k in m}
+def summary_lines(records: dict[str, dict]) -> list[tuple[str, str]]:
+    """The run's summary from its stage records: a line per stage (minutes and its `Stage.headline`
+    numbers), then the lines of their own each stage adds (`Stage.summary`)."""
+    from llmcycle.lifecycle import stages
+
+    ran = [(stages.get(s), r) for s, r in records.items()]
+    lines = [(f"{st.name} ({r.get('seconds', 0) / 60:.1f} min)", ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in st.headline(r).items()))
+        for st, r in ran if st.headline is not None]
+    return lines + [line for st, r in ran for line in st.summary(r)]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -263,9 +249,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.description = ("Run the lifecycle graph (data -> pretrain -> sft -> dpo -> eval -> serve -> "
-                     "report) into runs/<name>/<stage>/; the report stage writes report.md, "
-                     "report.html and a model card in every model directory. Up-to-date stages are "
+    from llmcycle.lifecycle.stages import names
+
+    p.description = (f"Run the lifecycle graph ({' -> '.join(names())}) into runs/<name>/<stage>/; "
+                     "the report stage writes report.md, report.html and a model card in every model directory. Up-to-date stages are "
                      "skipped, an interrupted one resumes. Stage sections take every key of the "
                      "stage's own command (llmcycle data / pretrain / sft / dpo --help), prefixed: "
                      "data.tokenizer.vocab_size=8192, pretrain.train.max_steps=100, sft.train.lr=1e-3; "
@@ -275,7 +262,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", default="default", help="recipe YAML or shipped name (default: default)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
-                   help="redo this stage and every stage after it (data, pretrain, sft, dpo, eval, serve, report)")
+                   help=f"redo this stage and every stage after it ({', '.join(names())})")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.set_defaults(func=cmd_run)
 

@@ -1,28 +1,28 @@
 """The run report: `runs/<name>/report.md` and `report.html`, built from what `llmcycle run` recorded.
 
-Everything in it is read back from the stage records (`stage.json`), the data stage's manifest, the
+Everything in it is read back from the stage records (`runs/<name>/*/stage.json`, as a `Records`), the
 trainers' `metrics.jsonl` and the eval/serve result files, so the report says what the artifacts say and
-can be rebuilt from them alone. The report is a list of sections, each a list of blocks (a paragraph, a
-table, a chart); Markdown shows the text and tables, HTML adds the charts (inline SVG, llmcycle/svg.py:
-one self-contained file, no scripts). The report stage also writes a model card into every model
-directory of the run (llmcycle/card.py), with the evaluation results of that stage and the ones before.
+can be rebuilt from them alone: `write_report(Records("runs/default"))`. The report is a list of
+sections, each a list of blocks (a paragraph, a table, a chart): the stages' table here, then each
+stage's own sections (its `Stage.report`). Markdown shows the text and tables, HTML adds the charts
+(inline SVG, llmcycle/svg.py: one self-contained file, no scripts). The report stage also writes a model
+card into every model directory of the run (llmcycle/card.py), with the evaluation results of that stage
+and the ones before.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import platform
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmcycle import svg
-from llmcycle.errors import LlmcycleError
 
 if TYPE_CHECKING:
-    from llmcycle.lifecycle import Lifecycle
+    from llmcycle.lifecycle.records import Records
 
 Block = tuple  # ("p", text) | ("table", header, rows) | ("chart", svg) | ("list", items); `code` in text
 Section = tuple[str, list[Block]]
@@ -38,10 +38,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
-
-
-def _metrics(results: dict, stage: str) -> dict:
-    return (results.get(stage) or {}).get("metrics") or {}
 
 
 def read_curves(path: Path, eval_key: str) -> dict[str, list[tuple[float, float]]]:
@@ -68,14 +64,14 @@ def read_curves(path: Path, eval_key: str) -> dict[str, list[tuple[float, float]
 # ---- sections -----------------------------------------------------------------------------------------
 
 
-def _stages(lc: Lifecycle) -> Section:
-    results = lc.results
-    shown = [s for s in lc.stages if s != "report"]
+def _stages(run: Records) -> Section:
+    results = run.records
+    shown = [s.name for s in run.stages if s.name != "report"]
     rows = []
     for s in shown:
         r = results.get(s) or {}
         rows.append([s, r.get("status"), r.get("seconds"), r.get("peak_rss_mb"), r.get("peak_rss_workers_mb"),
-                     str(lc.dir(s))])
+                     str(run.dir(s))])
     total = sum(r[2] or 0 for r in rows)
     scope = {(results.get(s) or {}).get("peak_rss_scope") for s in shown} - {None}
     blocks: list[Block] = [
@@ -90,147 +86,22 @@ def _stages(lc: Lifecycle) -> Section:
     return "Stages", blocks
 
 
-def _data(lc: Lifecycle) -> list[Section]:
-    m = _metrics(lc.results, "data")
-    if not m:
-        return []
-    funnel = m.get("funnel") or []
-    rows = [[f["step"], f["in"], f["out"], ", ".join(f"{k} {v}" for k, v in f.get("dropped", {}).items()) or None]
-            for f in funnel]
-    blocks: list[Block] = [
-        ("p", f"{m.get('documents_read', 0):,} documents read, {m.get('documents_kept', 0):,} kept; malformed "
-              f"input records: {sum((m.get('bad_input') or {}).values())}. Details (drops by reason and location, "
-              f"samples of dropped documents): `{lc.dir('data') / 'stats.json'}`."),
-        ("table", ["step", "documents in", "documents out", "dropped"], rows),
-        ("chart", svg.funnel_chart([(f["step"], f["out"]) for f in funnel], title="Data funnel (documents)")),
-    ]
-    sections: list[Section] = [("Data", blocks)]
-    tr, va = m.get("train") or {}, m.get("val") or {}
-    if tr.get("num_tokens"):
-        cfg = lc.cfg.data.tokenizer
-        bpt_train = tr["num_bytes"] / tr["num_tokens"]
-        bpt_val = va["num_bytes"] / va["num_tokens"] if va.get("num_tokens") else None
-        tok: list[Block] = [
-            ("p", f"{cfg.kind} tokenizer, {cfg.vocab_size} tokens, trained on the cleaned training text. "
-                  f"{tr['num_tokens']:,} training tokens ({tr['num_docs']:,} documents), {va.get('num_tokens', 0):,} "
-                  f"held-out tokens ({va.get('num_docs', 0):,} documents)."),
-            ("table", ["text", "UTF-8 bytes", "tokens", "bytes per token"],
-             [["training", tr["num_bytes"], tr["num_tokens"], bpt_train],
-              ["held out", va.get("num_bytes"), va.get("num_tokens"), bpt_val]]),
-            ("chart", svg.bar_chart(["raw UTF-8 bytes", "tokenizer: training text", "tokenizer: held-out text"],
-                                    [1.0, bpt_train, bpt_val if bpt_val is not None else math.nan],
-                                    title="Tokenizer compression (bytes per token)")),
-        ]
-        sections.append(("Tokenizer", tok))
-    return sections
-
-
-def _training(lc: Lifecycle) -> list[Section]:
-    sections: list[Section] = []
-    pre = _metrics(lc.results, "pretrain")
-    if pre:
-        blocks: list[Block] = [("table", ["steps", "held-out loss", "held-out bits/byte", "unigram baseline bits/byte"],
-                                [[pre.get("steps", pre.get("step")), pre.get("val_loss"), pre.get("val_bpb"),
-                                  pre.get("unigram_bpb")]])]
-        curves = read_curves(lc.dir("pretrain") / "metrics.jsonl", "val_loss")
-        if curves:
-            blocks.append(("chart", svg.line_chart(curves, title="Pre-training loss", x_label="step",
-                                                   y_label="loss (nats/token)")))
-        sections.append(("Pre-training", blocks))
-    for s in ("sft", "dpo"):
-        m = _metrics(lc.results, s)
-        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if not scalars:
-            continue
-        blocks = [("table", ["metric", "value"], [[k, v] for k, v in sorted(scalars.items())])]
-        curves = read_curves(lc.dir(s) / "metrics.jsonl", "eval_loss")
-        if curves:
-            blocks.append(("chart", svg.line_chart(curves, title=f"{s.upper()} loss", x_label="step", y_label="loss")))
-        sections.append((f"{s.upper()} (held-out, as the trainer measured it)", blocks))
-    return sections
-
-
-def _evaluation(lc: Lifecycle) -> list[Section]:
-    per_stage = _metrics(lc.results, "eval").get("by_stage") or {}
-    if not per_stage:
-        return []
-    stages = list(per_stage)
-    names = sorted({k for m in per_stage.values() for k, v in m.items() if isinstance(v, (int, float))})
-    blocks: list[Block] = [
-        ("p", "`llmcycle eval` suite v1 on every model of the run: held-out bits per byte on the held-out shards, "
-              "multiple choice by log-likelihood and greedy exact match on the held-out embedded tasks "
-              f"(docs/eval.md). Per-stage details: `{lc.dir('eval')}/<stage>.json`."),
-        ("table", ["metric", *stages], [[n, *(per_stage[s].get(n) for s in stages)] for n in names]),
-    ]
-    contamination = []
-    for s in stages:
-        path = lc.dir("eval") / f"{s}.json"
-        report = (json.loads(path.read_text()).get("decontamination") or {}) if path.is_file() else {}
-        where = report.get("sources") or {}
-        named = {k: ", ".join(v) if isinstance(v, list) else str(v) for k, v in where.items()}
-        contamination += [[s, f"{source}: {named[source]}" if source in named else source, report.get("items"),
-                           found["prompts"],
-                           found.get("prompt_and_answer")]
-                          for source, found in report.items() if isinstance(found, dict) and "prompts" in found]
-    if contamination:
-        blocks.append(("p", "Decontamination: held-out evaluation items whose prompt (and prompt followed by its "
-                            "answer) occur verbatim, as tokens, in each model's training data:"))
-        blocks.append(("table", ["model", "training data", "items", "prompt found", "prompt + answer found"],
-                       contamination))
-    accuracy = [n for n in ("mc_accuracy", "exact_match", "win_rate") if n in names]
-    if accuracy:
-        blocks.append(("chart", svg.grouped_bar_chart(accuracy, {s: [per_stage[s].get(n) for n in accuracy]
-                                                                  for s in stages}, title="Task accuracy by stage")))
-    if "heldout_bpb" in names:
-        labels, values = stages[:], [per_stage[s].get("heldout_bpb") for s in stages]
-        unigram = _metrics(lc.results, "pretrain").get("unigram_bpb")
-        if unigram is not None:
-            labels.append("unigram baseline")
-            values.append(unigram)
-        blocks.append(("chart", svg.bar_chart(labels, values, title="Held-out bits per byte (lower is better)")))
-    return [("Evaluation by stage", blocks)]
-
-
-def _serving(lc: Lifecycle) -> list[Section]:
-    srv = _metrics(lc.results, "serve")
-    if not srv:
-        return []
-    blocks: list[Block] = [("p", f"The final model `{lc.final_model()}` behind the real HTTP server on loopback "
-                                 "(OpenAI chat API, streamed), answering held-out task prompts.")]
-    blocks.append(("table", ["requests", "concurrency", "output tok/s", "median TTFT (s)", "median e2e (s)",
-                             "stream == plain", "/metrics == usage"],
-                   [[srv.get("requests"), srv.get("concurrency"), srv.get("output_tokens_per_s"),
-                     srv.get("ttft_median_s"), srv.get("e2e_median_s"), srv.get("stream_equals_plain"),
-                     srv.get("metrics_match_usage")]]))
-    path = lc.dir("serve") / "serve.json"
-    answers = json.loads(path.read_text()).get("answers", []) if path.is_file() else []
-    timed = [a for a in answers if a.get("e2e_s") is not None]
-    if timed:
-        ttft = [(i + 1, a["ttft_s"] * 1000) for i, a in enumerate(timed) if a.get("ttft_s") is not None]
-        e2e = [(i + 1, a["e2e_s"] * 1000) for i, a in enumerate(timed)]
-        blocks.append(("chart", svg.line_chart({"time to first token": ttft, "end to end": e2e},
-                                               title="Serving latency", x_label="request", y_label="ms")))
-    if answers:
-        blocks.append(("p", "Sample answers from the served model:"))
-        blocks.append(("table", ["prompt", "answer"], [[repr(a["prompt"]), repr(a["text"])] for a in answers[:5]]))
-    return [("Serving smoke test (real HTTP server on loopback)", blocks)]
-
-
-def build(lc: Lifecycle) -> tuple[str, list[str], list[Section]]:
+def build(run: Records) -> tuple[str, list[str], list[Section]]:
+    """Title, head lines and sections: the stages' table, then every recorded stage's own sections."""
     import torch
 
     from llmcycle import __version__
 
-    title = f"llmcycle run `{lc.cfg.name}`"
+    title = f"llmcycle run `{run.name}`"
     head = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; llmcycle {__version__}, torch "
             f"{torch.__version__}, Python {platform.python_version()}, {platform.machine()}."]
-    try:
-        final = lc.final_model()
+    final = run.final_model()
+    if final is not None:  # a recipe without model stages still gets a report
         head.append(f"Final model: `{final}` (model card: `{final / 'README.md'}`). "
                     f"Lineage: `llmcycle lineage {final}`.")
-    except LlmcycleError:  # a recipe without model stages still gets a report
-        pass
-    sections = [_stages(lc), *_data(lc), *_training(lc), *_evaluation(lc), *_serving(lc)]
+    sections = [_stages(run)]
+    for stage in run.stages:
+        sections += stage.report(run)
     return title, head, sections
 
 
@@ -285,29 +156,29 @@ def render_html(title: str, head: list[str], sections: list[Section]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_model_cards(lc: Lifecycle) -> list[Path]:
+def write_model_cards(run: Records) -> list[Path]:
     """A card in every model directory of the run, with the suite's results of that stage and those before."""
     from llmcycle.card import write_model_card
-    from llmcycle.lifecycle import MODEL_STAGES
 
-    per_stage = _metrics(lc.results, "eval").get("by_stage") or {}
+    per_stage = run.metrics("eval").get("by_stage") or {}
     written, seen = [], {}
-    for s in lc.stages:
-        if s not in MODEL_STAGES or not (lc.dir(s) / "model" / "manifest.json").is_file():
+    for s in run.model_stages():
+        if not (run.dir(s) / "model" / "manifest.json").is_file():
             continue
         if s in per_stage:
             seen[s] = per_stage[s]
-        written.append(write_model_card(lc.dir(s) / "model", dict(seen) or None, name=f"{lc.cfg.name}-{s}"))
+        written.append(write_model_card(run.dir(s) / "model", dict(seen) or None, name=f"{run.name}-{s}"))
     return written
 
 
-def write_report(lc: Lifecycle) -> Path:
-    """report.md and report.html in runs/<name>/ (and a copy in the report stage's folder), model cards."""
-    title, head, sections = build(lc)
+def write_report(run: Records, copy_to: Path | None = None) -> Path:
+    """report.md and report.html in runs/<name>/ (and a copy in `copy_to`: the report stage's folder), and
+    the model cards. Returns the path of report.md."""
+    title, head, sections = build(run)
     md, page = render_markdown(title, head, sections), render_html(title, head, sections)
-    lc.dir("report").mkdir(parents=True, exist_ok=True)
-    for folder in (lc.root, lc.dir("report")):
+    for folder in (run.root, *([copy_to] if copy_to is not None else [])):
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(md)
         (folder / "report.html").write_text(page)
-    write_model_cards(lc)
-    return lc.root / "report.md"
+    write_model_cards(run)
+    return run.root / "report.md"

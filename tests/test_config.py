@@ -90,7 +90,8 @@ def test_every_shipped_recipe_is_valid(name):
 
 
 def test_the_default_lifecycle_recipe_is_valid():
-    from llmcycle.lifecycle import STAGES, LifecycleConfig
+    from llmcycle.lifecycle import STAGE_NAMES as STAGES
+    from llmcycle.lifecycle import LifecycleConfig
 
     cfg = load_config(LifecycleConfig, "default")
     assert cfg.name == "default" and tuple(cfg.stages) == STAGES and cfg.pretrain.train.max_steps > 0

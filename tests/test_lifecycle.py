@@ -3,15 +3,17 @@ run skips them all, --from and a changed setting redo exactly the stages they sh
 test talks to a real server, and the report says what the records say."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_train_overrides
 from llmcycle.cli import main
-from llmcycle.config import load_config
+from llmcycle.config import field_help, load_config
 from llmcycle.errors import LlmcycleError
-from llmcycle.lifecycle import Lifecycle, LifecycleConfig, read_record, stage_outputs
+from llmcycle.lifecycle import PREVIOUS_MODEL, Lifecycle, LifecycleConfig, Stage, read_record, stage_outputs
+from llmcycle.lifecycle.stage import metrics_named
 
 
 def _post(stage: str) -> list[str]:
@@ -243,3 +245,83 @@ def test_peak_memory_is_each_stages_own():
     after = PeakMemory().read()
     assert during["peak_rss_scope"] == "stage"  # Linux: the high-water mark resets per stage
     assert during["peak_rss_mb"] > 200 and after["peak_rss_mb"] < during["peak_rss_mb"] - 150
+
+
+# ---- the seam: a new stage is one module (here, the block below) and one entry in the registry ----------
+
+
+@dataclass
+class _OptimizeConfig:
+    model: str = field_help("", "the model to optimize when no model stage precedes this one")
+    factor: int = field_help(2, "a setting, to show it reaches the key and the recipe")
+
+
+def _optimize(lc, resume: bool) -> dict:
+    """A stand-in for an optimizing stage: publishes a copy of the previous model and records a metric."""
+    import shutil
+
+    from llmcycle.artifacts import publish_dir, staging_dir
+
+    src, final = lc.previous_model("optimize"), lc.dir("optimize") / "model"
+    tmp = staging_dir(final)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("README.md"), dirs_exist_ok=True)
+    publish_dir(tmp, final)  # over the model a previous run left, as a model stage does
+    return {"files": len(list(src.iterdir())), "factor": lc.stage_config("optimize").factor}
+
+
+def _optimize_report(run) -> list:
+    m = run.metrics("optimize")
+    return [("Optimization", [("p", f"Copied {m['files']} files with factor {m['factor']}.")])] if m else []
+
+
+OPTIMIZE = Stage("optimize", _optimize, config=_OptimizeConfig, inputs=PREVIOUS_MODEL, produces_model=True,
+                 headline=metrics_named("files"), report=_optimize_report)
+
+
+def test_a_new_stage_is_one_module_and_one_registry_entry(tiny_data, tmp_path, capsys, monkeypatch):
+    """Registered after dpo, the new stage is configured, run in order, recorded, skipped when up to date,
+    rerun by --from, summarised, reported, carded and taken as the final model; the report is rebuilt from
+    the records alone."""
+    from llmcycle import lifecycle
+    from llmcycle.lifecycle import Records, lifecycle_config, stages
+    from llmcycle.report import write_report
+
+    graph = list(stages.STAGES)
+    graph.insert(stages.names().index("dpo") + 1, OPTIMIZE)  # the one line (in stages/__init__.py: STAGES)
+    monkeypatch.setattr(stages, "STAGES", graph)
+    monkeypatch.setattr(lifecycle, "LifecycleConfig", lifecycle_config(graph))  # what the import did
+
+    runs = tmp_path / "runs"
+    args = [*miniature(tiny_data, runs, "[pretrain,sft,dpo,optimize,report]"), "optimize.factor=3"]
+    assert main(["run", *args, "--print-config"]) == 0
+    assert "optimize:\n  model: ''\n  factor: 3" in capsys.readouterr().out
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    order = [out.index(f"[{s}] running") for s in ("pretrain", "sft", "dpo", "optimize", "report")]
+    assert order == sorted(order)
+    root = runs / "mini"
+    rec = read_record(root / "optimize")
+    assert rec["status"] == "done" and rec["metrics"]["factor"] == 3 and rec["config"]["factor"] == 3
+    assert rec["inputs"] == {"dpo": read_record(root / "dpo")["outputs"]}
+    assert rec["outputs"] == stage_outputs("dpo", root / "dpo")  # the copy hashes as the model it copied
+    assert "optimize (" in out and f"files {rec['metrics']['files']}" in out
+    assert f"{root / 'optimize' / 'model'} (model card: README.md)" in out  # the final model now
+    report = (root / "report.md").read_text()
+    assert "## Optimization" in report and "Copied" in report and "| optimize | done |" in report
+    assert "| metric | value |" in report  # the other stages' sections are still there
+    assert (root / "optimize" / "model" / "README.md").read_text().startswith("---\nlibrary_name")
+
+    assert main(["run", *args]) == 0  # nothing changed: all five skipped
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 5 and "running" not in out
+
+    assert main(["run", *args, "--from", "optimize"]) == 0
+    out = capsys.readouterr().out
+    assert "[dpo] up to date" in out and "[optimize] running" in out and "[report] running" in out
+
+    # the report from runs/mini/*/stage.json alone (no Lifecycle): the same page but for its timestamp
+    written = (root / "report.md").read_text()
+    (root / "report.md").unlink()
+    write_report(Records(root))
+    rebuilt = (root / "report.md").read_text()
+    assert rebuilt.splitlines()[3:] == written.splitlines()[3:] and "## Optimization" in rebuilt
