@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts import atomic_write_text
+from llmcycle.artifacts.lineage import show_path
+from llmcycle.artifacts.manifest import CARD, MANIFEST
 from llmcycle.errors import LlmcycleError
-from llmcycle.lineage import show_path
-from llmcycle.manifest import CARD, MANIFEST
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 CONFIG_ROWS = {  # what a reader wants to know of each training stage, by dotted config key
@@ -87,7 +88,7 @@ def parameter_count(model_dir: Path) -> int | None:
 
 def _chain(model_dir: Path) -> list[tuple[str, Path, dict]]:
     """(stage, directory, manifest) for every artifact with a manifest on the lineage chain, model first."""
-    from llmcycle.lineage import trace
+    from llmcycle.artifacts.lineage import trace
 
     out = []
     for link in trace(model_dir, verify=False):
@@ -353,7 +354,7 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
 def write_model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | None = None,
                      name: str | None = None) -> Path:
     path = Path(model_dir) / CARD
-    path.write_text(model_card(model_dir, evaluation, name))
+    atomic_write_text(path, model_card(model_dir, evaluation, name))
     return path
 
 

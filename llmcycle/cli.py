@@ -67,9 +67,9 @@ class TokenizerTrainConfig:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from llmcycle.artifacts.manifest import write_manifest
     from llmcycle.data.pycorpus import split_heldout
     from llmcycle.data.sources import load_documents
-    from llmcycle.manifest import write_manifest
     from llmcycle.tokenizer.train import bytes_per_token, train_tokenizer
 
     cfg = _load_recipe(TokenizerTrainConfig, args.config, args)
@@ -371,7 +371,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _add_lineage(p: argparse.ArgumentParser) -> None:
-    from llmcycle.lineage import add_lineage_arguments, lineage_main
+    from llmcycle.artifacts.lineage import add_lineage_arguments, lineage_main
 
     p.description = ("Walk a model directory's manifests back to the data, re-hashing every "
                      "artifact on the way; exit 1 when one was modified after it was recorded.")

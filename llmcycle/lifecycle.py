@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcycle.artifacts import recover
+from llmcycle.artifacts import atomic_write_json, is_temporary, recover
+from llmcycle.artifacts.manifest import MANIFEST, RECORD, UNHASHED, file_hashes, versions
 from llmcycle.config import field_help as F
 from llmcycle.config import to_dict
 from llmcycle.data.config import DataConfig
 from llmcycle.errors import LlmcycleError
-from llmcycle.manifest import MANIFEST, RECORD, UNHASHED, file_hashes, versions
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.post_config import DPOConfig, SFTConfig
 
@@ -82,9 +82,7 @@ def read_record(stage_dir: Path) -> dict | None:
 
 def _write_record(stage_dir: Path, record: dict) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(stage_dir / RECORD)  # atomic: a record is whole or absent
+    atomic_write_json(stage_dir / RECORD, record, default=str)  # a record is whole or absent
 
 
 def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
@@ -95,14 +93,14 @@ def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
     if stage in MODEL_STAGES:
         return file_hashes(stage_dir / "model", skip=UNHASHED) if (stage_dir / "model").exists() else {}
     skip = ("work", *UNHASHED) if stage == "data" else UNHASHED  # work/: the data stage's intermediate phases
-    return {name: h for name, h in file_hashes(stage_dir, skip).items() if not name.endswith(".tmp")}
+    return {name: h for name, h in file_hashes(stage_dir, skip).items() if not is_temporary(name)}
 
 
 def discard_stale(stage: str, stage_dir: Path) -> None:
     """Clear a stage that starts over (stale, or named by --from), all but its published model.
 
     A model stage's checkpoints, metrics and working files go; its `model/` stays until the rerun
-    publishes the new one over it (llmcycle/artifacts.py swaps it in whole), so a rerun that is
+    publishes the new one over it (llmcycle/artifacts/io.py swaps it in whole), so a rerun that is
     interrupted still leaves the last good model, loadable and verifiable by `llmcycle lineage`.
     Other stages start from an empty folder: their results are cheap to redo, and a data stage kept
     half-old could mix the shards of two recipes."""
@@ -307,7 +305,7 @@ def _run_eval(lc: Lifecycle, stage: str, resume: bool) -> dict:
     for s in lc.stages:
         if s in MODEL_STAGES:
             result, _ = evaluate_model(lc.dir(s) / "model", limit=lc.cfg.eval.limit)
-            (lc.dir(stage) / f"{s}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            atomic_write_json(lc.dir(stage) / f"{s}.json", result, default=str)
             by_stage[s] = result["metrics"]
             lc.log(f"[eval] {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
     return {"by_stage": by_stage}
@@ -322,7 +320,7 @@ def _run_serve(lc: Lifecycle, stage: str, resume: bool) -> dict:
     _, held = split_items(make_items(per_task=40))
     prompts = [it.prompt for it in held][: cfg.requests]
     result = smoke_test(lc.final_model(), prompts, cfg.concurrency, cfg.max_tokens)
-    (lc.dir(stage) / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(lc.dir(stage) / "serve.json", result)
     return {k: v for k, v in result.items() if k != "answers"}
 
 

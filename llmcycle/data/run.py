@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmcycle.artifacts import publish_dir, staging_dir
+from llmcycle.artifacts import atomic_write_json, publish_dir, staging_dir
 from llmcycle.data.config import DataConfig
 from llmcycle.data.executor import make_executor
 from llmcycle.data.output import (
@@ -129,7 +129,7 @@ def run_data(cfg: DataConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, decisions, t_start, log) -> dict:
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     _publish(out, None, plan, final, doc_files)
     steps = _collect_stats(phase_summaries, decisions, cfg.samples_per_reason)
@@ -137,7 +137,7 @@ def _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, de
     for s in phase_summaries[0]:
         problems.merge(s["problems"])
     stats = _stats_json(steps, problems, phase_summaries[0], time.time() - t_start)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    atomic_write_json(out / "stats.json", stats, indent=1)
     _write_samples(out, steps)
     metrics = {"seconds": stats["seconds"], "documents_kept": steps[-1].docs_out if steps else 0,
                "bad_input": dict(problems.counts), "funnel": _funnel(steps)}
@@ -193,7 +193,7 @@ def _tokenizer(cfg: DataConfig, work: Path, key: str, doc_files: list[Path], log
 
 def _publish(out: Path, tokenizer_dir: Path | None, plan, final, doc_files: list[Path]) -> None:
     """Copy the tokenizer and link the cleaned documents into the output folder, each folder swapped in
-    whole (llmcycle/artifacts.py): a previous run's folders stay until the new ones are complete."""
+    whole (llmcycle/artifacts/io.py): a previous run's folders stay until the new ones are complete."""
     dest = out / "tokenizer"
     if tokenizer_dir is not None and tokenizer_dir.resolve() != dest.resolve():
         tmp = staging_dir(dest)
@@ -258,10 +258,10 @@ def _funnel(steps) -> list[dict]:
 
 def _write_reports(cfg, out: Path, plan, steps, problems, read_summaries, splits, tokenizer, seconds,
                    tok_seconds) -> dict:
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     stats = _stats_json(steps, problems, read_summaries, seconds)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    atomic_write_json(out / "stats.json", stats, indent=1)
     _write_samples(out, steps)
     metrics = {
         "seconds": seconds,

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmcycle.artifacts.hashing import sha256_file
 from llmcycle.data.shards import ShardSet, tokenize_to_shards
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.distributed import DistInfo, barrier

@@ -425,7 +425,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg, data_info: dict, result: dict) -> None:
     from llmcycle.artifacts import publish_dir, staging_dir
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     tmp = staging_dir(final_dir)  # complete first; the previous model stays until the swap
     save_model(model, tmp, state_dict=model_state)

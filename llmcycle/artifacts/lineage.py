@@ -1,6 +1,6 @@
 """`llmcycle lineage MODEL_DIR`: the chain of artifacts from a model back to its raw sources, re-verified.
 
-Every stage writes `manifest.json` (llmcycle/manifest.py): the sha256 of each of its own files
+Every stage writes `manifest.json` (llmcycle/artifacts/manifest.py): the sha256 of each of its own files
 (`outputs`) and what it was made from (`inputs`: input models by path and hash, data files by path
 and hash, the pre-training data by its preparation key). `trace` follows those records depth first,
 re-hashes every recorded file and reports, per artifact, what changed since it was recorded. The
@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts.hashing import sha256_file
+from llmcycle.artifacts.manifest import MANIFEST, UNHASHED
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
-from llmcycle.manifest import MANIFEST, UNHASHED
 
 SHA = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_KEYS = ("model", "ref_model", "reward_model", "init_from", "data.corpus", "data.train", "model.size",

@@ -1,7 +1,15 @@
-"""Publishing a directory so that a crash never loses the last good one.
+"""Writing artifacts so that a crash never leaves half a file or loses the last good directory.
 
-Every artifact directory (a model, a tokenizer, a shard set) is built in a sibling staging directory
-(`staging_dir`), then swapped in by `publish_dir`:
+One file (a config, a record, a marker, `latest`) is written by `atomic_open` / `atomic_write_bytes` /
+`atomic_write_text` / `atomic_write_json`: into `.<name>.tmp-<pid>` beside it, flushed and fsync'd, renamed
+over `<name>` (`os.replace`, atomic on POSIX), then the directory is fsync'd. A reader sees the old
+bytes or the new ones, never a torn file, and once the call returns the new bytes survive a power cut.
+Why fsync every time: these writes are few and small next to the tensors and shards they describe, and
+a rename that reaches the disk before the data it names is exactly the torn file the rename is there to
+prevent (ext4/xfs may commit the rename first). The bytes are those the caller gives; nothing is added.
+
+A directory (a model, a tokenizer, a shard set) is built in a sibling staging directory (`staging_dir`),
+then swapped in by `publish_dir`:
 
 1. every file and directory of the new tree is fsync'd, so what the rename publishes is on disk;
 2. the new tree takes the final name. On Linux this is one `renameat2(RENAME_EXCHANGE)`: the old and the
@@ -22,12 +30,72 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import hashlib
+import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 AT_FDCWD = -100  # <fcntl.h>
 RENAME_EXCHANGE = 2  # <linux/fs.h>
+TMP_MARK = ".tmp-"  # in every temporary name this module makes: `.<name>.tmp-<pid>`
+
+
+def temp_name(path: Path) -> Path:
+    """Where the next version of `path` is written before it takes the name: hidden, same directory."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def is_temporary(name: str) -> bool:
+    """True for a writer's temporary file: ours (`.<name>.tmp-<pid>`) or the older `<name>.tmp`, so that a
+    crash's leftover is never taken for an artifact's file."""
+    base = Path(name).name
+    return (base.startswith(".") and TMP_MARK in base) or base.endswith(".tmp")
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """`open(path, mode)` for writing whose file takes the name `path` only when the block ends without an
+    exception (fsync'd, renamed, directory fsync'd: see the module's docstring); on an exception the
+    temporary file is removed and `path` is untouched. For streams: torch.save, np.savez, line by line."""
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes]) -> str:
+    """Write `data` (bytes, or chunks of them) to `path` atomically; return the sha256 of what was written."""
+    h = hashlib.sha256()
+    with atomic_open(path, "wb") as f:
+        for chunk in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> str:
+    """Write `text` to `path` atomically, as is (no newline translation); return the sha256 of its bytes."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      default: Any = None, ensure_ascii: bool = True, end: str = "\n") -> str:
+    """`json.dumps(obj, ...) + end` written atomically; return its sha256. The arguments are json.dumps's, so
+    each caller keeps the exact bytes it has always written (most: indent 2 and a final newline)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, ensure_ascii=ensure_ascii)
+    return atomic_write_text(path, text + end)
 
 
 def staging_dir(final: Path) -> Path:
@@ -94,6 +162,15 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, making the renames in it durable; best effort (not every platform or file system
+    allows opening or syncing a directory)."""
+    try:
+        _fsync(Path(directory))
+    except OSError:
+        pass
 
 
 def _exchange(a: Path, b: Path) -> bool:
