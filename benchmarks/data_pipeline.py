@@ -573,7 +573,6 @@ def datatrove_dedup_only(corpus: Path, work: Path) -> dict:
 
 
 def llmcycle_dedup_only(docs: list[dict]) -> dict:
-    from llmcycle.data.dedup import dropped_pairs
     from llmcycle.data.dedup.steps import ExactDedup, MinhashDedup
 
     out = {}
@@ -583,7 +582,7 @@ def llmcycle_dedup_only(docs: list[dict]) -> dict:
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in sigs])]).astype(np.int64)
         values = np.concatenate(sigs) if sigs else np.empty(0, dtype=np.uint64)
         decision = step.decide([(values, offsets)])
-        dropped = [i for _, i in dropped_pairs(decision)]
+        dropped = decision["drop_index"].tolist()  # one task: its indices are the documents'
         out[f"{key}_dropped"] = {docs[i]["id"] for i in dropped}
         if key == "minhash":
             kept = dict(zip(decision["drop_index"].tolist(), decision["kept_index"].tolist()))

@@ -166,15 +166,6 @@ class ShardWriter:
             self.close()
 
 
-def write_shards(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_size: int, tokenizer_hash: str,
-                 bos_id: int | None, shard_tokens: int = 1 << 24, metadata: dict | None = None) -> dict:
-    """Write already tokenized documents as a shard set; returns the sidecar dict."""
-    with ShardWriter(out_dir, vocab_size, tokenizer_hash, bos_id, shard_tokens, metadata=metadata) as w:
-        for ids in docs:
-            w.add(ids)
-    return w.close()
-
-
 def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, batch_size: int = 256,
                        shard_tokens: int = 1 << 24, metadata: dict | None = None, progress: bool = True) -> dict:
     """Tokenize texts (each one document, with BOS and EOS) into a shard set; returns the sidecar dict.
