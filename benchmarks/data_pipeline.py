@@ -35,6 +35,7 @@ import contextlib
 import difflib
 import gzip
 import json
+import logging
 import math
 import os
 import platform
@@ -840,8 +841,16 @@ def llmcycle_chain(corpus: Path, out: Path, workers: int) -> dict:
     cfg = build(DataConfig, {"out_dir": str(out), "inputs": [{"type": "jsonl", "paths": [str(corpus / "*.jsonl")]}],
                              "steps": list(CHAIN), "tokenize": False, "workers": workers})
     lines: list[str] = []
+    logger = logging.getLogger("llmcycle")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # run_data's progress, kept for the report
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     t0 = time.perf_counter()
-    run_data(cfg, log=lines.append)
+    try:
+        run_data(cfg)
+    finally:
+        logger.removeHandler(handler)
     wall = time.perf_counter() - t0
     stats = json.loads((out / "stats.json").read_text())
     steps = [{"step": s["name"], "seconds": s["seconds"], "in": s["docs_in"], "out": s["docs_out"],

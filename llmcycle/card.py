@@ -10,7 +10,7 @@ it (`manifest.CARD`) and rewriting it never invalidates an artifact.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from llmcycle.artifacts import atomic_write_text
 from llmcycle.artifacts.lineage import show_path
 from llmcycle.artifacts.manifest import CARD, MANIFEST
 from llmcycle.errors import LlmcycleError
+
+log = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 CONFIG_ROWS = {  # what a reader wants to know of each training stage, by dotted config key
@@ -358,11 +360,11 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, dict[str, floa
     return path
 
 
-def write_card_quietly(model_dir: Path, log: Callable[[str], None]) -> None:
-    """A trainer's card at publish time: documentation, so a problem writing it is logged, never fatal
+def write_card_quietly(model_dir: Path) -> None:
+    """A trainer's card at publish time: documentation, so a problem writing it is a warning, never fatal
     to the run that has just produced the model."""
     try:
         write_model_card(model_dir)
     except (LlmcycleError, OSError, ValueError, KeyError) as e:
-        log(f"model card: not written ({e})")
+        log.warning(f"model card: not written ({e})")
 

@@ -18,6 +18,7 @@ from llmcycle import __version__
 from llmcycle.config import describe_fields, dump_yaml, load_config
 from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
+from llmcycle.logs import setup_logging
 from llmcycle.paths import check_model_dir
 
 
@@ -513,6 +514,7 @@ def _quiet_broken_pipe() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
+    setup_logging()  # progress to stdout, warnings to stderr (llmcycle/logs.py)
     try:
         args = build_parser(_chosen_command(argv) or "").parse_args(argv)
         check_dirs(args)

@@ -274,7 +274,7 @@ class Lifecycle:
 def _run_data(lc: Lifecycle, stage: str, resume: bool) -> dict:
     from llmcycle.data.run import run_data
 
-    result = run_data(lc.stage_config(stage), log=lc.log)
+    result = run_data(lc.stage_config(stage))  # logs through logging (llmcycle/logs.py)
     # the funnel, token counts, bad input (the hashes stay in the manifest), and the workers' peak memory
     return {**result["manifest"]["metrics"], "peak_rss_workers_mb": result.get("worker_peak_rss_mb")}
 

@@ -383,7 +383,7 @@ class Session:
         metrics = {**metrics, "steps": self.step_count, "train_seconds": round(time.time() - self.t_start, 2)}
         write_manifest(tmp, stage=self.stage, config=asdict(self.cfg), inputs=inputs, metrics=metrics)
         publish_dir(tmp, final)
-        write_card_quietly(final, self.log)
+        write_card_quietly(final)
         return final
 
     def _check_recipe(self, old: dict) -> None:

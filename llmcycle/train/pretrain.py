@@ -433,4 +433,4 @@ def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg
     (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
     write_manifest(tmp, stage="pretrain", config=asdict(cfg), inputs={"data": data_info}, metrics=result)
     publish_dir(tmp, final_dir)
-    write_card_quietly(final_dir, print)
+    write_card_quietly(final_dir)
