@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from llmcycle.artifacts import atomic_write_text
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.data.loader import PackedLoader
@@ -118,7 +119,7 @@ class MetricsLog:
             # Drop records the interrupted run wrote after its last checkpoint: they will be redone.
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
         elif resume_step is None:
             path.unlink(missing_ok=True)
         if tensorboard:
