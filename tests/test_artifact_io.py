@@ -55,3 +55,16 @@ def test_manifest_is_written_whole(tmp_path):
     assert (tmp_path / MANIFEST).read_text() == json.dumps(m, indent=2, default=str) + "\n"
     assert m["outputs"] == {"weights.bin": hashlib.sha256(b"w").hexdigest()}
     assert sorted(q.name for q in tmp_path.iterdir()) == [MANIFEST, "weights.bin"]
+
+
+def test_a_crashed_writers_temporary_is_no_part_of_the_artifact(tmp_path):
+    from llmcycle.artifacts.lineage import trace
+
+    (tmp_path / "weights.bin").write_bytes(b"w")
+    (tmp_path / ".README.md.tmp-99").write_text("half a card")  # a writer killed amid atomic_write_text
+    m = write_manifest(tmp_path, "pretrain", {}, {}, {})
+    assert list(m["outputs"]) == ["weights.bin"]
+    (tmp_path / ".config.json.tmp-98").write_text("{")
+    assert [link.problems for link in trace(tmp_path)] == [[]]
+    (tmp_path / "extra.bin").write_bytes(b"x")
+    assert "added after the manifest" in trace(tmp_path)[0].problems[0]

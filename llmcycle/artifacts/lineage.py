@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcycle.artifacts.hashing import sha256_file
+from llmcycle.artifacts.io import is_temporary
 from llmcycle.artifacts.manifest import MANIFEST, UNHASHED
 from llmcycle.errors import LlmcycleError
 
@@ -146,7 +147,7 @@ class _Tracer:
             skip = (*SKIP.get(stage, ()), *UNHASHED)  # the model card and the run's stage record: not hashed
             for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST):
                 rel = f.relative_to(d)
-                if str(rel) not in outputs and rel.parts[0] not in skip:
+                if str(rel) not in outputs and rel.parts[0] not in skip and not is_temporary(f.name):
                     link.problems.append(f"file {f}: added after the manifest was written")
         python = (m.get("versions") or {}).get("python", "?")
         for name, val in inputs.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcycle.artifacts.hashing import sha256_file
-from llmcycle.artifacts.io import atomic_write_json
+from llmcycle.artifacts.io import atomic_write_json, is_temporary
 
 MANIFEST = "manifest.json"
 CARD = "README.md"  # a model card: rewritten as evaluation results arrive, so never among the hashed outputs
@@ -22,9 +22,10 @@ UNHASHED = (CARD, RECORD)
 
 
 def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under `directory` but the manifest and the top-level entries in `skip`."""
+    """sha256 of every file under `directory` but the manifest, the top-level entries in `skip` and a crashed
+    writer's temporary files (`is_temporary`: never part of an artifact)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
-                   and p.relative_to(directory).parts[0] not in skip)
+                   and p.relative_to(directory).parts[0] not in skip and not is_temporary(p.name))
     return {str(f.relative_to(directory)): sha256_file(f) for f in files}
 
 
