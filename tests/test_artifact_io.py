@@ -22,6 +22,7 @@ def test_atomic_writes_return_the_sha256_of_exactly_the_bytes_written(tmp_path):
     assert atomic_write_bytes(p, b"abc") == hashlib.sha256(b"abc").hexdigest() == sha256_file(p)
     assert atomic_write_bytes(p, [b"a", b"bc"]) == sha256_file(p) and p.read_bytes() == b"abc"
     assert atomic_write_text(p, "é\n") == sha256_file(p) and p.read_bytes() == "é\n".encode()
+    assert atomic_write_bytes(p, b"cache", durable=False) == sha256_file(p)  # work/ files: renamed, not synced
     obj = {"b": 1, "a": [1, 2], "t": "é"}
     for kwargs, expected in [
         ({}, json.dumps(obj, indent=2) + "\n"),

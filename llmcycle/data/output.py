@@ -72,7 +72,7 @@ def run_tokenize_task(job: TokenizeJob) -> dict:
     lengths: list[int] = []
     heldout: list[bool] = []
     nbytes: list[int] = []
-    with atomic_open(out / f"{name}.tokens.u32") as f:
+    with atomic_open(out / f"{name}.tokens.u32", durable=False) as f:  # work/: a cache, not synced
         batch = []
         for doc in _with_end(iter_docs(Path(job.docs_file))):
             if doc is not None:
@@ -89,7 +89,7 @@ def run_tokenize_task(job: TokenizeJob) -> dict:
     summary = {"task": job.task, "docs": len(lengths), "docs_val": int(val_a.sum()),
                "tokens_train": int(lengths_a[~val_a].sum()), "tokens_val": int(lengths_a[val_a].sum()),
                "bytes": int(sum(nbytes)), "seconds": time.perf_counter() - t0}
-    atomic_write_json(marker, summary, indent=None, end="")
+    atomic_write_json(marker, summary, indent=None, end="", durable=False)
     return summary
 
 

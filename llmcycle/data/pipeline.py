@@ -147,10 +147,10 @@ def write_docs_atomic(path: Path):
     """A zstd writer whose file takes the name `path` only when the block completes (`atomic_open`)."""
     import zstandard
 
-    with atomic_open(path) as raw:
+    with atomic_open(path, durable=False) as raw:  # work/ caches: see artifacts/io.py's fsync policy
         writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
         yield writer
-        writer.close()  # ends the frame; atomic_open then syncs and renames the file
+        writer.close()  # ends the frame; atomic_open then renames the file
 
 
 def doc_to_line(doc: Document) -> bytes:
@@ -328,7 +328,7 @@ def run_phase_task(job: PhaseJob) -> dict:
         offsets = np.zeros(len(sig_lengths) + 1, dtype=np.int64)
         np.cumsum(sig_lengths, out=offsets[1:])
         values = (np.concatenate(sig_values) if sig_values else np.zeros(0)).astype(dtype)
-        with atomic_open(folder / f"{name}.sig.npz") as f:
+        with atomic_open(folder / f"{name}.sig.npz", durable=False) as f:
             np.savez(f, values=values, offsets=offsets)
 
     summary = {
@@ -336,7 +336,7 @@ def run_phase_task(job: PhaseJob) -> dict:
         "stats": [s.to_dict() for s in stats], "problems": problems.to_dict(),
         "input_sha256": _input_sha256(task.file, input_hash) if phase.index == 0 else None,
     }
-    atomic_write_json(marker, summary, indent=1, default=str, end="")
+    atomic_write_json(marker, summary, indent=1, default=str, end="", durable=False)
     return summary
 
 
@@ -367,8 +367,8 @@ def run_decide(phase: Phase, work_dir: Path, num_tasks: int) -> dict:
     t0 = time.perf_counter()
     decision = step.decide(signatures)
     seconds = time.perf_counter() - t0
-    with atomic_open(out) as f:
+    with atomic_open(out, durable=False) as f:
         np.savez(f, **decision)
     result = {"step": name, "seconds": seconds, "counters": dict(step.counters)}
-    atomic_write_json(info, result, indent=1, default=str, end="")
+    atomic_write_json(info, result, indent=1, default=str, end="", durable=False)
     return result
