@@ -35,6 +35,7 @@ import contextlib
 import difflib
 import gzip
 import json
+import logging
 import math
 import os
 import platform
@@ -573,7 +574,6 @@ def datatrove_dedup_only(corpus: Path, work: Path) -> dict:
 
 
 def llmcycle_dedup_only(docs: list[dict]) -> dict:
-    from llmcycle.data.dedup import dropped_pairs
     from llmcycle.data.dedup.steps import ExactDedup, MinhashDedup
 
     out = {}
@@ -583,7 +583,7 @@ def llmcycle_dedup_only(docs: list[dict]) -> dict:
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in sigs])]).astype(np.int64)
         values = np.concatenate(sigs) if sigs else np.empty(0, dtype=np.uint64)
         decision = step.decide([(values, offsets)])
-        dropped = [i for _, i in dropped_pairs(decision)]
+        dropped = decision["drop_index"].tolist()  # one task: its indices are the documents'
         out[f"{key}_dropped"] = {docs[i]["id"] for i in dropped}
         if key == "minhash":
             kept = dict(zip(decision["drop_index"].tolist(), decision["kept_index"].tolist()))
@@ -841,8 +841,16 @@ def llmcycle_chain(corpus: Path, out: Path, workers: int) -> dict:
     cfg = build(DataConfig, {"out_dir": str(out), "inputs": [{"type": "jsonl", "paths": [str(corpus / "*.jsonl")]}],
                              "steps": list(CHAIN), "tokenize": False, "workers": workers})
     lines: list[str] = []
+    logger = logging.getLogger("llmcycle")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # run_data's progress, kept for the report
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     t0 = time.perf_counter()
-    run_data(cfg, log=lines.append)
+    try:
+        run_data(cfg)
+    finally:
+        logger.removeHandler(handler)
     wall = time.perf_counter() - t0
     stats = json.loads((out / "stats.json").read_text())
     steps = [{"step": s["name"], "seconds": s["seconds"], "in": s["docs_in"], "out": s["docs_out"],

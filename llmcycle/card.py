@@ -10,13 +10,16 @@ it (`manifest.CARD`) and rewriting it never invalidates an artifact.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts import atomic_write_text
+from llmcycle.artifacts.lineage import show_path
+from llmcycle.artifacts.manifest import CARD, MANIFEST
 from llmcycle.errors import LlmcycleError
-from llmcycle.lineage import show_path
-from llmcycle.manifest import CARD, MANIFEST
+
+log = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 CONFIG_ROWS = {  # what a reader wants to know of each training stage, by dotted config key
@@ -87,7 +90,7 @@ def parameter_count(model_dir: Path) -> int | None:
 
 def _chain(model_dir: Path) -> list[tuple[str, Path, dict]]:
     """(stage, directory, manifest) for every artifact with a manifest on the lineage chain, model first."""
-    from llmcycle.lineage import trace
+    from llmcycle.artifacts.lineage import trace
 
     out = []
     for link in trace(model_dir, verify=False):
@@ -353,15 +356,15 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
 def write_model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | None = None,
                      name: str | None = None) -> Path:
     path = Path(model_dir) / CARD
-    path.write_text(model_card(model_dir, evaluation, name))
+    atomic_write_text(path, model_card(model_dir, evaluation, name))
     return path
 
 
-def write_card_quietly(model_dir: Path, log: Callable[[str], None]) -> None:
-    """A trainer's card at publish time: documentation, so a problem writing it is logged, never fatal
+def write_card_quietly(model_dir: Path) -> None:
+    """A trainer's card at publish time: documentation, so a problem writing it is a warning, never fatal
     to the run that has just produced the model."""
     try:
         write_model_card(model_dir)
     except (LlmcycleError, OSError, ValueError, KeyError) as e:
-        log(f"model card: not written ({e})")
+        log.warning(f"model card: not written ({e})")
 

@@ -18,6 +18,7 @@ from llmcycle import __version__
 from llmcycle.config import describe_fields, dump_yaml, load_config
 from llmcycle.config import field_help as F
 from llmcycle.errors import LlmcycleError
+from llmcycle.logs import setup_logging
 from llmcycle.paths import check_model_dir
 
 
@@ -67,9 +68,9 @@ class TokenizerTrainConfig:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from llmcycle.artifacts.manifest import write_manifest
     from llmcycle.data.pycorpus import split_heldout
     from llmcycle.data.sources import load_documents
-    from llmcycle.manifest import write_manifest
     from llmcycle.tokenizer.train import bytes_per_token, train_tokenizer
 
     cfg = _load_recipe(TokenizerTrainConfig, args.config, args)
@@ -383,7 +384,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _add_lineage(p: argparse.ArgumentParser) -> None:
-    from llmcycle.lineage import add_lineage_arguments, lineage_main
+    from llmcycle.artifacts.lineage import add_lineage_arguments, lineage_main
 
     p.description = ("Walk a model directory's manifests back to the data, re-hashing every "
                      "artifact on the way; exit 1 when one was modified after it was recorded.")
@@ -527,6 +528,7 @@ def _quiet_broken_pipe() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
+    setup_logging()  # progress to stdout, warnings to stderr (llmcycle/logs.py)
     try:
         args = build_parser(_chosen_command(argv) or "").parse_args(argv)
         check_dirs(args)

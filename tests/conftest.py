@@ -97,3 +97,24 @@ def tiny_base_model(tiny_data, tmp_path_factory) -> str:
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy2(f, out / f.name)
     return str(out)
+
+
+def write_shards(out_dir, docs, vocab_size: int, tokenizer_hash: str, bos_id: int | None,
+                 shard_tokens: int = 1 << 24, metadata: dict | None = None) -> dict:
+    """Already tokenized documents (lists of ids) as a shard set; returns the sidecar dict. Only tests
+    build shard sets from ids; the library tokenizes text (`tokenize_to_shards`, the data stage)."""
+    from llmcycle.data.shards import ShardWriter
+
+    with ShardWriter(out_dir, vocab_size, tokenizer_hash, bos_id, shard_tokens, metadata=metadata) as w:
+        for ids in docs:
+            w.add(ids)
+    return w.close()
+
+
+def dropped_pairs(decision: dict) -> list[tuple[int, int]]:
+    """Every document a global step's decision drops, as (task, index), in order."""
+    offs = decision["drop_offsets"]
+    out = []
+    for t in range(len(offs) - 1):
+        out.extend((t, int(i)) for i in decision["drop_index"][offs[t]:offs[t + 1]])
+    return out

@@ -140,7 +140,7 @@ def test_a_closed_pipe_ends_quietly(tiny_base_model, tmp_path):
     import subprocess
     import sys
 
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     model = tmp_path / "model"
     shutil.copytree(tiny_base_model, model)

@@ -12,8 +12,9 @@ import unicodedata
 import numpy as np
 import pytest
 
+from conftest import dropped_pairs
 from llmcycle.config import build
-from llmcycle.data.dedup import dropped_pairs, is_dropped
+from llmcycle.data.dedup import is_dropped
 from llmcycle.data.dedup.boilerplate import line_hashes, remove_lines
 from llmcycle.data.dedup.exact import normalize_exact
 from llmcycle.data.dedup.minhash import (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -67,7 +68,7 @@ def dirty(tmp_path_factory):
     root = tmp_path_factory.mktemp("dirty")
     expected = make_dirty_corpus(root / "in")
     out = root / "out-local"
-    result = run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2), log=lambda *a: None)
+    result = run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2))
     # workers are not this process's children (forkserver): they report their own peak memory
     assert 20 < result["worker_peak_rss_mb"] < 8000
     return root, expected, out
@@ -118,7 +119,7 @@ def test_ray_executor_gives_identical_output(dirty, tmp_path):
     pytest.importorskip("ray")
     root, _, out_local = dirty
     out = tmp_path / "out-ray"
-    result = run_data(_cfg(out, _dirty_inputs(root / "in"), executor="ray", workers=2), log=lambda *a: None)
+    result = run_data(_cfg(out, _dirty_inputs(root / "in"), executor="ray", workers=2))
     assert result["worker_peak_rss_mb"] > 20
     assert _outputs(out) == _outputs(out_local)
     assert _funnel(out) == _funnel(out_local)
@@ -127,17 +128,17 @@ def test_ray_executor_gives_identical_output(dirty, tmp_path):
 def test_single_worker_gives_identical_output(dirty, tmp_path):
     root, _, out_local = dirty
     out = tmp_path / "out-one"
-    run_data(_cfg(out, _dirty_inputs(root / "in"), workers=1), log=lambda *a: None)
+    run_data(_cfg(out, _dirty_inputs(root / "in"), workers=1))
     assert _outputs(out) == _outputs(out_local)
 
 
-def test_second_run_reuses_every_task(dirty, tmp_path):
+def test_second_run_reuses_every_task(dirty, tmp_path, caplog):
     root, _, out = dirty
     before = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done.json")}
-    lines = []
-    run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2), log=lines.append)
+    with caplog.at_level(logging.INFO, logger="llmcycle"):
+        run_data(_cfg(out, _dirty_inputs(root / "in"), workers=2))
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done.json")} == before
-    assert any("already done" in line for line in lines)
+    assert any("already done" in line for line in caplog.messages)
 
 
 SLOW_HOOK = '''
@@ -211,7 +212,7 @@ def test_apply_to_limits_a_step_to_some_readers(tmp_path):
               {"type": "text", "paths": [str(tmp_path / "b.txt")]}]
     steps = [{"pii": {"apply_to": ["text"]}}, {"exact_dedup": {"apply_to": ["jsonl"]}}]
     out = tmp_path / "out"
-    run_data(_cfg(out, inputs, steps=steps, tokenize=False), log=lambda *a: None)
+    run_data(_cfg(out, inputs, steps=steps, tokenize=False))
     funnel = {name: (n_in, n_out, dropped, counters) for name, n_in, n_out, dropped, counters in _funnel(out)}
     assert funnel["pii"] == (4, 4, {}, {"email": 1, "not_applied": 3})
     assert funnel["exact_dedup"][:3] == (4, 2, {"exact_duplicate": 2})

@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
-from llmcycle.data.shards import ShardSet, write_shards
+from conftest import write_shards
+from llmcycle.artifacts.hashing import sha256_file
+from llmcycle.data.shards import ShardSet
 from llmcycle.errors import LlmcycleError
 from llmcycle.eval.cli import add_eval_arguments, eval_main, gate
 from llmcycle.eval.suite import answer_logprobs, bpb_metrics, em_metrics, heldout_items, mc_metrics
-from llmcycle.hashing import sha256_file
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.synthetic import Item

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_train_overrides
+from llmcycle.artifacts.lineage import add_lineage_arguments, lineage_main, trace
 from llmcycle.config import load_config
 from llmcycle.errors import LlmcycleError
-from llmcycle.lineage import add_lineage_arguments, lineage_main, trace
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.pretrain import pretrain
 from llmcycle.train.sft import SFTConfig, sft

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import write_shards
 from llmcycle.data.loader import PackedLoader, pack_epoch
-from llmcycle.data.shards import ShardSet, write_shards
+from llmcycle.data.shards import ShardSet
 from llmcycle.errors import LlmcycleError
 
 BOS = 0

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from llmcycle.artifacts import _swap_by_renames, publish_dir, recover, staging_dir
+from llmcycle.artifacts.io import _swap_by_renames, publish_dir, recover, staging_dir
 
 
 def _tree(d: Path, version: str, files: int = 3) -> None:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmcycle.data.shards import ShardSet, ShardWriter, tokenize_to_shards, write_shards
+from conftest import write_shards
+from llmcycle.data.shards import ShardSet, ShardWriter, tokenize_to_shards
 from llmcycle.errors import LlmcycleError
 
 BOS = 1

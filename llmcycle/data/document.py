@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmcycle.artifacts import atomic_open
 from llmcycle.errors import LlmcycleError
 
 
@@ -27,13 +28,10 @@ def write_jsonl(docs: Iterable[Document], path: str | Path) -> None:
     """Write one JSON object per line: {"id", "text", "source", "metadata"}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name and rename, so an interrupted run never leaves half a corpus behind.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:  # never half a corpus under the name
         for d in docs:
             row = {"id": d.id, "text": d.text, "source": d.source, "metadata": d.metadata}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def read_jsonl(path: str | Path) -> list[Document]:

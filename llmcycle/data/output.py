@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcycle.artifacts import publish_dir, staging_dir
+from llmcycle.artifacts import atomic_open, atomic_write_json, publish_dir, staging_dir
 from llmcycle.data.pycorpus import is_heldout
 from llmcycle.data.shards import token_dtype, write_shard_files, write_sidecar
 from llmcycle.errors import LlmcycleError
@@ -72,8 +72,7 @@ def run_tokenize_task(job: TokenizeJob) -> dict:
     lengths: list[int] = []
     heldout: list[bool] = []
     nbytes: list[int] = []
-    tmp = out / f"{name}.tokens.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(out / f"{name}.tokens.u32", durable=False) as f:  # work/: a cache, not synced
         batch = []
         for doc in _with_end(iter_docs(Path(job.docs_file))):
             if doc is not None:
@@ -85,15 +84,12 @@ def run_tokenize_task(job: TokenizeJob) -> dict:
                     heldout.append(is_heldout(d, job.val_fraction))
                     nbytes.append(len(d.text.encode("utf-8", "surrogatepass")))
                 batch = []
-    tmp.replace(out / f"{name}.tokens.u32")
     np.save(out / f"{name}.docs.npy", np.array([lengths, heldout, nbytes], dtype=np.int64).reshape(3, -1))
     lengths_a, val_a = np.array(lengths, dtype=np.int64), np.array(heldout, dtype=bool)
     summary = {"task": job.task, "docs": len(lengths), "docs_val": int(val_a.sum()),
                "tokens_train": int(lengths_a[~val_a].sum()), "tokens_val": int(lengths_a[val_a].sum()),
                "bytes": int(sum(nbytes)), "seconds": time.perf_counter() - t0}
-    tmp_marker = marker.with_name(marker.name + ".tmp")
-    tmp_marker.write_text(json.dumps(summary))
-    tmp_marker.replace(marker)
+    atomic_write_json(marker, summary, indent=None, end="", durable=False)
     return summary
 
 

@@ -24,12 +24,14 @@ import io
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmcycle.artifacts import atomic_open, atomic_write_json, sha256_file
 from llmcycle.data.document import Document
 from llmcycle.data.readers import Problems, Reader, build_reader
 from llmcycle.data.stats import StepStats
@@ -140,13 +142,15 @@ def build_plan(inputs: list[dict], step_specs: list[Any], max_doc_bytes: int) ->
 # ---------------------------------------------------------------- document files
 
 
+@contextmanager
 def write_docs_atomic(path: Path):
-    """A zstd writer to `path.tmp`; the caller renames it into place when complete."""
+    """A zstd writer whose file takes the name `path` only when the block completes (`atomic_open`)."""
     import zstandard
 
-    tmp = path.with_name(path.name + ".tmp")
-    raw = open(tmp, "wb")
-    return tmp, raw, zstandard.ZstdCompressor(level=3).stream_writer(raw)
+    with atomic_open(path, durable=False) as raw:  # work/ caches: see artifacts/io.py's fsync policy
+        writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        yield writer
+        writer.close()  # ends the frame; atomic_open then renames the file
 
 
 def doc_to_line(doc: Document) -> bytes:
@@ -163,12 +167,6 @@ def iter_docs(path: Path):
         for line in reader:
             row = json.loads(line)
             yield Document(row["id"], row["text"], row["source"], row["metadata"])
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- one task of one phase
@@ -282,9 +280,8 @@ def run_phase_task(job: PhaseJob) -> dict:
         stats.append(out_stats)
 
     docs_path = folder / f"{name}{DOCS_SUFFIX}"
-    tmp, raw, writer = write_docs_atomic(docs_path)
     kept = 0
-    try:
+    with write_docs_atomic(docs_path) as writer:
         for index, doc in enumerate(docs):
             n_in = len(doc.text.encode("utf-8", "surrogatepass"))
             for _, step, st in chain:
@@ -317,13 +314,6 @@ def run_phase_task(job: PhaseJob) -> dict:
                     sig_lengths.append(len(sig))
                 writer.write(doc_to_line(doc))
                 kept += 1
-        writer.close()
-    except BaseException:
-        raw.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    raw.close()
-    tmp.replace(docs_path)
     if phase.index == 0:  # records the reader could not turn into documents count as read drops too
         for reason, n in problems.counts.items():
             if reason not in ("empty_document", "over_size_limit"):
@@ -338,22 +328,19 @@ def run_phase_task(job: PhaseJob) -> dict:
         offsets = np.zeros(len(sig_lengths) + 1, dtype=np.int64)
         np.cumsum(sig_lengths, out=offsets[1:])
         values = (np.concatenate(sig_values) if sig_values else np.zeros(0)).astype(dtype)
-        sig_tmp = folder / f"{name}.sig.tmp.npz"
-        np.savez(sig_tmp, values=values, offsets=offsets)
-        sig_tmp.replace(folder / f"{name}.sig.npz")
+        with atomic_open(folder / f"{name}.sig.npz", durable=False) as f:
+            np.savez(f, values=values, offsets=offsets)
 
     summary = {
         "task": task.index, "file": task.file, "reader": task.reader.name, "docs_out": kept,
         "stats": [s.to_dict() for s in stats], "problems": problems.to_dict(),
         "input_sha256": _input_sha256(task.file, input_hash) if phase.index == 0 else None,
     }
-    _atomic_json(marker, summary)
+    atomic_write_json(marker, summary, indent=1, default=str, end="", durable=False)
     return summary
 
 
 def _input_sha256(file: str, docs_hash) -> str:
-    from llmcycle.hashing import sha256_file
-
     p = Path(file)
     if p.is_file():
         try:
@@ -380,9 +367,8 @@ def run_decide(phase: Phase, work_dir: Path, num_tasks: int) -> dict:
     t0 = time.perf_counter()
     decision = step.decide(signatures)
     seconds = time.perf_counter() - t0
-    tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(tmp, **decision)
-    tmp.replace(out)
+    with atomic_open(out, durable=False) as f:
+        np.savez(f, **decision)
     result = {"step": name, "seconds": seconds, "counters": dict(step.counters)}
-    _atomic_json(info, result)
+    atomic_write_json(info, result, indent=1, default=str, end="", durable=False)
     return result

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from llmcycle.artifacts import publish_dir, staging_dir
+from llmcycle.artifacts import atomic_write_json, publish_dir, staging_dir
 from llmcycle.data.config import DataConfig
 from llmcycle.data.executor import make_executor
 from llmcycle.data.output import (
@@ -43,6 +43,8 @@ from llmcycle.data.readers import Problems
 from llmcycle.data.stats import StepStats, funnel_table, merge_stats
 from llmcycle.errors import ConfigError, LlmcycleError
 
+log = logging.getLogger(__name__)  # progress at INFO: the CLI prints it (llmcycle/logs.py)
+
 
 def check_config(cfg: DataConfig):
     """Everything that can be checked before work starts: readers, steps, parameters, paths."""
@@ -58,24 +60,24 @@ def check_config(cfg: DataConfig):
     return plan
 
 
-def run_data(cfg: DataConfig, log: Callable[[str], None] = print) -> dict:
+def run_data(cfg: DataConfig) -> dict:
     t_start = time.time()
     plan = check_config(cfg)
     out = Path(cfg.out_dir)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
-    log(f"data: {len(plan.tasks)} tasks, {len(plan.steps)} steps in {len(plan.phases)} phases, "
-        f"{executor.name} executor")
+    log.info(f"data: {len(plan.tasks)} tasks, {len(plan.steps)} steps in {len(plan.phases)} phases, "
+             f"{executor.name} executor")
     try:
-        phase_summaries, decisions = _run_phases(plan, cfg, work, executor, log)
+        phase_summaries, decisions = _run_phases(plan, cfg, work, executor)
         final = plan.phases[-1]
         doc_files = [work / final.folder / f"{task_name(t.index)}{DOCS_SUFFIX}" for t in plan.tasks]
         if not cfg.tokenize:
             return _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, decisions,
-                                          t_start, log)
+                                          t_start)
         tok_key = _digest(final.key, dataclasses.asdict(cfg.tokenizer), cfg.shards.val_fraction)
-        tokenizer_dir, tokenizer = _tokenizer(cfg, work, tok_key, doc_files, log)
+        tokenizer_dir, tokenizer = _tokenizer(cfg, work, tok_key, doc_files)
         tok_dir = work / f"tokenize-{tok_key[:12]}"
         t0 = time.perf_counter()
         tok_jobs = [TokenizeJob(t.index, str(f), str(tokenizer_dir), str(tok_dir), cfg.shards.val_fraction)
@@ -88,7 +90,7 @@ def run_data(cfg: DataConfig, log: Callable[[str], None] = print) -> dict:
     readers = {t.index: t.reader.name for t in plan.tasks}
     for s in tok_summaries:
         s["reader"] = readers[s["task"]]
-    log("data: writing shards")
+    log.info("data: writing shards")
     _publish(out, tokenizer_dir, plan, final, doc_files)
     meta = {"data_key": tok_key}
     splits = {}
@@ -118,18 +120,18 @@ def run_data(cfg: DataConfig, log: Callable[[str], None] = print) -> dict:
     result = _write_reports(cfg, out, plan, steps, problems, phase_summaries[0], splits, tokenizer,
                             time.time() - t_start, tok_seconds)
     result["worker_peak_rss_mb"] = executor.worker_peak_kb / 1024 or None  # None: all ran in this process
-    log("")
-    log(funnel_table(steps))
-    log(_problems_summary(problems))
-    log(f"data: {splits['train']['num_tokens']:,} training tokens in {len(splits['train']['shards'])} shards"
-        + (f", {splits['val']['num_tokens']:,} validation tokens" if splits["val"] else "")
-        + f" [{time.time() - t_start:.1f}s]")
-    log(f"wrote {out}")
+    log.info("")
+    log.info(funnel_table(steps))
+    log.info(_problems_summary(problems))
+    log.info(f"data: {splits['train']['num_tokens']:,} training tokens in {len(splits['train']['shards'])} shards"
+             + (f", {splits['val']['num_tokens']:,} validation tokens" if splits["val"] else "")
+             + f" [{time.time() - t_start:.1f}s]")
+    log.info(f"wrote {out}")
     return result
 
 
-def _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, decisions, t_start, log) -> dict:
-    from llmcycle.manifest import write_manifest
+def _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, decisions, t_start) -> dict:
+    from llmcycle.artifacts.manifest import write_manifest
 
     _publish(out, None, plan, final, doc_files)
     steps = _collect_stats(phase_summaries, decisions, cfg.samples_per_reason)
@@ -137,22 +139,22 @@ def _finish_documents_only(cfg, out, plan, final, doc_files, phase_summaries, de
     for s in phase_summaries[0]:
         problems.merge(s["problems"])
     stats = _stats_json(steps, problems, phase_summaries[0], time.time() - t_start)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    atomic_write_json(out / "stats.json", stats, indent=1)
     _write_samples(out, steps)
     metrics = {"seconds": stats["seconds"], "documents_kept": steps[-1].docs_out if steps else 0,
                "bad_input": dict(problems.counts), "funnel": _funnel(steps)}
     manifest = write_manifest(out, stage="data", config=dataclasses.asdict(cfg),
                               inputs={s["file"]: s["input_sha256"] for s in phase_summaries[0]}, metrics=metrics,
                               skip=("work",))
-    log("")
-    log(funnel_table(steps))
-    log(_problems_summary(problems))
-    log(f"data: {metrics['documents_kept']:,} cleaned documents in {out / 'documents'} "
-        f"[{time.time() - t_start:.1f}s]")
+    log.info("")
+    log.info(funnel_table(steps))
+    log.info(_problems_summary(problems))
+    log.info(f"data: {metrics['documents_kept']:,} cleaned documents in {out / 'documents'} "
+             f"[{time.time() - t_start:.1f}s]")
     return {"out_dir": str(out), "manifest": manifest, "stats": stats}
 
 
-def _run_phases(plan, cfg: DataConfig, work: Path, executor, log) -> tuple[list[list[dict]], list[dict]]:
+def _run_phases(plan, cfg: DataConfig, work: Path, executor) -> tuple[list[list[dict]], list[dict]]:
     summaries, decisions = [], []
     prev = None
     for phase in plan.phases:
@@ -161,23 +163,23 @@ def _run_phases(plan, cfg: DataConfig, work: Path, executor, log) -> tuple[list[
         names = [n for n, _ in phase.map_steps]
         if phase.incoming:
             names.insert(0, phase.incoming[0])
-        log(f"data: phase {phase.index} [{', '.join(names) or 'read'}]: {len(plan.tasks)} tasks"
-            + (f" ({done} already done)" if done else ""))
+        log.info(f"data: phase {phase.index} [{', '.join(names) or 'read'}]: {len(plan.tasks)} tasks"
+                 + (f" ({done} already done)" if done else ""))
         t0 = time.perf_counter()
         jobs = [PhaseJob(phase, t, str(work), prev.folder if prev else None,
                          prev.decision_file if prev else None, cfg.max_doc_bytes, cfg.samples_per_reason)
                 for t in plan.tasks]
         summaries.append(executor.map(run_phase_task, jobs))
-        log(f"data: phase {phase.index} done [{time.perf_counter() - t0:.1f}s]")
+        log.info(f"data: phase {phase.index} done [{time.perf_counter() - t0:.1f}s]")
         if phase.outgoing:
             decision = run_decide(phase, work, len(plan.tasks))
             decisions.append(decision)
-            log(f"data: {phase.outgoing[0]} decided over all tasks [{decision['seconds']:.1f}s]")
+            log.info(f"data: {phase.outgoing[0]} decided over all tasks [{decision['seconds']:.1f}s]")
         prev = phase
     return summaries, decisions
 
 
-def _tokenizer(cfg: DataConfig, work: Path, key: str, doc_files: list[Path], log):
+def _tokenizer(cfg: DataConfig, work: Path, key: str, doc_files: list[Path]):
     if cfg.tokenizer.path:
         return Path(cfg.tokenizer.path), check_tokenizer(cfg.tokenizer.path)
     out = work / f"tokenizer-{key[:12]}"
@@ -187,13 +189,13 @@ def _tokenizer(cfg: DataConfig, work: Path, key: str, doc_files: list[Path], log
     tc = cfg.tokenizer
     tok = train_tokenizer_on_docs(doc_files, out, tc.kind, tc.vocab_size, tc.min_frequency, tc.train_bytes,
                                   cfg.shards.val_fraction)
-    log(f"data: trained a {tc.kind} tokenizer of {tok.vocab_size} tokens [{time.perf_counter() - t0:.1f}s]")
+    log.info(f"data: trained a {tc.kind} tokenizer of {tok.vocab_size} tokens [{time.perf_counter() - t0:.1f}s]")
     return out, tok
 
 
 def _publish(out: Path, tokenizer_dir: Path | None, plan, final, doc_files: list[Path]) -> None:
     """Copy the tokenizer and link the cleaned documents into the output folder, each folder swapped in
-    whole (llmcycle/artifacts.py): a previous run's folders stay until the new ones are complete."""
+    whole (llmcycle/artifacts/io.py): a previous run's folders stay until the new ones are complete."""
     dest = out / "tokenizer"
     if tokenizer_dir is not None and tokenizer_dir.resolve() != dest.resolve():
         tmp = staging_dir(dest)
@@ -258,10 +260,10 @@ def _funnel(steps) -> list[dict]:
 
 def _write_reports(cfg, out: Path, plan, steps, problems, read_summaries, splits, tokenizer, seconds,
                    tok_seconds) -> dict:
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     stats = _stats_json(steps, problems, read_summaries, seconds)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    atomic_write_json(out / "stats.json", stats, indent=1)
     _write_samples(out, steps)
     metrics = {
         "seconds": seconds,

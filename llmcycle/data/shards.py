@@ -9,7 +9,7 @@ A shard set is a directory (the full specification is docs/token-shards.md):
     shards.json   the sidecar: format, version, dtype, vocab_size, tokenizer_hash, bos_id,
                   totals, one entry per shard with its sha256s, free-form metadata
 
-Every file is written to a temporary name, fsync'd and then renamed into place, and
+Every file is written atomically (llmcycle/artifacts/io.py: temporary name, fsync, rename), and
 `shards.json` is written last, so a directory without it is an incomplete write. Writing one
 shard (`write_shard_files`) needs nothing but its own tokens, so a multi-process pipeline can
 write shards in workers and call `write_sidecar` once at the end.
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmcycle.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
 
 FORMAT = "llmcycle-token-shards"
 VERSION = 1
@@ -45,38 +45,6 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def _atomic_write(path: Path, chunks: Iterable[bytes]) -> str:
-    """Write chunks to path via a temp file + fsync + rename; return the sha256 of the bytes."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames themselves durable; not possible on every platform, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_shard_files(out_dir: str | os.PathLike, name: str, tokens: np.ndarray, offsets: np.ndarray,
                       dtype: str) -> dict:
     """Write NAME.bin and NAME.idx atomically and return the shard's sidecar entry.
@@ -90,8 +58,8 @@ def write_shard_files(out_dir: str | os.PathLike, name: str, tokens: np.ndarray,
     offsets = np.ascontiguousarray(offsets, dtype=_IDX_DTYPE)
     if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 0):
         raise ValueError(f"shard {name}: offsets must rise from 0 to {len(tokens)}")
-    sha_bin = _atomic_write(out / f"{name}.bin", [tokens.tobytes()])
-    sha_idx = _atomic_write(out / f"{name}.idx", [offsets.tobytes()])
+    sha_bin = atomic_write_bytes(out / f"{name}.bin", tokens.tobytes())
+    sha_idx = atomic_write_bytes(out / f"{name}.idx", offsets.tobytes())
     return {"name": name, "num_docs": len(offsets) - 1, "num_tokens": len(tokens),
             "sha256_bin": sha_bin, "sha256_idx": sha_idx}
 
@@ -113,8 +81,7 @@ def write_sidecar(out_dir: str | os.PathLike, shards: list[dict], vocab_size: in
         "shards": list(shards),
         "metadata": dict(metadata or {}),
     }
-    _atomic_write(out / SIDECAR, [(json.dumps(meta, indent=2) + "\n").encode()])
-    _fsync_dir(out)
+    atomic_write_json(out / SIDECAR, meta)  # indent 2, final newline
     return meta
 
 
@@ -197,15 +164,6 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-
-
-def write_shards(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]], vocab_size: int, tokenizer_hash: str,
-                 bos_id: int | None, shard_tokens: int = 1 << 24, metadata: dict | None = None) -> dict:
-    """Write already tokenized documents as a shard set; returns the sidecar dict."""
-    with ShardWriter(out_dir, vocab_size, tokenizer_hash, bos_id, shard_tokens, metadata=metadata) as w:
-        for ids in docs:
-            w.add(ids)
-    return w.close()
 
 
 def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, batch_size: int = 256,

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.errors import LlmcycleError
 
 # Gated metrics: True where higher is better. bpb gets a relative threshold (its scale depends on the
@@ -91,7 +92,7 @@ def _write(path: str | Path, result: dict) -> None:
     the file and whether earlier results in it were replaced: never a silent overwrite."""
     path = Path(path)
     verb = "replaced" if path.exists() else "wrote"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     print(f"eval: {verb} {path}" + (" (earlier results in it are gone; --out FILE keeps them apart)"
                                     if verb == "replaced" else ""), file=sys.stderr)
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmcycle.artifacts.hashing import sha256_file
 from llmcycle.data.loader import PackedLoader
 from llmcycle.data.shards import ShardSet
 from llmcycle.errors import LlmcycleError
 from llmcycle.eval.overlap import contamination, jsonl_stream, shard_stream
-from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
 from llmcycle.paths import check_model_dir

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmcycle.artifacts import recover
+from llmcycle.artifacts import is_temporary, recover
+from llmcycle.artifacts.manifest import MANIFEST, UNHASHED, file_hashes, versions
 from llmcycle.config import to_dict
 from llmcycle.errors import LlmcycleError
 from llmcycle.lifecycle import stages as registry
 from llmcycle.lifecycle.records import read_record, write_record
 from llmcycle.lifecycle.stage import EARLIER, PREVIOUS_MODEL
-from llmcycle.manifest import MANIFEST, UNHASHED, file_hashes, versions
 
 
 def _sha(obj: Any) -> str:
@@ -43,14 +43,14 @@ def stage_outputs(stage: str, stage_dir: Path) -> dict[str, str]:
     if st.produces_model:
         return file_hashes(stage_dir / "model", skip=UNHASHED) if (stage_dir / "model").exists() else {}
     skip = (*st.scratch, *UNHASHED)  # scratch: working files (the data stage's intermediate phases)
-    return {name: h for name, h in file_hashes(stage_dir, skip).items() if not name.endswith(".tmp")}
+    return {name: h for name, h in file_hashes(stage_dir, skip).items() if not is_temporary(name)}
 
 
 def discard_stale(stage: str, stage_dir: Path) -> None:
     """Clear a stage that starts over (stale, or named by --from), all but its published model.
 
     A model stage's checkpoints, metrics and working files go; its `model/` stays until the rerun
-    publishes the new one over it (llmcycle/artifacts.py swaps it in whole), so a rerun that is
+    publishes the new one over it (llmcycle/artifacts/io.py swaps it in whole), so a rerun that is
     interrupted still leaves the last good model, loadable and verifiable by `llmcycle lineage`.
     Other stages start from an empty folder: their results are cheap to redo, and a data stage kept
     half-old could mix the shards of two recipes."""

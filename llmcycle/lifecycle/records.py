@@ -7,8 +7,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from llmcycle.artifacts import atomic_write_json
+from llmcycle.artifacts.manifest import RECORD
 from llmcycle.lifecycle import stages as registry
-from llmcycle.manifest import RECORD
 
 
 def read_record(stage_dir: Path) -> dict | None:
@@ -23,9 +24,7 @@ def read_record(stage_dir: Path) -> dict | None:
 
 def write_record(stage_dir: Path, record: dict) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(stage_dir / RECORD)  # atomic: a record is whole or absent
+    atomic_write_json(stage_dir / RECORD, record, default=str)  # a record is whole or absent
 
 
 class Records:

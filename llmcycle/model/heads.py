@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.transformer import Transformer
@@ -80,7 +81,7 @@ class ScalarHeadModel(Transformer):
         hf = json.loads(config_path.read_text())
         hf["architectures"] = [hf["architectures"][0].replace("ForCausalLM", SEQ_CLS_SUFFIX)]
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
-        config_path.write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(config_path, hf, sort_keys=True)
 
 
 def last_token_scores(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

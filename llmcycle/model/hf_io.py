@@ -8,13 +8,13 @@ when large) and `generation_config.json`. Our parameter names are the HF names, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.transformer import Transformer
@@ -120,9 +120,7 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, sort_keys=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import tokenizers
 
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer.chat import (
     CHAT_ROLES,
@@ -376,7 +377,7 @@ class Tokenizer:
         # A chat_template.jinja left by transformers would win over the template we write below.
         (path / "chat_template.jinja").unlink(missing_ok=True)
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (path / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            atomic_write_json(path / name, data, ensure_ascii=False)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.config.get('llmcycle_kind', '?')}, vocab_size={self.vocab_size})"

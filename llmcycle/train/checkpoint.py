@@ -11,7 +11,7 @@ A checkpoint is written into a hidden temporary directory, every file fsync'd, t
 place; only after that does `latest` change (itself replaced atomically). A crash at any moment leaves
 either the previous checkpoint as latest or the new one complete, never a half-written one. A step
 written again (a resumed run reaching it a second time) replaces the old one by `publish_dir`'s swap, so
-the checkpoint `latest` names is never missing either (llmcycle/artifacts.py).
+the checkpoint `latest` names is never missing either (llmcycle/artifacts/io.py).
 """
 
 from __future__ import annotations
@@ -23,31 +23,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from llmcycle.artifacts import publish_dir, recover
+from llmcycle.artifacts import atomic_write_text, publish_dir, recover, sha256_file
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
 
 MANIFEST = "checkpoint.json"
 LATEST = "latest"
 STEP = re.compile(r"step_\d+")  # a checkpoint; not step_*.old-<pid>, a swap's leftover
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int, extra: dict | None = None) -> Path:
@@ -65,7 +46,7 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: 
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     final = root / name
     publish_dir(tmp, final)  # fsyncs it all; over an older copy of this step: swapped, never deleted first
-    write_text_atomic(root / LATEST, name + "\n")
+    atomic_write_text(root / LATEST, name + "\n")
     _prune(root, keep)
     return final
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llmcycle.artifacts import atomic_open
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.train import losses as L
@@ -107,9 +108,8 @@ def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, 
     ref = Transformer.from_pretrained(model_path, device=device)
     logps = {name: _all_logps(ref, seqs, pad_id, device, batch_size, autocast) for name, seqs in sets.items()}
     del ref  # not kept during training
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "logps": logps}, tmp)
-    tmp.replace(path)
+    with atomic_open(path) as f:
+        torch.save({"key": key, "logps": logps}, f)
     return logps
 
 

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from llmcycle.artifacts.hashing import sha256_file
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.hf_io import add_end_of_turn_to_generation_config
 from llmcycle.model.transformer import Transformer
@@ -370,7 +370,7 @@ class Session:
         """Write `out_dir/model` (the main module, a Hugging Face directory) with its manifest, atomically:
         a previous `out_dir/model` stays whole until the new one, complete, takes its place."""
         from llmcycle.artifacts import publish_dir, staging_dir
-        from llmcycle.manifest import write_manifest
+        from llmcycle.artifacts.manifest import write_manifest
 
         final = self.out_dir / "model"
         if not self.dist.is_main:
@@ -383,7 +383,7 @@ class Session:
         metrics = {**metrics, "steps": self.step_count, "train_seconds": round(time.time() - self.t_start, 2)}
         write_manifest(tmp, stage=self.stage, config=asdict(self.cfg), inputs=inputs, metrics=metrics)
         publish_dir(tmp, final)
-        write_card_quietly(final, self.log)
+        write_card_quietly(final)
         return final
 
     def _check_recipe(self, old: dict) -> None:

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmcycle.artifacts import atomic_write_json, sha256_file
 from llmcycle.data.shards import ShardSet, tokenize_to_shards
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.distributed import DistInfo, barrier
@@ -106,7 +106,7 @@ def _prepare_on_main(cfg: PretrainConfig, out_dir: Path, log) -> None:
         "tokens": {"train": train["num_tokens"], "val": val["num_tokens"]},
         "heldout_bytes_per_token": bpt, "tokenizer_hash": tokenizer.content_hash(),
     }
-    (data_dir / PREPARED).write_text(json.dumps(info, indent=2))
+    atomic_write_json(data_dir / PREPARED, info, end="")  # the marker that the data is complete
     log(f"data: {train['num_tokens']:,} train tokens, {val['num_tokens']:,} held-out tokens in {data_dir}")
 
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from llmcycle.artifacts import atomic_write_text
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.data.loader import PackedLoader
@@ -118,7 +119,7 @@ class MetricsLog:
             # Drop records the interrupted run wrote after its last checkpoint: they will be redone.
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
         elif resume_step is None:
             path.unlink(missing_ok=True)
         if tensorboard:
@@ -425,7 +426,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg, data_info: dict, result: dict) -> None:
     from llmcycle.artifacts import publish_dir, staging_dir
-    from llmcycle.manifest import write_manifest
+    from llmcycle.artifacts.manifest import write_manifest
 
     tmp = staging_dir(final_dir)  # complete first; the previous model stays until the swap
     save_model(model, tmp, state_dict=model_state)
@@ -433,4 +434,4 @@ def _publish_final(model, model_state, tokenizer_dir: Path, final_dir: Path, cfg
     (tmp / "recipe.yaml").write_text(dump_yaml(cfg))
     write_manifest(tmp, stage="pretrain", config=asdict(cfg), inputs={"data": data_info}, metrics=result)
     publish_dir(tmp, final_dir)
-    write_card_quietly(final_dir, print)
+    write_card_quietly(final_dir)

@@ -57,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcycle.artifacts import atomic_write_text
 from llmcycle.data.pycorpus import collect_python_corpus
 from llmcycle.errors import LlmcycleError
 
@@ -325,9 +326,7 @@ def _records(name: str, items: list[Item]) -> list[dict]:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # a crash never leaves half a file under the real name
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    tmp.replace(path)
+    atomic_write_text(path, text)  # a crash never leaves half a file under the real name
 
 
 def write_embedded_datasets(

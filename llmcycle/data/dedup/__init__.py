@@ -69,12 +69,3 @@ def is_dropped(decision: dict[str, np.ndarray], task: int, index: int) -> bool:
     local = decision["drop_index"][lo:hi]
     i = np.searchsorted(local, index)
     return bool(i < len(local) and local[i] == index)
-
-
-def dropped_pairs(decision: dict[str, np.ndarray]) -> list[tuple[int, int]]:
-    """Every dropped document as (task, index), in order."""
-    offs = decision["drop_offsets"]
-    out = []
-    for t in range(len(offs) - 1):
-        out.extend((t, int(i)) for i in decision["drop_index"][offs[t]:offs[t + 1]])
-    return out

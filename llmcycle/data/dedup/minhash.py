@@ -74,13 +74,6 @@ def _combining_marks() -> re.Pattern:
     return re.compile(f"[{cls}]+")
 
 
-def strip_accents(text: str) -> str:
-    """NFKD, then remove combining marks: "Crème ﬁ １２" -> "Creme fi 12". ASCII text is returned as is."""
-    if text.isascii():
-        return text
-    return _combining_marks().sub("", unicodedata.normalize("NFKD", text))
-
-
 def _unicode_words(token: str, numbers: bool) -> list[bytes]:
     token = _combining_marks().sub("", token)
     if numbers:

@@ -23,7 +23,7 @@ def configure(lc: Lifecycle, cfg: DataConfig) -> DataConfig:
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.data.run import run_data
 
-    result = run_data(lc.stage_config("data"), log=lc.log)
+    result = run_data(lc.stage_config("data"))  # logs through logging (llmcycle/logs.py)
     # the funnel, token counts, bad input (the hashes stay in the manifest), and the workers' peak memory
     return {**result["manifest"]["metrics"], "peak_rss_workers_mb": result.get("worker_peak_rss_mb")}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmcycle import svg
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.config import field_help as F
 from llmcycle.lifecycle.stage import EARLIER, Stage
 
@@ -29,7 +30,7 @@ def run(lc: Lifecycle, resume: bool) -> dict:
     by_stage = {}
     for s in lc.model_stages():
         result, _ = evaluate_model(lc.dir(s) / "model", limit=lc.stage_config("eval").limit)
-        (lc.dir("eval") / f"{s}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write_json(lc.dir("eval") / f"{s}.json", result, default=str)
         by_stage[s] = result["metrics"]
         lc.log(f"[eval] {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
     return {"by_stage": by_stage}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from llmcycle import svg
+from llmcycle.artifacts import atomic_write_json
 from llmcycle.config import field_help as F
 from llmcycle.lifecycle.stage import EARLIER, Stage, metrics_named
 
@@ -32,7 +33,7 @@ def run(lc: Lifecycle, resume: bool) -> dict:
     _, held = split_items(make_items(per_task=40))
     prompts = [it.prompt for it in held][: cfg.requests]
     result = smoke_test(lc.final_model(), prompts, cfg.concurrency, cfg.max_tokens)
-    (lc.dir("serve") / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(lc.dir("serve") / "serve.json", result)
     return {k: v for k, v in result.items() if k != "answers"}
 
 

@@ -1,6 +1,6 @@
 """`llmcycle lineage MODEL_DIR`: the chain of artifacts from a model back to its raw sources, re-verified.
 
-Every stage writes `manifest.json` (llmcycle/manifest.py): the sha256 of each of its own files
+Every stage writes `manifest.json` (llmcycle/artifacts/manifest.py): the sha256 of each of its own files
 (`outputs`) and what it was made from (`inputs`: input models by path and hash, data files by path
 and hash, the pre-training data by its preparation key). `trace` follows those records depth first,
 re-hashes every recorded file and reports, per artifact, what changed since it was recorded. The
@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcycle.artifacts.hashing import sha256_file
+from llmcycle.artifacts.io import is_temporary
+from llmcycle.artifacts.manifest import MANIFEST, UNHASHED
 from llmcycle.errors import LlmcycleError
-from llmcycle.hashing import sha256_file
-from llmcycle.manifest import MANIFEST, UNHASHED
 
 SHA = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_KEYS = ("model", "ref_model", "reward_model", "init_from", "data.corpus", "data.train", "model.size",
@@ -146,7 +147,7 @@ class _Tracer:
             skip = (*SKIP.get(stage, ()), *UNHASHED)  # the model card and the run's stage record: not hashed
             for f in sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST):
                 rel = f.relative_to(d)
-                if str(rel) not in outputs and rel.parts[0] not in skip:
+                if str(rel) not in outputs and rel.parts[0] not in skip and not is_temporary(f.name):
                     link.problems.append(f"file {f}: added after the manifest was written")
         python = (m.get("versions") or {}).get("python", "?")
         for name, val in inputs.items():

@@ -7,13 +7,13 @@ Python. Lineage from a served model back to the raw data follows these files.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from llmcycle.hashing import sha256_file
+from llmcycle.artifacts.hashing import sha256_file
+from llmcycle.artifacts.io import atomic_write_json, is_temporary
 
 MANIFEST = "manifest.json"
 CARD = "README.md"  # a model card: rewritten as evaluation results arrive, so never among the hashed outputs
@@ -22,9 +22,10 @@ UNHASHED = (CARD, RECORD)
 
 
 def file_hashes(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under `directory` but the manifest and the top-level entries in `skip`."""
+    """sha256 of every file under `directory` but the manifest, the top-level entries in `skip` and a crashed
+    writer's temporary files (`is_temporary`: never part of an artifact)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
-                   and p.relative_to(directory).parts[0] not in skip)
+                   and p.relative_to(directory).parts[0] not in skip and not is_temporary(p.name))
     return {str(f.relative_to(directory)): sha256_file(f) for f in files}
 
 
@@ -46,8 +47,8 @@ def write_manifest(
     directory: Path, stage: str, config: dict[str, Any], inputs: dict[str, Any], metrics: dict[str, Any],
     skip: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-
-
+    """Write `directory/manifest.json` (atomically: a manifest is whole or absent) hashing every file of
+    `directory` but the top-level entries in `skip` and UNHASHED; return what was written."""
     manifest = {
         "stage": stage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -57,6 +58,6 @@ def write_manifest(
         "metrics": metrics,
         "versions": versions(),
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    atomic_write_json(directory / MANIFEST, manifest, default=str)
     return manifest
 
