@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmcycle import svg
+from llmcycle.artifacts import atomic_write_text
 
 if TYPE_CHECKING:
     from llmcycle.lifecycle.records import Records
@@ -178,7 +179,7 @@ def write_report(run: Records, copy_to: Path | None = None) -> Path:
     md, page = render_markdown(title, head, sections), render_html(title, head, sections)
     for folder in (run.root, *([copy_to] if copy_to is not None else [])):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.md").write_text(md)
-        (folder / "report.html").write_text(page)
+        atomic_write_text(folder / "report.md", md)
+        atomic_write_text(folder / "report.html", page)
     write_model_cards(run)
     return run.root / "report.md"
