@@ -282,19 +282,19 @@ def _run_data(lc: Lifecycle, stage: str, resume: bool) -> dict:
 
 
 def _run_pretrain(lc: Lifecycle, stage: str, resume: bool) -> dict:
-    from llmcycle.train.pretrain import pretrain
+    from llmcycle.train.pretrain.loop import pretrain
 
     return pretrain(lc.stage_config(stage), resume=resume, log=lc.log)
 
 
 def _run_sft(lc: Lifecycle, stage: str, resume: bool) -> dict:
-    from llmcycle.train.sft import sft
+    from llmcycle.train.posttrain.sft import sft
 
     return sft(lc.stage_config(stage), resume=resume, log=lc.log)
 
 
 def _run_dpo(lc: Lifecycle, stage: str, resume: bool) -> dict:
-    from llmcycle.train.dpo import dpo
+    from llmcycle.train.posttrain.dpo import dpo
 
     return dpo(lc.stage_config(stage), resume=resume, log=lc.log)
 
@@ -316,7 +316,7 @@ def _run_eval(lc: Lifecycle, stage: str, resume: bool) -> dict:
 def _run_serve(lc: Lifecycle, stage: str, resume: bool) -> dict:
     """Serve the final model through the real HTTP server on loopback and talk to it as a client would."""
     from llmcycle.serve.smoke import smoke_test
-    from llmcycle.train.synthetic import make_items, split_items
+    from llmcycle.train.posttrain.synthetic import make_items, split_items
 
     cfg: ServeStage = lc.cfg.serve
     _, held = split_items(make_items(per_task=40))

@@ -15,7 +15,7 @@ from llmcycle.eval.suite import answer_logprobs, bpb_metrics, em_metrics, heldou
 from llmcycle.hashing import sha256_file
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.synthetic import Item
+from llmcycle.train.posttrain.synthetic import Item
 from tests.conftest import make_serving_model
 
 

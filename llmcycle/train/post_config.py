@@ -35,7 +35,7 @@ class OptimSection:
 @dataclass
 class DataSection:
     train: str = F("embedded", "training data: a .jsonl/.jsonl.gz/.parquet file or a folder of them; 'embedded' "
-                   "writes the tasks derived from the embedded corpus (llmcycle.train.synthetic)")
+                   "writes the tasks derived from the embedded corpus (llmcycle.train.posttrain.synthetic)")
     eval: str | None = F("embedded", "held-out data in the same format; 'embedded' for the embedded tasks; null for none")
     max_length: int = F(256, "tokens per example (prompt + completion); longer ones are truncated and counted")
     embedded_per_task: int = F(400, "examples per embedded task (train + eval)")

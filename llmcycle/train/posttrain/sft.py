@@ -18,32 +18,26 @@ import torch.nn.functional as F
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.batching import packed_batch, pad_batch, plan_packs
-from llmcycle.train.chat_data import (
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.masking import IGNORE
+from llmcycle.train.core.session import Session
+from llmcycle.train.post_config import (
+    SFTConfig,
+)
+from llmcycle.train.posttrain.batching import packed_batch, pad_batch, plan_packs
+from llmcycle.train.posttrain.chat_data import (
     Rejects,
     holds_out_user_data,
     load_sft,
     report_eval_rejects,
     require_examples,
+    resolve_data,
     split_holdout,
 )
-from llmcycle.train.examples import SFTExample
-from llmcycle.train.masking import IGNORE
-from llmcycle.train.post_config import (
-    SFTConfig,
-)
-from llmcycle.train.post_eval import exact_match, heldout_loss
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
-)
+from llmcycle.train.posttrain.evaluate import exact_match, heldout_loss
+from llmcycle.train.posttrain.examples import SFTExample
 
 
 def examples_hash(examples: list[SFTExample]) -> str:
@@ -105,10 +99,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         units = [[order[j] for j in row] for row in plan]
     else:
         units = [[i] for i in range(len(train))]
-    loader = EpochLoader(len(units), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(units), t.batch_size * t.grad_accum)
     n_tokens = sum(sum(e.trained[1:]) for e in train)
     s.log(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
           f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")

@@ -19,7 +19,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.hashing import sha256_file
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
-from llmcycle.train.distributed import DistInfo, barrier
+from llmcycle.train.core.distributed import DistInfo, barrier
 
 PREPARED = "prepared.json"
 

@@ -15,31 +15,25 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.chat_data import (
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.session import Session
+from llmcycle.train.post_config import (
+    RewardConfig,
+)
+from llmcycle.train.posttrain.chat_data import (
     PAIRS,
     Rejects,
     holds_out_user_data,
     load_preferences,
     report_eval_rejects,
     require_examples,
+    resolve_data,
     split_holdout,
 )
-from llmcycle.train.examples import PreferenceExample
-from llmcycle.train.losses import bradley_terry_loss
-from llmcycle.train.post_config import (
-    RewardConfig,
-)
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
-)
+from llmcycle.train.posttrain.examples import PreferenceExample
+from llmcycle.train.posttrain.losses import bradley_terry_loss
 
 
 def pair_rows(pairs: list[PreferenceExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +113,7 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     modules = s.trained_modules(lambda: {"policy": _start_model(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    loader = EpochLoader(len(train), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
     s.log(f"train: {max_steps} steps, batch {t.batch_size} pairs x {t.grad_accum} x {s.dist.world_size}")
 
     def evaluate() -> dict:

@@ -21,9 +21,17 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
-from llmcycle.train import losses as L
-from llmcycle.train.batching import pad_batch, per_example_sum
-from llmcycle.train.chat_data import (
+from llmcycle.train.core.distributed import all_reduce_sum
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.session import Session
+from llmcycle.train.post_config import (
+    DPOConfig,
+)
+from llmcycle.train.posttrain import losses as L
+from llmcycle.train.posttrain.batching import pad_batch, per_example_sum
+from llmcycle.train.posttrain.chat_data import (
     PAIRS,
     Rejects,
     holds_out_user_data,
@@ -31,26 +39,12 @@ from llmcycle.train.chat_data import (
     load_unpaired,
     report_eval_rejects,
     require_examples,
+    resolve_data,
     split_holdout,
 )
-from llmcycle.train.distributed import all_reduce_sum
-from llmcycle.train.examples import PreferenceExample, UnpairedExample
-from llmcycle.train.logps import token_logps
-from llmcycle.train.post_config import (
-    DPOConfig,
-)
-from llmcycle.train.post_eval import exact_match
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
-)
+from llmcycle.train.posttrain.evaluate import exact_match
+from llmcycle.train.posttrain.examples import PreferenceExample, UnpairedExample
+from llmcycle.train.posttrain.logps import token_logps
 
 PAIRED = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -209,10 +203,7 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
-    loader = EpochLoader(len(train), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
     s.log(f"train: {cfg.loss_type} loss, beta {cfg.beta}, {max_steps} steps, batch {t.batch_size} x "
           f"{t.grad_accum} x {s.dist.world_size}")
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import CHAT_ROLES, Tokenizer
-from llmcycle.train.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
+from llmcycle.train.post_config import DataSection
+from llmcycle.train.posttrain.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KEEP_LOCATIONS = 5  # locations remembered per reason: enough to find the pattern, small in a manifest
@@ -531,5 +532,32 @@ def require_examples(examples: list, rejects: Rejects, what: str, paths) -> None
 __all__ = [
     "HOLDOUT_FRACTION", "PAIRS", "Rejects", "dataset_files", "holds_out_user_data", "load_preferences",
     "load_prompts", "load_sft", "load_unpaired",
-    "read_records", "report_eval_rejects", "require_examples", "split_holdout",
+    "read_records", "report_eval_rejects", "require_examples", "resolve_data", "split_holdout",
 ]
+
+
+# Which embedded file feeds each kind of dataset (names returned by synthetic.write_embedded_datasets).
+EMBEDDED = {"sft": ("sft_train", "sft_eval"), "pref": ("pref_train", "pref_eval"),
+            "kto": ("kto_train", "pref_eval"), "prompts": ("prompts_train", "prompts_eval")}
+
+
+def resolve_data(data: DataSection, out_dir: Path, kind: str) -> tuple[list[Path], list[Path]]:
+    """(train paths, eval paths); 'embedded' is generated into out_dir/data, deterministically."""
+    files: dict[str, Path] = {}
+    if "embedded" in (data.train, data.eval):
+        from llmcycle.train.posttrain.synthetic import write_embedded_datasets
+
+        files = write_embedded_datasets(out_dir / "data", seed=data.embedded_seed, per_task=data.embedded_per_task)
+
+    def pick(value: str | None, which: int) -> list[Path]:
+        if value is None:
+            return []
+        if value == "embedded":
+            return [files[EMBEDDED[kind][which]]]
+        p = Path(value)
+        if not p.exists():
+            raise LlmcycleError(f"data: {p} does not exist.")
+        return [p]
+
+    return pick(data.train, 0), pick(data.eval, 1)
+
