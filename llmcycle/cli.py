@@ -143,7 +143,7 @@ def _posttrain_command(module: str, config: str, func: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        cfg = _load_recipe(getattr(importlib.import_module("llmcycle.train.post_config"), config), args.config, args)
+        cfg = _load_recipe(getattr(importlib.import_module("llmcycle.train.config"), config), args.config, args)
         if cfg is None:
             return 0
         args.checkpoint_roots = [Path(cfg.out_dir) / "checkpoints"]
@@ -305,7 +305,7 @@ def _add_posttrain(module: str, config: str, func: str) -> Callable[[argparse.Ar
     def add(p: argparse.ArgumentParser) -> None:
         import importlib
 
-        p.epilog = _options_epilog(getattr(importlib.import_module("llmcycle.train.post_config"), config))
+        p.epilog = _options_epilog(getattr(importlib.import_module("llmcycle.train.config"), config))
         _add_recipe_args(p, None)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
         p.set_defaults(func=_posttrain_command(module, config, func))

@@ -30,8 +30,7 @@ from llmcycle.config import to_dict
 from llmcycle.data.config import DataConfig
 from llmcycle.errors import LlmcycleError
 from llmcycle.manifest import MANIFEST, RECORD, UNHASHED, file_hashes, versions
-from llmcycle.train.config import PretrainConfig
-from llmcycle.train.post_config import DPOConfig, SFTConfig
+from llmcycle.train.config import DPOConfig, PretrainConfig, SFTConfig
 
 STAGES = ("data", "pretrain", "sft", "dpo", "eval", "serve", "report")
 MODEL_STAGES = ("pretrain", "sft", "dpo")

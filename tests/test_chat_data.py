@@ -412,7 +412,7 @@ def test_unknown_record_shape_names_the_accepted_shapes(tok, tmp_path):
 
 
 def test_split_holdout_is_deterministic_and_takes_at_least_one(tok, tmp_path):
-    from llmcycle.train.post_config import DataSection
+    from llmcycle.train.config import DataSection
     from llmcycle.train.posttrain.chat_data import holds_out_user_data, split_holdout
 
     records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(60)]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from llmcycle.errors import LlmcycleError
-from llmcycle.train.post_config import OptimSection
+from llmcycle.train.config import PostTrainSection
 
 
 class EpochLoader:
@@ -55,7 +55,7 @@ class EpochLoader:
         self._perm = self._permutation(self.epoch)
 
 
-def total_steps(opt: OptimSection, loader: EpochLoader) -> int:
+def total_steps(opt: PostTrainSection, loader: EpochLoader) -> int:
     if opt.max_steps > 0:
         return opt.max_steps
     return max(1, math.ceil(opt.epochs * loader.steps_per_epoch()))

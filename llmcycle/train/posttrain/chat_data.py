@@ -26,7 +26,7 @@ from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import CHAT_ROLES, Tokenizer
-from llmcycle.train.post_config import DataSection
+from llmcycle.train.config import DataSection
 from llmcycle.train.posttrain.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")

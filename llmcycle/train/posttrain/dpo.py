@@ -21,14 +21,14 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.train.config import (
+    DPOConfig,
+)
 from llmcycle.train.core.distributed import all_reduce_sum
 from llmcycle.train.core.inputs import file_inputs, model_input
 from llmcycle.train.core.loader import chunks
 from llmcycle.train.core.loop import first_evaluation, train_loop
 from llmcycle.train.core.session import Session
-from llmcycle.train.post_config import (
-    DPOConfig,
-)
 from llmcycle.train.posttrain import losses as L
 from llmcycle.train.posttrain.batching import pad_batch, per_example_sum
 from llmcycle.train.posttrain.chat_data import (

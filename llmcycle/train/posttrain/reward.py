@@ -15,13 +15,13 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
+from llmcycle.train.config import (
+    RewardConfig,
+)
 from llmcycle.train.core.inputs import file_inputs, model_input
 from llmcycle.train.core.loader import chunks
 from llmcycle.train.core.loop import first_evaluation, train_loop
 from llmcycle.train.core.session import Session
-from llmcycle.train.post_config import (
-    RewardConfig,
-)
 from llmcycle.train.posttrain.chat_data import (
     PAIRS,
     Rejects,

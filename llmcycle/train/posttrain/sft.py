@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.train.config import (
+    SFTConfig,
+)
 from llmcycle.train.core.inputs import file_inputs, model_input
 from llmcycle.train.core.loader import chunks
 from llmcycle.train.core.loop import first_evaluation, train_loop
 from llmcycle.train.core.masking import IGNORE
 from llmcycle.train.core.session import Session
-from llmcycle.train.post_config import (
-    SFTConfig,
-)
 from llmcycle.train.posttrain.batching import packed_batch, pad_batch, plan_packs
 from llmcycle.train.posttrain.chat_data import (
     Rejects,

@@ -23,9 +23,9 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
+from llmcycle.train.config import GRPOConfig
 from llmcycle.train.core.loader import chunks
 from llmcycle.train.core.session import Session
-from llmcycle.train.post_config import GRPOConfig
 from llmcycle.train.rl import objectives as rl
 from llmcycle.train.rl import online
 from llmcycle.train.rl.online import reduce_sums

@@ -32,10 +32,10 @@ from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
 from llmcycle.paths import check_model_dir
 from llmcycle.tokenizer import Tokenizer
+from llmcycle.train.config import PPOConfig
 from llmcycle.train.core.inputs import model_input
 from llmcycle.train.core.loader import chunks
 from llmcycle.train.core.session import Session
-from llmcycle.train.post_config import PPOConfig
 from llmcycle.train.rl import objectives as rl
 from llmcycle.train.rl import online
 from llmcycle.train.rl.online import reduce_sums

@@ -24,10 +24,10 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import last_token_scores
 from llmcycle.model.kv_cache import KVCache
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.core.masking import IGNORE
-from llmcycle.train.post_config import (
+from llmcycle.train.config import (
     GenerationSection,
 )
+from llmcycle.train.core.masking import IGNORE
 from llmcycle.train.posttrain.logps import token_logps
 
 # ---- sampling --------------------------------------------------------------------------------------
