@@ -21,7 +21,7 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
@@ -533,6 +533,7 @@ __all__ = [
     "HOLDOUT_FRACTION", "PAIRS", "Rejects", "dataset_files", "holds_out_user_data", "load_preferences",
     "load_prompts", "load_sft", "load_unpaired",
     "read_records", "report_eval_rejects", "require_examples", "resolve_data", "split_holdout",
+    "DataSets", "load_train_and_heldout",
 ]
 
 
@@ -561,3 +562,42 @@ def resolve_data(data: DataSection, out_dir: Path, kind: str) -> tuple[list[Path
 
     return pick(data.train, 0), pick(data.eval, 1)
 
+
+
+@dataclass
+class DataSets:
+    """A run's training and held-out examples, what was rejected from each, and every file read."""
+
+    train: list
+    heldout: list
+    rejects: Rejects
+    eval_rejects: Rejects
+    paths: list[Path]
+
+
+def load_train_and_heldout(data: DataSection, out_dir: Path, kind: str, load_train: Callable[[list[Path], Rejects], list],
+                           load_eval: Callable[[list[Path], Rejects], list], what: str, noun: str,
+                           log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+                           split_noun: str | None = None) -> DataSets:
+    """The recipe's `data` loaded as sft, reward and dpo do it: the training set (its rejects reported, an
+    unusable one refused), and the held-out set from data.eval or, when data.train is the user's file and
+    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: printed
+    instead of splitting, when the training examples cannot serve as held-out ones (KTO feedback)."""
+    hold = holds_out_user_data(data)
+    train_paths, eval_paths = resolve_data(replace(data, eval=None) if hold else data, out_dir, kind)
+    rejects = Rejects()
+    train = load_train(train_paths, rejects)
+    require_examples(train, rejects, what, train_paths)
+    log(f"data: {len(train)} {noun} from {', '.join(map(str, train_paths))}")
+    if rejects.total() or rejects.truncated:
+        log(rejects.summary())
+    eval_rejects = Rejects()
+    if hold and no_split is not None:
+        log(no_split)
+        heldout = []
+    elif hold:
+        train, heldout = split_holdout(train, split_noun or noun, log)
+    else:
+        heldout = load_eval(eval_paths, eval_rejects) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), log, expected)
+    return DataSets(train, heldout, rejects, eval_rejects, train_paths + eval_paths)

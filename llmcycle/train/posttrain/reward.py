@@ -8,8 +8,6 @@ what `transformers`' LlamaForSequenceClassification computes on the saved model.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from llmcycle.errors import LlmcycleError
@@ -24,13 +22,8 @@ from llmcycle.train.core.loop import first_evaluation, train_loop
 from llmcycle.train.core.session import Session
 from llmcycle.train.posttrain.chat_data import (
     PAIRS,
-    Rejects,
-    holds_out_user_data,
     load_preferences,
-    report_eval_rejects,
-    require_examples,
-    resolve_data,
-    split_holdout,
+    load_train_and_heldout,
 )
 from llmcycle.train.posttrain.examples import PreferenceExample
 from llmcycle.train.posttrain.losses import bradley_terry_loss
@@ -93,20 +86,10 @@ def _start_model(path: str) -> ScalarHeadModel:
 def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    hold = holds_out_user_data(d)
-    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "pref")
-    rejects = Rejects()
-    train = load_preferences(train_paths, tok, d.max_length, rejects)
-    require_examples(train, rejects, "reward-model training", train_paths)
-    s.log(f"data: {len(train)} preference pairs from {', '.join(map(str, train_paths))}")
-    if rejects.total() or rejects.truncated:
-        s.log(rejects.summary())
-    eval_rejects = Rejects()
-    if hold:
-        train, heldout = split_holdout(train, "preference pairs", s.log)
-    else:
-        heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), s.log, PAIRS)
+    load = lambda paths, rejects: load_preferences(paths, tok, d.max_length, rejects)  # noqa: E731
+    sets = load_train_and_heldout(d, s.out_dir, "pref", load, load, "reward-model training", "preference pairs",
+                                  s.log, PAIRS)
+    train, heldout = sets.train, sets.heldout
     heldout = heldout[: cfg.eval.max_pairs]
 
     torch.manual_seed(t.seed)  # the fresh head's initialisation
@@ -126,9 +109,9 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
         s, "reward", max_steps, loader, lambda idx: [[train[i] for i in c] for c in chunks(idx, t.batch_size)],
         len, lambda mb: reward_loss(wrapped, mb, pad_id, s.device, center=cfg.center_coefficient), evaluate,
         cfg.eval.every, _eval_line, {"first_eval": first_eval})
-    result = {"train_pairs": len(train), "rejected": rejects.to_dict(), "eval_rejected": eval_rejects.to_dict(),
+    result = {"train_pairs": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": first_eval, **last_eval}
-    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}, result)
+    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
     s.log(f"done: reward model in {final}")
     return result
 

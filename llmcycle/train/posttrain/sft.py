@@ -11,7 +11,6 @@ token, whatever the accumulation.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +27,8 @@ from llmcycle.train.core.masking import IGNORE
 from llmcycle.train.core.session import Session
 from llmcycle.train.posttrain.batching import packed_batch, pad_batch, plan_packs
 from llmcycle.train.posttrain.chat_data import (
-    Rejects,
-    holds_out_user_data,
     load_sft,
-    report_eval_rejects,
-    require_examples,
-    resolve_data,
-    split_holdout,
+    load_train_and_heldout,
 )
 from llmcycle.train.posttrain.evaluate import exact_match, heldout_loss
 from llmcycle.train.posttrain.examples import SFTExample
@@ -64,20 +58,10 @@ def sft(cfg: SFTConfig, resume: bool = False, log=print) -> dict:
 def _sft(cfg: SFTConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    hold = holds_out_user_data(d)
-    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "sft")
-    rejects = Rejects()
-    train = load_sft(train_paths, tok, d.max_length, rejects, loss_on=d.loss_on)
-    require_examples(train, rejects, "SFT training", train_paths)
-    s.log(f"data: {len(train)} training examples from {', '.join(map(str, train_paths))}")
-    if rejects.total() or rejects.truncated:
-        s.log(rejects.summary())
-    eval_rejects = Rejects()
-    if hold:
-        train, heldout = split_holdout(train, "examples", s.log)
-    else:
-        heldout = load_sft(eval_paths, tok, d.max_length, eval_rejects, loss_on=d.loss_on) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), s.log)
+    load = lambda paths, rejects: load_sft(paths, tok, d.max_length, rejects, loss_on=d.loss_on)  # noqa: E731
+    sets = load_train_and_heldout(d, s.out_dir, "sft", load, load, "SFT training", "training examples", s.log,
+                                  split_noun="examples")
+    train, heldout = sets.train, sets.heldout
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model = modules["policy"]
@@ -128,10 +112,10 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         s, "sft", max_steps, loader, lambda idx: [make_batch(list(c)) for c in chunks(idx, t.batch_size)],
         lambda b: float((b.targets != IGNORE).sum()), lambda b: sft_loss(wrapped, b), evaluate, cfg.eval.every,
         _eval_line, {"data_hash": data_hash, "first_eval": first_eval})
-    result = {"train_examples": len(train), "rejected": rejects.to_dict(), "eval_rejected": eval_rejects.to_dict(),
+    result = {"train_examples": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
-    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}, result)
+    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
     s.log(f"done: fine-tuned model in {final}")
     return result
 
