@@ -15,10 +15,11 @@ A `Session` owns, for one run:
 The loops stay in the trainers (pretrain/loop.py, posttrain/*.py, rl/*.py) where they can be read;
 core/loop.py holds the two loop shapes they share.
 
-Where LoRA adapters and quantized bases enter: `trainable_parameters` decides which parameters train
-(a frozen, quantized base has requires_grad False; adapters are the trainable rest), `param_groups`
-how they decay, and `save_module` how a trained module is written (an adapter-only save replaces it).
-Checkpoints and the final directory both go through `save_module`.
+Where LoRA adapters and quantized bases enter: the `build` a trainer passes to `trained_modules` makes
+the modules (a quantized base with adapters attached), `trainable_parameters` decides which parameters
+train (a frozen base has requires_grad False; adapters are the trainable rest), `param_groups` how they
+decay, and `save_module` / `load_module` how a trained module is written and read back (an adapter-only
+save replaces them). Checkpoints and the final directory both go through `save_module`.
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ class Session:
             kinds_file = self.resume_from / MODULES_FILE
             # Pre-training checkpoints written before the shared session hold one language model, no list.
             kinds = json.loads(kinds_file.read_text()) if kinds_file.exists() else {MAIN: "causal_lm"}
-            modules = {name: load_module(self.resume_from if name == MAIN else self.resume_from / name, kind,
-                                         self.device) for name, kind in kinds.items()}
+            modules = {name: self.load_module(self.resume_from if name == MAIN else self.resume_from / name, kind)
+                       for name, kind in kinds.items()}
         else:
             modules = {k: m.to(self.device) for k, m in build().items()}
         self.modules = modules
@@ -236,6 +237,15 @@ class Session:
             torch.set_rng_state(rng["torch"] if isinstance(rng, dict) else rng)  # dict: older pre-training layout
             self.log(f"resume: continuing {self.resume_from} at step {self.step_count}")
         return modules
+
+    def load_module(self, path: Path, kind: str) -> nn.Module:
+        """A trained module as `save_module` wrote it into a checkpoint (the resume side of that hook)."""
+        return load_module(path, kind, self.device)
+
+    def save_module(self, name: str, module: nn.Module, path: Path, state_dict: dict | None) -> None:
+        """How a trained module is written, in checkpoints and the final directory alike: a full Hugging
+        Face directory. The point where an adapter-only save (LoRA) or a dequantizing one replaces it."""
+        save_module(module, path, state_dict)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         m = module
@@ -388,7 +398,7 @@ class Session:
 
     def _write_model_dir(self, root: Path, weights: dict[str, dict | None]) -> None:
         for name, state in weights.items():
-            save_module(self.modules[name], root if name == MAIN else root / name, state)
+            self.save_module(name, self.modules[name], root if name == MAIN else root / name, state)
         copy_tokenizer(self.tokenizer_dir, root, self.end_of_turn)
         (root / "recipe.yaml").write_text(dump_yaml(self.cfg))
 
