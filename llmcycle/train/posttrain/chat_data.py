@@ -533,7 +533,7 @@ __all__ = [
     "HOLDOUT_FRACTION", "PAIRS", "Rejects", "dataset_files", "holds_out_user_data", "load_preferences",
     "load_prompts", "load_sft", "load_unpaired",
     "read_records", "report_eval_rejects", "require_examples", "resolve_data", "split_holdout",
-    "DataSets", "load_train_and_heldout",
+    "DataSets", "load_sets", "load_train_and_heldout",
 ]
 
 
@@ -585,6 +585,15 @@ def load_train_and_heldout(data: DataSection, out_dir: Path, kind: str, load_tra
     instead of splitting, when the training examples cannot serve as held-out ones (KTO feedback)."""
     hold = holds_out_user_data(data)
     train_paths, eval_paths = resolve_data(replace(data, eval=None) if hold else data, out_dir, kind)
+    return load_sets(train_paths, eval_paths, hold, load_train, load_eval, what, noun, log, expected, no_split,
+                     split_noun)
+
+
+def load_sets(train_paths: list[Path], eval_paths: list[Path], hold: bool,
+              load_train: Callable[[list[Path], Rejects], list], load_eval: Callable[[list[Path], Rejects], list],
+              what: str, noun: str, log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+              split_noun: str | None = None) -> DataSets:
+    """`load_train_and_heldout` once the files are known; hold: the held-out set is split off the training set."""
     rejects = Rejects()
     train = load_train(train_paths, rejects)
     require_examples(train, rejects, what, train_paths)

@@ -28,10 +28,8 @@ from llmcycle.train.posttrain.chat_data import (
     Rejects,
     holds_out_user_data,
     load_prompts,
-    report_eval_rejects,
-    require_examples,
+    load_sets,
     resolve_data,
-    split_holdout,
 )
 from llmcycle.train.posttrain.examples import PromptExample
 from llmcycle.train.rl.rewards import exact_match
@@ -142,19 +140,10 @@ def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Token
     if room < 1:
         raise LlmcycleError(f"data.max_length ({max_length}) leaves no room for a prompt after "
                             f"generation.max_new_tokens ({max_new_tokens}).")
-    rejects = Rejects()
-    train = load_prompts(train_paths, tok, room + 1, rejects)  # load_prompts keeps prompts shorter than its limit
-    require_examples(train, rejects, "prompt", train_paths)
-    log(f"data: {len(train)} prompts from {', '.join(map(str, train_paths))}")
-    if rejects.total():
-        log(rejects.summary())
-    eval_rejects = Rejects()
-    if holdout:
-        train, heldout = split_holdout(train, "prompts", log)
-    else:
-        heldout = load_prompts(eval_paths, tok, room + 1, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), log)
-    return train, heldout, rejects, eval_rejects
+    # load_prompts keeps prompts shorter than its limit
+    load = lambda paths, rejects: load_prompts(paths, tok, room + 1, rejects)  # noqa: E731
+    sets = load_sets(train_paths, eval_paths, holdout, load, load, "prompt", "prompts", log)
+    return sets.train, sets.heldout, sets.rejects, sets.eval_rejects
 
 
 def prompts_hash(examples: list[PromptExample]) -> str:
