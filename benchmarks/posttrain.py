@@ -185,12 +185,12 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
     import torch
 
     import llmcycle.train.core.metrics as metrics
-    import llmcycle.train.core.session as posttrain
+    import llmcycle.train.core.session as session
     import llmcycle.train.posttrain.batching as batching
     from llmcycle.config import load_config
 
     # Hooks from the outside: llmcycle's code is run unchanged.
-    set_lr, write = posttrain.Session.set_lr, metrics.MetricsLog.write
+    set_lr, write = session.Session.set_lr, metrics.MetricsLog.write
     forward, forward_trained = batching.Batch.forward, batching.Batch.forward_trained
 
     def timed_set_lr(self, max_steps, position=None):  # called first thing in every post-training step
@@ -214,7 +214,7 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
         count(self)
         return forward_trained(self, model)
 
-    posttrain.Session.set_lr, metrics.MetricsLog.write = timed_set_lr, timed_write
+    session.Session.set_lr, metrics.MetricsLog.write = timed_set_lr, timed_write
     batching.Batch.forward, batching.Batch.forward_trained = counted_forward, counted_forward_trained
 
     common = [f"out_dir={out}", f"model={inputs['model']}", "data.eval=null", f"data.max_length={a.max_length}",
