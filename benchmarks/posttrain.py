@@ -5,7 +5,7 @@ trained here on a slice of the embedded corpus) and the embedded post-training t
 (`write_embedded_datasets`: `sft_train` as messages, `pref_train` as prompt/chosen/rejected messages) feed
 both sides, in one command:
 
-- llmcycle: `llmcycle.train.sft.sft(cfg)` and `llmcycle.train.dpo.dpo(cfg)` called as functions, with
+- llmcycle: `llmcycle.train.posttrain.sft.sft(cfg)` and `llmcycle.train.posttrain.dpo.dpo(cfg)` called as functions, with
   nothing added to them; the benchmark wraps `Session.set_lr` (called at the start of every step),
   `MetricsLog.write` (at its end) and `Batch.forward`/`forward_trained` (to count tokens) from the outside.
 - TRL: `trl.SFTTrainer` / `trl.DPOTrainer` with a `TrainerCallback` (`on_train_begin`, `on_step_end`) and
@@ -95,7 +95,7 @@ def prepare(work: Path, args: argparse.Namespace) -> dict:
     import transformers
 
     from llmcycle.tokenizer import Tokenizer
-    from llmcycle.train.synthetic import write_embedded_datasets
+    from llmcycle.train.posttrain.synthetic import write_embedded_datasets
 
     t = time.perf_counter()
     if args.tokenizer:
@@ -184,13 +184,13 @@ class Clock:
 def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, clock: Clock) -> None:
     import torch
 
-    import llmcycle.train.batching as batching
-    import llmcycle.train.posttrain as posttrain
-    import llmcycle.train.pretrain as pretrain
+    import llmcycle.train.core.metrics as metrics
+    import llmcycle.train.core.session as session
+    import llmcycle.train.posttrain.batching as batching
     from llmcycle.config import load_config
 
     # Hooks from the outside: llmcycle's code is run unchanged.
-    set_lr, write = posttrain.Session.set_lr, pretrain.MetricsLog.write
+    set_lr, write = session.Session.set_lr, metrics.MetricsLog.write
     forward, forward_trained = batching.Batch.forward, batching.Batch.forward_trained
 
     def timed_set_lr(self, max_steps, position=None):  # called first thing in every post-training step
@@ -214,7 +214,7 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
         count(self)
         return forward_trained(self, model)
 
-    posttrain.Session.set_lr, pretrain.MetricsLog.write = timed_set_lr, timed_write
+    session.Session.set_lr, metrics.MetricsLog.write = timed_set_lr, timed_write
     batching.Batch.forward, batching.Batch.forward_trained = counted_forward, counted_forward_trained
 
     common = [f"out_dir={out}", f"model={inputs['model']}", "data.eval=null", f"data.max_length={a.max_length}",
@@ -224,13 +224,13 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
               "eval.every=0", "eval.generate=0", "checkpoint.every=0", "checkpoint.keep=1"]
     quiet = lambda *args, **kw: None  # noqa: E731
     if task == "dpo":
-        from llmcycle.train.dpo import DPOConfig, dpo
+        from llmcycle.train.posttrain.dpo import DPOConfig, dpo
 
         cfg = load_config(DPOConfig, None, common + [f"data.train={inputs['pref_train']}", "loss_type=sigmoid",
                                                      f"beta={BETA}"])
         dpo(cfg, log=quiet)
     else:
-        from llmcycle.train.sft import SFTConfig, sft
+        from llmcycle.train.posttrain.sft import SFTConfig, sft
 
         cfg = load_config(SFTConfig, None, common + [f"data.train={inputs['sft_train']}", "data.loss_on=assistant",
                                                      f"data.packing={str(task == 'sft_packed').lower()}"])
@@ -300,8 +300,8 @@ def child(a: argparse.Namespace) -> None:
         import transformers  # noqa: F401
         import trl  # noqa: F401
     else:
-        import llmcycle.train.dpo  # noqa: F401
-        import llmcycle.train.sft  # noqa: F401
+        import llmcycle.train.posttrain.dpo  # noqa: F401
+        import llmcycle.train.posttrain.sft  # noqa: F401
     t_imports = time.perf_counter()
     import_rss = rss_mb()
     work = Path(a.work)

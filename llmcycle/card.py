@@ -34,7 +34,7 @@ CONFIG_ROWS = {  # what a reader wants to know of each training stage, by dotted
 
 
 POST_TRAINING = ("sft", "reward", "dpo", "ppo", "grpo")
-# One example per embedded task (llmcycle.train.synthetic), for the card's task list.
+# One example per embedded task (llmcycle.train.posttrain.synthetic), for the card's task list.
 TASK_EXAMPLES = {
     "add": "What is 17 + 25? -> 42", "sub": "What is 52 - 17? -> 35", "max": "Which is larger, 37 or 52? -> 52",
     "last": "What is the last letter of 'socket'? -> t", "upper": "Write 'socket' in uppercase. -> SOCKET",

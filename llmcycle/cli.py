@@ -132,7 +132,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     args.checkpoint_roots = [Path(cfg.out_dir) / "checkpoints"]
-    from llmcycle.train.pretrain import pretrain
+    from llmcycle.train.pretrain.loop import pretrain
 
     pretrain(cfg, resume=args.resume)
     return 0
@@ -144,7 +144,7 @@ def _posttrain_command(module: str, config: str, func: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        cfg = _load_recipe(getattr(importlib.import_module("llmcycle.train.post_config"), config), args.config, args)
+        cfg = _load_recipe(getattr(importlib.import_module("llmcycle.train.config"), config), args.config, args)
         if cfg is None:
             return 0
         args.checkpoint_roots = [Path(cfg.out_dir) / "checkpoints"]
@@ -156,15 +156,15 @@ def _posttrain_command(module: str, config: str, func: str):
 
 # (command, module, config class, function, help)
 POSTTRAIN_COMMANDS = (
-    ("sft", "llmcycle.train.sft", "SFTConfig", "sft",
+    ("sft", "llmcycle.train.posttrain.sft", "SFTConfig", "sft",
      "supervised fine-tuning on conversations / instructions (loss on assistant tokens)"),
-    ("reward", "llmcycle.train.reward", "RewardConfig", "train_reward",
+    ("reward", "llmcycle.train.posttrain.reward", "RewardConfig", "train_reward",
      "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
-    ("dpo", "llmcycle.train.dpo", "DPOConfig", "dpo",
+    ("dpo", "llmcycle.train.posttrain.dpo", "DPOConfig", "dpo",
      "preference tuning: DPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
-    ("ppo", "llmcycle.train.ppo", "PPOConfig", "ppo",
+    ("ppo", "llmcycle.train.rl.ppo", "PPOConfig", "ppo",
      "online RL from a reward model with a value model (PPO, KL-penalised, GAE)"),
-    ("grpo", "llmcycle.train.grpo", "GRPOConfig", "grpo",
+    ("grpo", "llmcycle.train.rl.grpo", "GRPOConfig", "grpo",
      "online RL from verifiable rewards: groups of samples per prompt (GRPO)"),
 )
 
@@ -303,7 +303,7 @@ def _add_posttrain(module: str, config: str, func: str) -> Callable[[argparse.Ar
     def add(p: argparse.ArgumentParser) -> None:
         import importlib
 
-        p.epilog = _options_epilog(getattr(importlib.import_module("llmcycle.train.post_config"), config))
+        p.epilog = _options_epilog(getattr(importlib.import_module("llmcycle.train.config"), config))
         _add_recipe_args(p, None)
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
         p.set_defaults(func=_posttrain_command(module, config, func))
@@ -483,7 +483,7 @@ def check_dirs(args: argparse.Namespace) -> None:
 
 def _latest_checkpoint(roots: list[Path]) -> Path | None:
     """The newest published checkpoint under any of `roots` (each `<out_dir>/checkpoints`), by its `latest`."""
-    from llmcycle.train.checkpoint import LATEST
+    from llmcycle.train.core.checkpoint import LATEST
 
     markers = [r / LATEST for r in roots if (r / LATEST).is_file()]
     if not markers:

@@ -74,7 +74,10 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build(cls: type[T], data: dict[str, Any], source: str = "recipe", prefix: str = "") -> T:
+def build(cls: type[T], data: dict[str, Any], source: str = "recipe", prefix: str = "", base: T | None = None) -> T:
+    """`cls` from a recipe mapping, checked. Keys the recipe leaves out keep their defaults: those of `base`
+    when given, else the field defaults; a nested section starts from its field's default instance, so a
+    config can give a shared section its own defaults (`field(default_factory=lambda: Section(lr=...))`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'recipe'} must be a mapping, got {data!r}.")
     hints = get_type_hints(cls)
@@ -88,8 +91,18 @@ def build(cls: type[T], data: dict[str, Any], source: str = "recipe", prefix: st
         )
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{prefix}{name}", source)
-    return cls(**kwargs)
+        start = _default_instance(fields[name], base) if dataclasses.is_dataclass(hints[name]) else None
+        kwargs[name] = _convert(hints[name], value, f"{prefix}{name}", source, start)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _default_instance(f: dataclasses.Field, parent: Any = None) -> Any:
+    """A nested section's default: the parent's value when there is a parent instance, else the field's."""
+    if parent is not None:
+        return getattr(parent, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
@@ -98,10 +111,11 @@ def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> 
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+def _convert(tp: Any, value: Any, key: str, source: str, base: Any = None) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return build(tp, value if value is not None else {}, source, prefix=key + ".")
+        return build(tp, value if value is not None else {}, source, prefix=key + ".",
+                     base=base if isinstance(base, tp) else None)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -111,7 +125,7 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, key, source)
+                return _convert(arg, value, key, source, base)
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:
@@ -179,18 +193,18 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, help) for every leaf field: used by `--help` to list options."""
+def describe_fields(cls: type, prefix: str = "", base: Any = None) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every leaf field: used by `--help` to list options. Defaults
+    are those of `base` when given; a nested section's are its field's default instance's."""
     rows = []
     hints = get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe_fields(tp, prefix + f.name + "."))
+            rows.extend(describe_fields(tp, prefix + f.name + ".", _default_instance(f, base)))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = _default_instance(f, base)
         rows.append((prefix + f.name, _describe(tp), default, help_text))
     return rows
 

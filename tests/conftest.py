@@ -13,8 +13,8 @@ def tiny_data(tmp_path_factory) -> dict:
     """A small slice of the embedded corpus, a 512-token BPE tokenizer and train/val shards, built once."""
     from llmcycle.config import load_config
     from llmcycle.train.config import PretrainConfig
-    from llmcycle.train.distributed import DistInfo
-    from llmcycle.train.prepare import prepare_data
+    from llmcycle.train.core.distributed import DistInfo
+    from llmcycle.train.pretrain.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("tiny_data")
     cfg = load_config(PretrainConfig, None, [f"out_dir={out}", "data.max_bytes=400000", "tokenizer.vocab_size=512",

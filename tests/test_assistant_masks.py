@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 from llmcycle.tokenizer import Tokenizer  # noqa: E402
 from llmcycle.tokenizer.chat import find_assistant_spans  # noqa: E402
-from llmcycle.train.chat_data import Rejects, load_preferences, load_sft, load_unpaired  # noqa: E402
+from llmcycle.train.posttrain.chat_data import Rejects, load_preferences, load_sft, load_unpaired  # noqa: E402
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

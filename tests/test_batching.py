@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.batching import packed_batch, pad_batch, per_example_sum, plan_packs, shift
-from llmcycle.train.masking import IGNORE
-from llmcycle.train.posttrain import EpochLoader
+from llmcycle.train.core.loader import EpochLoader
+from llmcycle.train.core.masking import IGNORE
+from llmcycle.train.posttrain.batching import packed_batch, pad_batch, per_example_sum, plan_packs, shift
 
 
 def _model() -> Transformer:

@@ -88,7 +88,7 @@ def test_front_matter_has_hugging_face_metadata_and_model_index(tuned, pretraine
 
 
 def test_task_list_is_the_trained_tasks(tuned):
-    from llmcycle.train.synthetic import EXTRA_TASKS, TASKS
+    from llmcycle.train.posttrain.synthetic import EXTRA_TASKS, TASKS
 
     info = json.loads((tuned.parent / "data" / "info.json").read_text())
     card = model_card(tuned)

@@ -7,7 +7,7 @@ import pytest
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.chat_data import (
+from llmcycle.train.posttrain.chat_data import (
     UNKNOWN_SHAPE,
     Rejects,
     load_preferences,
@@ -412,8 +412,8 @@ def test_unknown_record_shape_names_the_accepted_shapes(tok, tmp_path):
 
 
 def test_split_holdout_is_deterministic_and_takes_at_least_one(tok, tmp_path):
-    from llmcycle.train.chat_data import holds_out_user_data, split_holdout
-    from llmcycle.train.posttrain import DataSection
+    from llmcycle.train.config import DataSection
+    from llmcycle.train.posttrain.chat_data import holds_out_user_data, split_holdout
 
     records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(60)]
     examples = load_sft(write_jsonl(tmp_path / "sft.jsonl", records), tok, 64, Rejects())
@@ -441,7 +441,7 @@ def _stage_opts(out, model, **extra) -> list[str]:
 def test_sft_on_a_user_file_holds_out_its_own_data(tiny_base_model, tmp_path):
     """data.train is the user's file, data.eval left at its default: no silent embedded-task evaluation."""
     from llmcycle.config import load_config
-    from llmcycle.train.sft import SFTConfig, sft
+    from llmcycle.train.posttrain.sft import SFTConfig, sft
 
     records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(40)]
     data = write_jsonl(tmp_path / "mine.jsonl", records)
@@ -456,7 +456,7 @@ def test_sft_on_a_user_file_holds_out_its_own_data(tiny_base_model, tmp_path):
 
 def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path):
     from llmcycle.config import load_config
-    from llmcycle.train.dpo import DPOConfig, dpo
+    from llmcycle.train.posttrain.dpo import DPOConfig, dpo
 
     pairs = [{"prompt": f"What is {a} plus 0?", "chosen": str(a), "rejected": str(a + 1)} for a in range(8)]
     kto = [{"prompt": "What is 1 plus 0?", "completion": "1", "label": True}]
@@ -470,7 +470,7 @@ def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path):
 
 
 def test_a_failing_reward_function_names_itself_and_the_record(tmp_path):
-    from llmcycle.train.rewards import compute_rewards, load_reward_functions
+    from llmcycle.train.rl.rewards import compute_rewards, load_reward_functions
 
     (tmp_path / "myrewards.py").write_text(
         "def picky(prompts, completions, references):\n"
@@ -481,7 +481,7 @@ def test_a_failing_reward_function_names_itself_and_the_record(tmp_path):
 
 
 def test_grpo_ppo_prompts_hold_out_a_share_of_the_users_file(tok, tmp_path):
-    from llmcycle.train.rollout import load_prompt_sets
+    from llmcycle.train.rl.online import load_prompt_sets
 
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {a} plus 0?", "answer": str(a)} for a in range(40)])
     lines: list[str] = []

@@ -3,8 +3,8 @@ import os
 import pytest
 
 from llmcycle.errors import LlmcycleError
-from llmcycle.train.checkpoint import LATEST, latest_checkpoint, save_checkpoint
-from llmcycle.train.schedule import lr_at
+from llmcycle.train.core.checkpoint import LATEST, latest_checkpoint, save_checkpoint
+from llmcycle.train.core.schedule import lr_at
 
 
 def _writer(payload: bytes):

@@ -115,7 +115,7 @@ def test_stop_strings_logprobs_and_errors(model_dir):
 
 def test_engine_sampler_matches_simple_sampler(model_dir):
     from llmcycle.serve.rollouts import EngineSampler
-    from llmcycle.train.rollout import SimpleSampler
+    from llmcycle.train.rl.rollout import SimpleSampler
 
     model = Transformer.from_pretrained(model_dir)
     model.train()  # as a policy in training: the samplers switch to eval and back

@@ -16,7 +16,7 @@ from llmcycle.eval.cli import add_eval_arguments, eval_main, gate
 from llmcycle.eval.suite import answer_logprobs, bpb_metrics, em_metrics, heldout_items, mc_metrics
 from llmcycle.model.transformer import Transformer
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.synthetic import Item
+from llmcycle.train.posttrain.synthetic import Item
 from tests.conftest import make_serving_model
 
 

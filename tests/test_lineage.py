@@ -14,8 +14,8 @@ from llmcycle.artifacts.lineage import add_lineage_arguments, lineage_main, trac
 from llmcycle.config import load_config
 from llmcycle.errors import LlmcycleError
 from llmcycle.train.config import PretrainConfig
-from llmcycle.train.pretrain import pretrain
-from llmcycle.train.sft import SFTConfig, sft
+from llmcycle.train.posttrain.sft import SFTConfig, sft
+from llmcycle.train.pretrain.loop import pretrain
 
 QUIET = lambda *a, **k: None  # noqa: E731
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from llmcycle.train.losses import (
+from llmcycle.train.posttrain.losses import (
     bradley_terry_loss,
     dpo_loss,
     kl_estimate,

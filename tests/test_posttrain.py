@@ -18,9 +18,9 @@ from llmcycle.config import load_config
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.dpo import DPOConfig, dpo
-from llmcycle.train.reward import RewardConfig, train_reward
-from llmcycle.train.sft import SFTConfig, sft
+from llmcycle.train.posttrain.dpo import DPOConfig, dpo
+from llmcycle.train.posttrain.reward import RewardConfig, train_reward
+from llmcycle.train.posttrain.sft import SFTConfig, sft
 
 GOOD = ["apple", "river", "garden", "music", "bread", "summer", "friend", "light"]
 BAD = ["rust", "storm", "mud", "noise", "ash", "dust", "error", "broken"]

@@ -23,10 +23,10 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
-from llmcycle.train import posttrain
-from llmcycle.train.grpo import GRPOConfig, grpo
-from llmcycle.train.ppo import PPOConfig, ppo
-from llmcycle.train.sft import SFTConfig, sft
+from llmcycle.train.core import session as posttrain
+from llmcycle.train.posttrain.sft import SFTConfig, sft
+from llmcycle.train.rl.grpo import GRPOConfig, grpo
+from llmcycle.train.rl.ppo import PPOConfig, ppo
 
 LETTERS = ["A", "B", "C"]
 ANSWER = {"apple": "A", "sky": "B", "grass": "C", "cherry": "A", "ocean": "B", "leaf": "C"}

@@ -13,9 +13,9 @@ from conftest import run_cli, tiny_train_overrides
 from llmcycle.config import load_config
 from llmcycle.errors import LlmcycleError
 from llmcycle.model import Transformer
-from llmcycle.train.checkpoint import latest_checkpoint
 from llmcycle.train.config import PretrainConfig
-from llmcycle.train.pretrain import TrainingDiverged, pretrain
+from llmcycle.train.core.checkpoint import latest_checkpoint
+from llmcycle.train.pretrain.loop import TrainingDiverged, pretrain
 
 
 def _cfg(tiny_data, out_dir, steps=20, **extra):

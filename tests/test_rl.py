@@ -1,4 +1,4 @@
-"""The RL arithmetic (llmcycle.train.rl), the batched sampler and the reward functions.
+"""The RL arithmetic (llmcycle.train.rl.objectives), the batched sampler and the reward functions.
 
 PPO is checked against values worked out by hand from the published formulas (TRL removed its
 PPOTrainer, so there is no reference implementation to drive); GRPO against hand values and against
@@ -18,9 +18,14 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.config import ModelConfig
 from llmcycle.model.generate import generate
 from llmcycle.model.transformer import Transformer
-from llmcycle.train import rl
-from llmcycle.train.rewards import compute_rewards, exact_match, load_reward_function, load_reward_functions
-from llmcycle.train.rollout import SimpleSampler, rollout_batch, rollout_logps, sample_next
+from llmcycle.train.rl import objectives as rl
+from llmcycle.train.rl.rewards import (
+    compute_rewards,
+    exact_match,
+    load_reward_function,
+    load_reward_functions,
+)
+from llmcycle.train.rl.rollout import SimpleSampler, rollout_batch, rollout_logps, sample_next
 
 ATOL = 1e-6
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmcycle.errors import LlmcycleError
-from llmcycle.train.synthetic import (
+from llmcycle.train.posttrain.synthetic import (
     EXTRA_TASKS,
     TASKS,
     Item,
@@ -72,7 +72,7 @@ def test_files_are_byte_identical_for_the_same_arguments(written, tmp_path):
 
 def test_same_files_in_a_fresh_process_with_another_hash_seed(written, tmp_path):
     # Byte-identical across processes too: nothing may depend on set order or str hashing.
-    code = "import sys; from llmcycle.train.synthetic import write_embedded_datasets as w; w(sys.argv[1])"
+    code = "import sys; from llmcycle.train.posttrain.synthetic import write_embedded_datasets as w; w(sys.argv[1])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env=env, timeout=60)
     for name, path in written.items():

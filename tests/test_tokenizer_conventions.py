@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from llmcycle.serve.engine import LLM  # noqa: E402
 from llmcycle.serve.sampling import SamplingParams  # noqa: E402
 from llmcycle.tokenizer import Tokenizer  # noqa: E402
-from llmcycle.train.chat_data import Rejects, load_preferences, load_prompts, load_sft  # noqa: E402
+from llmcycle.train.posttrain.chat_data import Rejects, load_preferences, load_prompts, load_sft  # noqa: E402
 
 TEXTS = ["hello there", "the cat sat on the mat", "what is 10 plus 0?", ""]
 CHAT = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
@@ -251,7 +251,7 @@ def _end_loving_model(tok: Tokenizer, out):
 def test_published_chat_model_stops_at_end_of_turn(own_dir, tmp_path):
     """transformers' generate and the engine (so /v1/completions) stop at <|end|>, not at max tokens."""
     from llmcycle.model.hf_io import generation_eos_ids
-    from llmcycle.train.posttrain import copy_tokenizer
+    from llmcycle.train.core.session import copy_tokenizer
 
     tok = Tokenizer.from_pretrained(own_dir)
     model_dir = tmp_path / "tuned"
@@ -277,7 +277,7 @@ def test_completions_endpoint_stops_at_end_of_turn(own_dir, tmp_path):
     from llmcycle.serve.engine import LLMEngine
     from llmcycle.serve.server import ServerState
     from llmcycle.serve.smoke import serve_in_thread
-    from llmcycle.train.posttrain import copy_tokenizer
+    from llmcycle.train.core.session import copy_tokenizer
 
     tok = Tokenizer.from_pretrained(own_dir)
     model_dir = tmp_path / "tuned"

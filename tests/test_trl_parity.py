@@ -4,8 +4,8 @@ TRL keeps its losses inside the trainers, so each test builds the real trainer (
 CPO with loss_type="simpo", ORPO, KTO, Reward, SFT) around a tiny `LlamaForCausalLM`, collates a hand-built
 batch with the trainer's own data collator and calls its `compute_loss`. Our side runs the same weights
 through our `Transformer` and the production code on the same hand-built ids: completion log-probs through
-`llmcycle.train.dpo.completion_logps` (what the DPO-family trainers run) fed to `llmcycle.train.losses`,
-and SFT through `llmcycle.train.sft.sft_loss` on padded and packed batches.
+`llmcycle.train.posttrain.dpo.completion_logps` (what the DPO-family trainers run) fed to `llmcycle.train.posttrain.losses`,
+and SFT through `llmcycle.train.posttrain.sft.sft_loss` on padded and packed batches.
 The policy is a perturbed copy of the reference so DPO/KTO log-ratios are not all zero.
 """
 
@@ -26,9 +26,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
 from llmcycle.model import Transformer  # noqa: E402
-from llmcycle.train.batching import packed_batch, pad_batch  # noqa: E402
-from llmcycle.train.dpo import completion_logps  # noqa: E402
-from llmcycle.train.losses import (  # noqa: E402
+from llmcycle.train.core.masking import IGNORE  # noqa: E402
+from llmcycle.train.posttrain.batching import packed_batch, pad_batch  # noqa: E402
+from llmcycle.train.posttrain.dpo import completion_logps  # noqa: E402
+from llmcycle.train.posttrain.losses import (  # noqa: E402
     bradley_terry_loss,
     chosen_nll,
     dpo_loss,
@@ -37,8 +38,7 @@ from llmcycle.train.losses import (  # noqa: E402
     orpo_loss,
     simpo_loss,
 )
-from llmcycle.train.masking import IGNORE  # noqa: E402
-from llmcycle.train.sft import sft_loss  # noqa: E402
+from llmcycle.train.posttrain.sft import sft_loss  # noqa: E402
 
 ATOL = 1e-5
 VOCAB = 64

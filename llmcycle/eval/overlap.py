@@ -20,7 +20,7 @@ import numpy as np
 from llmcycle.data.shards import ShardSet
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.synthetic import Item
+from llmcycle.train.posttrain.synthetic import Item
 
 SEP = 0xFFFFFFFF  # between documents/records: never a token id, so no match can span two of them
 

@@ -36,10 +36,10 @@ from llmcycle.paths import check_model_dir
 from llmcycle.serve.engine import LLM
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.evaluate import heldout_metrics
-from llmcycle.train.logps import token_logps
-from llmcycle.train.post_eval import normalize_answer
-from llmcycle.train.synthetic import Item, make_items, split_items
+from llmcycle.train.posttrain.evaluate import normalize_answer
+from llmcycle.train.posttrain.logps import token_logps
+from llmcycle.train.posttrain.synthetic import Item, make_items, split_items
+from llmcycle.train.pretrain.evaluate import heldout_metrics
 
 SUITE_VERSION = "v1"
 EMBEDDED = {"seed": 0, "per_task": 400, "eval_fraction": 0.1}  # the split post-training trains against

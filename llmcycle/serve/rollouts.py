@@ -1,6 +1,6 @@
 """The serving engine as the rollout sampler of online post-training (PPO, GRPO).
 
-`EngineSampler` implements `llmcycle.train.rollout.Sampler` over an `LLMEngine` built around the live
+`EngineSampler` implements `llmcycle.train.rl.rollout.Sampler` over an `LLMEngine` built around the live
 policy (its weights change every iteration, so the engine, and its KV pool, is built per call: the pool
 is a small allocation next to a rollout). All prompts are submitted at once and decoded with continuous
 batching: a short completion frees its slot at once instead of padding along with the longest.

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 from llmcycle.lifecycle.stage import PREVIOUS_MODEL, Stage, metrics_named
 from llmcycle.lifecycle.stages.sft import from_previous_model, trainer_report
-from llmcycle.train.post_config import DPOConfig
+from llmcycle.train.config import DPOConfig
 
 if TYPE_CHECKING:
     from llmcycle.lifecycle.graph import Lifecycle
 
 
 def run(lc: Lifecycle, resume: bool) -> dict:
-    from llmcycle.train.dpo import dpo
+    from llmcycle.train.posttrain.dpo import dpo
 
     return dpo(lc.stage_config("dpo"), resume=resume, log=lc.log)
 

@@ -28,7 +28,7 @@ def configure(lc: Lifecycle, cfg: PretrainConfig) -> PretrainConfig:
 
 
 def run(lc: Lifecycle, resume: bool) -> dict:
-    from llmcycle.train.pretrain import pretrain
+    from llmcycle.train.pretrain.loop import pretrain
 
     return pretrain(lc.stage_config("pretrain"), resume=resume, log=lc.log)
 

@@ -27,7 +27,7 @@ class ServeStage:
 
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.serve.smoke import smoke_test
-    from llmcycle.train.synthetic import make_items, split_items
+    from llmcycle.train.posttrain.synthetic import make_items, split_items
 
     cfg: ServeStage = lc.stage_config("serve")
     _, held = split_items(make_items(per_task=40))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from llmcycle import svg
 from llmcycle.lifecycle.stage import PREVIOUS_MODEL, Stage, metrics_named
 from llmcycle.report import read_curves
-from llmcycle.train.post_config import SFTConfig
+from llmcycle.train.config import SFTConfig
 
 if TYPE_CHECKING:
     from llmcycle.lifecycle.graph import Lifecycle
@@ -48,7 +48,7 @@ def trainer_report(stage: str) -> Callable[[Records], list[Section]]:
 
 
 def run(lc: Lifecycle, resume: bool) -> dict:
-    from llmcycle.train.sft import sft
+    from llmcycle.train.posttrain.sft import sft
 
     return sft(lc.stage_config("sft"), resume=resume, log=lc.log)
 

@@ -11,39 +11,27 @@ token, whatever the accumulation.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.batching import packed_batch, pad_batch, plan_packs
-from llmcycle.train.chat_data import (
-    Rejects,
-    holds_out_user_data,
-    load_sft,
-    report_eval_rejects,
-    require_examples,
-    split_holdout,
-)
-from llmcycle.train.examples import SFTExample
-from llmcycle.train.masking import IGNORE
-from llmcycle.train.post_config import (
+from llmcycle.train.config import (
     SFTConfig,
 )
-from llmcycle.train.post_eval import exact_match, heldout_loss
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.masking import IGNORE
+from llmcycle.train.core.session import Session
+from llmcycle.train.posttrain.batching import packed_batch, pad_batch, plan_packs
+from llmcycle.train.posttrain.chat_data import (
+    load_sft,
+    load_train_and_heldout,
 )
+from llmcycle.train.posttrain.evaluate import exact_match, heldout_loss
+from llmcycle.train.posttrain.examples import SFTExample
 
 
 def examples_hash(examples: list[SFTExample]) -> str:
@@ -70,20 +58,10 @@ def sft(cfg: SFTConfig, resume: bool = False, log=print) -> dict:
 def _sft(cfg: SFTConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    hold = holds_out_user_data(d)
-    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "sft")
-    rejects = Rejects()
-    train = load_sft(train_paths, tok, d.max_length, rejects, loss_on=d.loss_on)
-    require_examples(train, rejects, "SFT training", train_paths)
-    s.log(f"data: {len(train)} training examples from {', '.join(map(str, train_paths))}")
-    if rejects.total() or rejects.truncated:
-        s.log(rejects.summary())
-    eval_rejects = Rejects()
-    if hold:
-        train, heldout = split_holdout(train, "examples", s.log)
-    else:
-        heldout = load_sft(eval_paths, tok, d.max_length, eval_rejects, loss_on=d.loss_on) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), s.log)
+    load = lambda paths, rejects: load_sft(paths, tok, d.max_length, rejects, loss_on=d.loss_on)  # noqa: E731
+    sets = load_train_and_heldout(d, s.out_dir, "sft", load, load, "SFT training", "training examples", s.log,
+                                  split_noun="examples")
+    train, heldout = sets.train, sets.heldout
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model = modules["policy"]
@@ -105,10 +83,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         units = [[order[j] for j in row] for row in plan]
     else:
         units = [[i] for i in range(len(train))]
-    loader = EpochLoader(len(units), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(units), t.batch_size * t.grad_accum)
     n_tokens = sum(sum(e.trained[1:]) for e in train)
     s.log(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
           f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")
@@ -137,10 +112,10 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         s, "sft", max_steps, loader, lambda idx: [make_batch(list(c)) for c in chunks(idx, t.batch_size)],
         lambda b: float((b.targets != IGNORE).sum()), lambda b: sft_loss(wrapped, b), evaluate, cfg.eval.every,
         _eval_line, {"data_hash": data_hash, "first_eval": first_eval})
-    result = {"train_examples": len(train), "rejected": rejects.to_dict(), "eval_rejected": eval_rejects.to_dict(),
+    result = {"train_examples": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
-    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}, result)
+    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
     s.log(f"done: fine-tuned model in {final}")
     return result
 

@@ -22,36 +22,25 @@ import torch
 from llmcycle.artifacts import atomic_open
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
-from llmcycle.train import losses as L
-from llmcycle.train.batching import pad_batch, per_example_sum
-from llmcycle.train.chat_data import (
-    PAIRS,
-    Rejects,
-    holds_out_user_data,
-    load_preferences,
-    load_unpaired,
-    report_eval_rejects,
-    require_examples,
-    split_holdout,
-)
-from llmcycle.train.distributed import all_reduce_sum
-from llmcycle.train.examples import PreferenceExample, UnpairedExample
-from llmcycle.train.logps import token_logps
-from llmcycle.train.post_config import (
+from llmcycle.train.config import (
     DPOConfig,
 )
-from llmcycle.train.post_eval import exact_match
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
+from llmcycle.train.core.distributed import all_reduce_sum
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.session import Session
+from llmcycle.train.posttrain import losses as L
+from llmcycle.train.posttrain.batching import pad_batch, per_example_sum
+from llmcycle.train.posttrain.chat_data import (
+    PAIRS,
+    load_preferences,
+    load_train_and_heldout,
+    load_unpaired,
 )
+from llmcycle.train.posttrain.evaluate import exact_match
+from llmcycle.train.posttrain.examples import PreferenceExample, UnpairedExample
+from llmcycle.train.posttrain.logps import token_logps
 
 PAIRED = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -170,25 +159,16 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     kto = cfg.loss_type == "kto"
     tok = s.load_tokenizer(cfg.model)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    hold = holds_out_user_data(d)
-    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "kto" if kto else "pref")
-    rejects = Rejects()
-    train: list = (load_unpaired if kto else load_preferences)(train_paths, tok, d.max_length, rejects)
-    require_examples(train, rejects, "KTO training" if kto else "preference training", train_paths)
-    s.log(f"data: {len(train)} {'feedback examples' if kto else 'preference pairs'} from "
-          f"{', '.join(map(str, train_paths))}")
-    if rejects.total() or rejects.truncated:
-        s.log(rejects.summary())
-    eval_rejects = Rejects()
-    if hold and kto:  # KTO feedback is no pair: nothing of it can be scored as chosen vs rejected
-        s.log(f"eval: none (data.eval is left at 'embedded' but data.train is your file; held-out evaluation "
-              f"takes {PAIRS}: set data.eval to such a file)")
-        heldout = []
-    elif hold:
-        train, heldout = split_holdout(train, "preference pairs", s.log)
-    else:
-        heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), s.log, PAIRS)
+    loaded = load_train_and_heldout(
+        d, s.out_dir, "kto" if kto else "pref",
+        lambda paths, rejects: (load_unpaired if kto else load_preferences)(paths, tok, d.max_length, rejects),
+        lambda paths, rejects: load_preferences(paths, tok, d.max_length, rejects),
+        "KTO training" if kto else "preference training", "feedback examples" if kto else "preference pairs", s.log,
+        PAIRS, split_noun="preference pairs",
+        # KTO feedback is no pair: nothing of it can be scored as chosen vs rejected
+        no_split=(f"eval: none (data.eval is left at 'embedded' but data.train is your file; held-out evaluation "
+                  f"takes {PAIRS}: set data.eval to such a file)") if kto else None)
+    train, heldout = loaded.train, loaded.heldout
     heldout = heldout[: cfg.eval.max_pairs]
     if kto:
         _check_kto_labels(train)
@@ -209,10 +189,7 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
-    loader = EpochLoader(len(train), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
     s.log(f"train: {cfg.loss_type} loss, beta {cfg.beta}, {max_steps} steps, batch {t.batch_size} x "
           f"{t.grad_accum} x {s.dist.world_size}")
 
@@ -242,9 +219,9 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     first_eval = first_evaluation(s, evaluate, _eval_line)
     last_eval = train_loop(s, cfg.loss_type, max_steps, loader, lambda idx: [list(c) for c in chunks(idx, t.batch_size)],
                            len, loss_fn, evaluate, cfg.eval.every, _eval_line, {"first_eval": first_eval})
-    result = {"loss_type": cfg.loss_type, "train_examples": len(train), "rejected": rejects.to_dict(),
-              "eval_rejected": eval_rejects.to_dict(), "eval_before": first_eval, **last_eval}
-    inputs = {"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}
+    result = {"loss_type": cfg.loss_type, "train_examples": len(train), "rejected": loaded.rejects.to_dict(),
+              "eval_rejected": loaded.eval_rejects.to_dict(), "eval_before": first_eval, **last_eval}
+    inputs = {"model": model_input(cfg.model), "data": file_inputs(loaded.paths)}
     if cfg.ref_model:
         inputs["ref_model"] = model_input(cfg.ref_model)
     final = s.publish(inputs, result)

@@ -8,38 +8,25 @@ what `transformers`' LlamaForSequenceClassification computes on the saved model.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel, last_token_scores
 from llmcycle.model.transformer import Transformer
-from llmcycle.train.chat_data import (
-    PAIRS,
-    Rejects,
-    holds_out_user_data,
-    load_preferences,
-    report_eval_rejects,
-    require_examples,
-    split_holdout,
-)
-from llmcycle.train.examples import PreferenceExample
-from llmcycle.train.losses import bradley_terry_loss
-from llmcycle.train.post_config import (
+from llmcycle.train.config import (
     RewardConfig,
 )
-from llmcycle.train.posttrain import (
-    EpochLoader,
-    Session,
-    chunks,
-    file_inputs,
-    first_evaluation,
-    model_input,
-    resolve_data,
-    total_steps,
-    train_loop,
+from llmcycle.train.core.inputs import file_inputs, model_input
+from llmcycle.train.core.loader import chunks
+from llmcycle.train.core.loop import first_evaluation, train_loop
+from llmcycle.train.core.session import Session
+from llmcycle.train.posttrain.chat_data import (
+    PAIRS,
+    load_preferences,
+    load_train_and_heldout,
 )
+from llmcycle.train.posttrain.examples import PreferenceExample
+from llmcycle.train.posttrain.losses import bradley_terry_loss
 
 
 def pair_rows(pairs: list[PreferenceExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,30 +86,17 @@ def _start_model(path: str) -> ScalarHeadModel:
 def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
-    hold = holds_out_user_data(d)
-    train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "pref")
-    rejects = Rejects()
-    train = load_preferences(train_paths, tok, d.max_length, rejects)
-    require_examples(train, rejects, "reward-model training", train_paths)
-    s.log(f"data: {len(train)} preference pairs from {', '.join(map(str, train_paths))}")
-    if rejects.total() or rejects.truncated:
-        s.log(rejects.summary())
-    eval_rejects = Rejects()
-    if hold:
-        train, heldout = split_holdout(train, "preference pairs", s.log)
-    else:
-        heldout = load_preferences(eval_paths, tok, d.max_length, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), s.log, PAIRS)
+    load = lambda paths, rejects: load_preferences(paths, tok, d.max_length, rejects)  # noqa: E731
+    sets = load_train_and_heldout(d, s.out_dir, "pref", load, load, "reward-model training", "preference pairs",
+                                  s.log, PAIRS)
+    train, heldout = sets.train, sets.heldout
     heldout = heldout[: cfg.eval.max_pairs]
 
     torch.manual_seed(t.seed)  # the fresh head's initialisation
     modules = s.trained_modules(lambda: {"policy": _start_model(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    loader = EpochLoader(len(train), t.batch_size * t.grad_accum, t.seed, s.dist.rank, s.dist.world_size)
-    if s.state is not None:
-        loader.load_state_dict(s.state["loader"])
-    max_steps = total_steps(t, loader)
+    loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
     s.log(f"train: {max_steps} steps, batch {t.batch_size} pairs x {t.grad_accum} x {s.dist.world_size}")
 
     def evaluate() -> dict:
@@ -135,9 +109,9 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
         s, "reward", max_steps, loader, lambda idx: [[train[i] for i in c] for c in chunks(idx, t.batch_size)],
         len, lambda mb: reward_loss(wrapped, mb, pad_id, s.device, center=cfg.center_coefficient), evaluate,
         cfg.eval.every, _eval_line, {"first_eval": first_eval})
-    result = {"train_pairs": len(train), "rejected": rejects.to_dict(), "eval_rejected": eval_rejects.to_dict(),
+    result = {"train_pairs": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": first_eval, **last_eval}
-    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(train_paths + eval_paths)}, result)
+    final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
     s.log(f"done: reward model in {final}")
     return result
 

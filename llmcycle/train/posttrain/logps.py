@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from llmcycle.train.masking import IGNORE
+from llmcycle.train.core.masking import IGNORE
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -17,9 +16,3 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     out = picked - torch.logsumexp(logits, dim=-1)
     return out.masked_fill(targets == IGNORE, 0.0)
-
-
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution per position: [B, T, V] -> [B, T]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

@@ -19,7 +19,7 @@ from llmcycle.data.shards import ShardSet, tokenize_to_shards
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
-from llmcycle.train.distributed import DistInfo, barrier
+from llmcycle.train.core.distributed import DistInfo, barrier
 
 PREPARED = "prepared.json"
 

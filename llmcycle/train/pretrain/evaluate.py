@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llmcycle.data.loader import PackedLoader
 from llmcycle.data.shards import ShardSet
 from llmcycle.model.generate import generate
-from llmcycle.train.masking import IGNORE, mask_tokens
+from llmcycle.train.core.masking import IGNORE, mask_tokens
 
 
 @torch.no_grad()

@@ -8,8 +8,7 @@
 - `RolloutBatch` lays each prompt+completion out as one right-padded row (positions from 0, no attention
   mask needed: causal attention never looks right), and `rollout_logps` / `rollout_values` /
   `sequence_scores` read per-completion-token log-probs, values and last-token scores off it.
-- Shared by ppo.py and grpo.py: the `generation` recipe section, loading the prompt sets, and held-out
-  exact match.
+- Shared by ppo.py and grpo.py: checking the `generation` recipe section, stop ids, per-iteration seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -26,19 +24,11 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import last_token_scores
 from llmcycle.model.kv_cache import KVCache
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.chat_data import (
-    Rejects,
-    load_prompts,
-    report_eval_rejects,
-    require_examples,
-    split_holdout,
-)
-from llmcycle.train.examples import PromptExample
-from llmcycle.train.logps import token_logps
-from llmcycle.train.masking import IGNORE
-from llmcycle.train.post_config import (
+from llmcycle.train.config import (
     GenerationSection,
 )
+from llmcycle.train.core.masking import IGNORE
+from llmcycle.train.posttrain.logps import token_logps
 
 # ---- sampling --------------------------------------------------------------------------------------
 
@@ -257,33 +247,6 @@ def stop_ids(tok: Tokenizer) -> list[int]:
     return list(tok.end_of_turn_ids)
 
 
-def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Tokenizer, max_length: int,
-                     max_new_tokens: int, log, holdout: bool = False
-                     ) -> tuple[list[PromptExample], list[PromptExample], Rejects, Rejects]:
-    """Training and held-out prompts; prompts longer than max_length - max_new_tokens are rejected (counted).
-
-    holdout=True (data.train is the user's file, data.eval left at 'embedded'): the held-out prompts are a
-    share of the training file's, taken out of training (`split_holdout`); eval_paths is not read.
-    """
-    room = max_length - max_new_tokens
-    if room < 1:
-        raise LlmcycleError(f"data.max_length ({max_length}) leaves no room for a prompt after "
-                            f"generation.max_new_tokens ({max_new_tokens}).")
-    rejects = Rejects()
-    train = load_prompts(train_paths, tok, room + 1, rejects)  # load_prompts keeps prompts shorter than its limit
-    require_examples(train, rejects, "prompt", train_paths)
-    log(f"data: {len(train)} prompts from {', '.join(map(str, train_paths))}")
-    if rejects.total():
-        log(rejects.summary())
-    eval_rejects = Rejects()
-    if holdout:
-        train, heldout = split_holdout(train, "prompts", log)
-    else:
-        heldout = load_prompts(eval_paths, tok, room + 1, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), log)
-    return train, heldout, rejects, eval_rejects
-
-
 def iteration_seed(seed: int, iteration: int, rank: int, salt: str = "sample") -> int:
     """A seed per (run seed, iteration, process): sampling and shuffling at iteration k are the same whether
     the run went straight through or resumed, on every process, with no generator state to store."""
@@ -291,42 +254,7 @@ def iteration_seed(seed: int, iteration: int, rank: int, salt: str = "sample") -
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def reduce_sums(sums: dict[str, float], session) -> dict[str, float]:
-    """Sum each statistic over processes (one all-reduce)."""
-    from llmcycle.train.distributed import all_reduce_sum
-
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=session.device)
-    return dict(zip(keys, all_reduce_sum(t, session.dist).tolist()))
-
-
-def prompts_hash(examples: list[PromptExample]) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(repr((e.prompt_ids, e.reference)).encode())
-    return h.hexdigest()
-
-
 def decode_completions(tok: Tokenizer, completions: list[list[int]], stop: Sequence[int]) -> list[str]:
     """Completion text without its stop token and special tokens: what reward functions read."""
     stop = set(stop)
     return [tok.decode([t for t in c if t not in stop], skip_special_tokens=True) for c in completions]
-
-
-@torch.no_grad()
-def heldout_exact_match(model: torch.nn.Module, tok: Tokenizer, examples: list[PromptExample], sampler: Sampler,
-                        max_new_tokens: int, autocast) -> dict:
-    """Greedy answers to held-out prompts compared with their references (normalised whitespace)."""
-    from llmcycle.train.rewards import exact_match
-
-    if not examples:
-        return {}
-    stop = stop_ids(tok)
-    with autocast():
-        out = sampler.generate(model, [e.prompt_ids for e in examples], max_new_tokens, temperature=0.0,
-                               stop_ids=stop)
-    answers = decode_completions(tok, out, stop)
-    hits = exact_match([e.prompt for e in examples], answers, [e.reference for e in examples])
-    samples = [{"answer": a, "reference": e.reference, "correct": bool(h)}
-               for a, e, h in zip(answers[:5], examples[:5], hits[:5])]
-    return {"eval_exact_match": sum(hits) / len(hits), "eval_exact_match_n": len(hits), "eval_samples": samples}

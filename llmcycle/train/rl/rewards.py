@@ -29,8 +29,8 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.paths import check_model_dir
-from llmcycle.train.post_eval import normalize_answer
-from llmcycle.train.rollout import rollout_batch, sequence_scores
+from llmcycle.train.posttrain.evaluate import normalize_answer
+from llmcycle.train.rl.rollout import rollout_batch, sequence_scores
 
 RewardFn = Callable[[list, list[str], list], list]
 

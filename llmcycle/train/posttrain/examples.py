@@ -1,6 +1,6 @@
 """The tokenized examples post-training works on, one dataclass per dataset kind.
 
-Readers (`llmcycle.train.chat_data`) turn records into these; trainers batch them. Token ids are
+Readers (`llmcycle.train.posttrain.chat_data`) turn records into these; trainers batch them. Token ids are
 complete sequences: the prompt rendered through the chat template (or plain text), then the completion.
 """
 

@@ -219,12 +219,35 @@ def grpo_token_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
     return out
 
 
+def grpo_summed_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """A (micro-)batch's GRPO loss summed over its units, to be divided by the units of the whole step
+    (`grpo_units`, summed over micro-batches and processes): token losses summed ("dapo", "dr_grpo"), or
+    each sequence's token mean summed over sequences ("grpo")."""
+    per_token = per_token_loss * mask
+    if loss_type == "grpo":
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
+    return per_token.sum()
+
+
+def grpo_units(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
+    """What loss_type normalises by (TRL 1.16): real tokens ("dapo"), sequences ("grpo"), or
+    sequences x max_completion_length ("dr_grpo")."""
+    if loss_type == "dapo":
+        return float(mask.sum())
+    if loss_type == "grpo":
+        return float(mask.shape[0])
+    if loss_type == "dr_grpo":
+        return float(mask.shape[0] * max_completion_length)
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {list(GRPO_LOSS_TYPES)}")
+
+
 def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, beta: float, epsilon: float,
               epsilon_high: float | None = None, loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo",
               max_completion_length: int | None = None, kl_bias_correction: bool = True
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO loss of one batch, reduced as TRL 1.16's loss_type says (no gradient accumulation):
+    """GRPO loss of one batch, reduced as TRL 1.16's loss_type says (no gradient accumulation; the trainer
+    accumulates the same `grpo_summed_loss` over micro-batches and divides by the step's `grpo_units`):
 
     - "dapo" (TRL's default): sum over all real tokens / number of real tokens: every token weighs the
       same, so long completions are not diluted (DAPO, arXiv:2503.14476).
@@ -237,17 +260,9 @@ def grpo_loss(new_logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Te
     """
     parts = grpo_token_loss(new_logp, old_logp, ref_logp, advantages, beta, epsilon, epsilon_high, kl_bias_correction)
     m = mask.to(new_logp.dtype)
-    per_token = parts["loss"] * m
-    if loss_type == "dapo":
-        loss = per_token.sum() / m.sum().clamp(min=1.0)
-    elif loss_type == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "dr_grpo":
-        if not max_completion_length:
-            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-        loss = per_token.sum() / (per_token.shape[0] * max_completion_length)
-    else:
-        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {list(GRPO_LOSS_TYPES)}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+    loss = grpo_summed_loss(parts["loss"], m, loss_type) / max(grpo_units(m, loss_type, max_completion_length), 1.0)
     stats = {"clip_ratio/low_mean": masked_mean(parts["low"], m),
              "clip_ratio/high_mean": masked_mean(parts["high"], m),
              "clip_ratio/region_mean": masked_mean(torch.maximum(parts["low"], parts["high"]), m)}

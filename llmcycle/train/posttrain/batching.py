@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmcycle.train.masking import IGNORE
+from llmcycle.train.core.masking import IGNORE
 
 
 @dataclass

@@ -21,12 +21,13 @@ import json
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import CHAT_ROLES, Tokenizer
-from llmcycle.train.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
+from llmcycle.train.config import DataSection
+from llmcycle.train.posttrain.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KEEP_LOCATIONS = 5  # locations remembered per reason: enough to find the pattern, small in a manifest
@@ -531,5 +532,81 @@ def require_examples(examples: list, rejects: Rejects, what: str, paths) -> None
 __all__ = [
     "HOLDOUT_FRACTION", "PAIRS", "Rejects", "dataset_files", "holds_out_user_data", "load_preferences",
     "load_prompts", "load_sft", "load_unpaired",
-    "read_records", "report_eval_rejects", "require_examples", "split_holdout",
+    "read_records", "report_eval_rejects", "require_examples", "resolve_data", "split_holdout",
+    "DataSets", "load_sets", "load_train_and_heldout",
 ]
+
+
+# Which embedded file feeds each kind of dataset (names returned by synthetic.write_embedded_datasets).
+EMBEDDED = {"sft": ("sft_train", "sft_eval"), "pref": ("pref_train", "pref_eval"),
+            "kto": ("kto_train", "pref_eval"), "prompts": ("prompts_train", "prompts_eval")}
+
+
+def resolve_data(data: DataSection, out_dir: Path, kind: str) -> tuple[list[Path], list[Path]]:
+    """(train paths, eval paths); 'embedded' is generated into out_dir/data, deterministically."""
+    files: dict[str, Path] = {}
+    if "embedded" in (data.train, data.eval):
+        from llmcycle.train.posttrain.synthetic import write_embedded_datasets
+
+        files = write_embedded_datasets(out_dir / "data", seed=data.embedded_seed, per_task=data.embedded_per_task)
+
+    def pick(value: str | None, which: int) -> list[Path]:
+        if value is None:
+            return []
+        if value == "embedded":
+            return [files[EMBEDDED[kind][which]]]
+        p = Path(value)
+        if not p.exists():
+            raise LlmcycleError(f"data: {p} does not exist.")
+        return [p]
+
+    return pick(data.train, 0), pick(data.eval, 1)
+
+
+
+@dataclass
+class DataSets:
+    """A run's training and held-out examples, what was rejected from each, and every file read."""
+
+    train: list
+    heldout: list
+    rejects: Rejects
+    eval_rejects: Rejects
+    paths: list[Path]
+
+
+def load_train_and_heldout(data: DataSection, out_dir: Path, kind: str, load_train: Callable[[list[Path], Rejects], list],
+                           load_eval: Callable[[list[Path], Rejects], list], what: str, noun: str,
+                           log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+                           split_noun: str | None = None) -> DataSets:
+    """The recipe's `data` loaded as sft, reward and dpo do it: the training set (its rejects reported, an
+    unusable one refused), and the held-out set from data.eval or, when data.train is the user's file and
+    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: printed
+    instead of splitting, when the training examples cannot serve as held-out ones (KTO feedback)."""
+    hold = holds_out_user_data(data)
+    train_paths, eval_paths = resolve_data(replace(data, eval=None) if hold else data, out_dir, kind)
+    return load_sets(train_paths, eval_paths, hold, load_train, load_eval, what, noun, log, expected, no_split,
+                     split_noun)
+
+
+def load_sets(train_paths: list[Path], eval_paths: list[Path], hold: bool,
+              load_train: Callable[[list[Path], Rejects], list], load_eval: Callable[[list[Path], Rejects], list],
+              what: str, noun: str, log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+              split_noun: str | None = None) -> DataSets:
+    """`load_train_and_heldout` once the files are known; hold: the held-out set is split off the training set."""
+    rejects = Rejects()
+    train = load_train(train_paths, rejects)
+    require_examples(train, rejects, what, train_paths)
+    log(f"data: {len(train)} {noun} from {', '.join(map(str, train_paths))}")
+    if rejects.total() or rejects.truncated:
+        log(rejects.summary())
+    eval_rejects = Rejects()
+    if hold and no_split is not None:
+        log(no_split)
+        heldout = []
+    elif hold:
+        train, heldout = split_holdout(train, split_noun or noun, log)
+    else:
+        heldout = load_eval(eval_paths, eval_rejects) if eval_paths else []
+        report_eval_rejects(eval_rejects, len(heldout), log, expected)
+    return DataSets(train, heldout, rejects, eval_rejects, train_paths + eval_paths)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from llmcycle.model.generate import generate
 from llmcycle.tokenizer import Tokenizer
-from llmcycle.train.batching import pad_batch
-from llmcycle.train.examples import SFTExample
+from llmcycle.train.posttrain.batching import pad_batch
+from llmcycle.train.posttrain.examples import SFTExample
 
 
 @torch.no_grad()

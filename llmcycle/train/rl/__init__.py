@@ -1,0 +1,1 @@
+"""Online RL: PPO and GRPO, their arithmetic, rollouts and rewards."""
