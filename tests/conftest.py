@@ -118,3 +118,22 @@ def dropped_pairs(decision: dict) -> list[tuple[int, int]]:
     for t in range(len(offs) - 1):
         out.extend((t, int(i)) for i in decision["drop_index"][offs[t]:offs[t + 1]])
     return out
+
+
+def qwen2_byte_level_bpe(texts: list[str], vocab_size: int = 400):
+    """A `tokenizers` byte-level BPE built as Qwen2's (its split regex, NFC, ChatML special tokens), trained
+    on `texts`: transformers rebuilds a Qwen2 tokenizer from vocab and merges, so the tests need the real kind."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Backend(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok

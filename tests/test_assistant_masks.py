@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
+from conftest import qwen2_byte_level_bpe  # noqa: E402
 from llmcycle.tokenizer import Tokenizer  # noqa: E402
 from llmcycle.tokenizer.chat import find_assistant_spans  # noqa: E402
 from llmcycle.train.posttrain.chat_data import Rejects, load_preferences, load_sft, load_unpaired  # noqa: E402
@@ -55,21 +56,9 @@ def _answer(prompt):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen2 model and a byte-level BPE tokenizer with a ChatML template, written by transformers."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as Backend
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("masks")
-    tok = Backend(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([json.dumps(p) for p in _prompts()] * 10 + ["user assistant system"] * 10, trainer)
+    tok = qwen2_byte_level_bpe([json.dumps(p) for p in _prompts()] * 10 + ["user assistant system"] * 10)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                               pad_token="<|endoftext|>")
     hf.chat_template = CHATML

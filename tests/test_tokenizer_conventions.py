@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import qwen2_byte_level_bpe  # noqa: E402
 from llmcycle.serve.engine import LLM  # noqa: E402
 from llmcycle.serve.sampling import SamplingParams  # noqa: E402
 from llmcycle.tokenizer import Tokenizer  # noqa: E402
@@ -51,27 +52,9 @@ def _llama_style(path):
     return hf
 
 
-def _qwen2_backend():
-    """A byte-level BPE built as Qwen2's (transformers rebuilds a Qwen2 tokenizer from vocab and merges)."""
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as Backend
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    tok = Backend(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello there, the cat sat on the mat. what is 10 plus 0? yes no"] * 20, trainer)
-    return tok
-
-
 def _qwen2_style(path):
     """No BOS at all (bos_token null), end of text as eos and a ChatML template, as Qwen2 ships."""
-    tok = _qwen2_backend()
+    tok = qwen2_byte_level_bpe(["hello there, the cat sat on the mat. what is 10 plus 0? yes no"] * 20)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                               pad_token="<|endoftext|>")
     hf.chat_template = CHAT
