@@ -510,7 +510,7 @@ def split_holdout(examples: list, what: str,
 
 def report_eval_rejects(rejects: Rejects, n_heldout: int,
                         expected: str = "") -> None:
-    """Print held-out rejects as training rejects are printed; say so when none of the file is usable."""
+    """Log held-out rejects as training rejects are logged (INFO); say so when none of the file is usable."""
     if not rejects.total() and not rejects.truncated:
         return
     log.info("held-out data:\n" + rejects.summary())
@@ -584,7 +584,7 @@ def load_train_and_heldout(data: DataSection, out_dir: Path, kind: str, load_tra
                            split_noun: str | None = None) -> DataSets:
     """The recipe's `data` loaded as sft, reward and dpo do it: the training set (its rejects reported, an
     unusable one refused), and the held-out set from data.eval or, when data.train is the user's file and
-    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: printed
+    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: logged
     instead of splitting, when the training examples cannot serve as held-out ones (KTO feedback)."""
     hold = holds_out_user_data(data)
     train_paths, eval_paths = resolve_data(replace(data, eval=None) if hold else data, out_dir, kind)
