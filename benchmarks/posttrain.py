@@ -222,19 +222,18 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
               f"train.lr={a.lr}", f"train.warmup_steps={a.warmup_steps}", "train.dtype=fp32",
               f"train.device={a.device}", f"train.threads={a.threads}", f"train.seed={SEED}",
               "eval.every=0", "eval.generate=0", "checkpoint.every=0", "checkpoint.keep=1"]
-    quiet = lambda *args, **kw: None  # noqa: E731
     if task == "dpo":
         from llmcycle.train.posttrain.dpo import DPOConfig, dpo
 
         cfg = load_config(DPOConfig, None, common + [f"data.train={inputs['pref_train']}", "loss_type=sigmoid",
                                                      f"beta={BETA}"])
-        dpo(cfg, log=quiet)
+        dpo(cfg)  # quiet: llmcycle logs its progress only when asked (llmcycle/logs.py)
     else:
         from llmcycle.train.posttrain.sft import SFTConfig, sft
 
         cfg = load_config(SFTConfig, None, common + [f"data.train={inputs['sft_train']}", "data.loss_on=assistant",
                                                      f"data.packing={str(task == 'sft_packed').lower()}"])
-        sft(cfg, log=quiet)
+        sft(cfg)
 
 
 def run_trl(task: str, a: argparse.Namespace, inputs: dict, out: Path, clock: Clock) -> None:

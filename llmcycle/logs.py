@@ -9,12 +9,17 @@ for the CLI's look. To silence it: `logging.getLogger("llmcycle").setLevel(loggi
 The CLI calls `setup_logging()` once, in `main`: INFO lines go to stdout as the bare message (what the
 commands printed before they logged), WARNING and above to stderr. What a command produces (a table,
 JSON, the generated text) is printed, not logged: it is the command's output, not news about its work.
+
+Under torchrun every process runs the same code; a training `Session` makes the other processes
+(rank > 0) drop `llmcycle` progress below WARNING while it is open (`quiet_unless_main`), so the run's
+progress is reported once.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 ROOT = "llmcycle"
 
@@ -55,3 +60,14 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     logger.addHandler(errors)
     logger.setLevel(level)
     return logger
+
+
+def quiet_unless_main(is_main: bool) -> Callable[[], None]:
+    """On a process other than the main one (rank 0 of a distributed run), raise the `llmcycle` loggers to
+    WARNING until the returned function is called, which restores them; on the main process, nothing."""
+    logger = logging.getLogger(ROOT)
+    if is_main:
+        return lambda: None
+    before = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    return lambda: logger.setLevel(before)

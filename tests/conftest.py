@@ -19,7 +19,7 @@ def tiny_data(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tiny_data")
     cfg = load_config(PretrainConfig, None, [f"out_dir={out}", "data.max_bytes=400000", "tokenizer.vocab_size=512",
                                              "data.heldout_fraction=0.1", "train.seq_len=64"])
-    prepared = prepare_data(cfg, out, DistInfo(), log=lambda *a: None)
+    prepared = prepare_data(cfg, out, DistInfo())
     return {
         "tokenizer": str(prepared.tokenizer_dir),
         "train": str(out / "data" / "train"),

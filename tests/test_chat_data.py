@@ -1,5 +1,6 @@
 import gzip
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -411,20 +412,21 @@ def test_unknown_record_shape_names_the_accepted_shapes(tok, tmp_path):
     assert "{messages}" in reason and "{prompt, completion}" in reason and "{instruction" in reason
 
 
-def test_split_holdout_is_deterministic_and_takes_at_least_one(tok, tmp_path):
+def test_split_holdout_is_deterministic_and_takes_at_least_one(tok, tmp_path, caplog):
     from llmcycle.train.config import DataSection
     from llmcycle.train.posttrain.chat_data import holds_out_user_data, split_holdout
 
     records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(60)]
     examples = load_sft(write_jsonl(tmp_path / "sft.jsonl", records), tok, 64, Rejects())
-    lines: list[str] = []
-    train, held = split_holdout(examples, "examples", lines.append)
+    caplog.set_level(logging.INFO, logger="llmcycle")
+    train, held = split_holdout(examples, "examples")
+    lines = list(caplog.messages)
     assert 1 <= len(held) < 10 and len(train) + len(held) == 60
     assert not {e.source for e in held} & {e.source for e in train}
-    again = split_holdout(list(reversed(examples)), "examples", lambda _: None)[1]
+    again = split_holdout(list(reversed(examples)), "examples")[1]
     assert sorted(e.source for e in again) == sorted(e.source for e in held)
     assert "held out" in lines[0] and "data.eval" in lines[0]
-    assert len(split_holdout(examples[:2], "examples", lambda _: None)[1]) == 1
+    assert len(split_holdout(examples[:2], "examples")[1]) == 1
     assert holds_out_user_data(DataSection(train="mine.jsonl"))
     assert not holds_out_user_data(DataSection())
     assert not holds_out_user_data(DataSection(train="mine.jsonl", eval=None))
@@ -438,23 +440,23 @@ def _stage_opts(out, model, **extra) -> list[str]:
     return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
 
 
-def test_sft_on_a_user_file_holds_out_its_own_data(tiny_base_model, tmp_path):
+def test_sft_on_a_user_file_holds_out_its_own_data(tiny_base_model, tmp_path, caplog):
     """data.train is the user's file, data.eval left at its default: no silent embedded-task evaluation."""
     from llmcycle.config import load_config
     from llmcycle.train.posttrain.sft import SFTConfig, sft
 
     records = [{"prompt": f"What is {a} plus 0?", "completion": str(a)} for a in range(40)]
     data = write_jsonl(tmp_path / "mine.jsonl", records)
-    lines: list[str] = []
+    caplog.set_level(logging.INFO, logger="llmcycle")
     result = sft(load_config(SFTConfig, None, _stage_opts(tmp_path / "run", tiny_base_model,
-                                                           **{"data.train": data})), log=lines.append)
-    said = "\n".join(map(str, lines))
+                                                           **{"data.train": data})))
+    said = "\n".join(caplog.messages)
     assert "held out" in said and "not your data" in said
     assert not (tmp_path / "run" / "data").exists()  # the embedded tasks were not even written
     assert 1 <= 40 - result["train_examples"] <= 4
 
 
-def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path):
+def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path, caplog):
     from llmcycle.config import load_config
     from llmcycle.train.posttrain.dpo import DPOConfig, dpo
 
@@ -462,9 +464,9 @@ def test_a_kto_format_eval_file_is_reported(tiny_base_model, tmp_path):
     kto = [{"prompt": "What is 1 plus 0?", "completion": "1", "label": True}]
     opts = _stage_opts(tmp_path / "run", tiny_base_model, **{
         "data.train": write_jsonl(tmp_path / "pairs.jsonl", pairs), "data.eval": write_jsonl(tmp_path / "kto.jsonl", kto)})
-    lines: list[str] = []
-    dpo(load_config(DPOConfig, None, opts), log=lines.append)
-    said = "\n".join(map(str, lines))
+    caplog.set_level(logging.INFO, logger="llmcycle")
+    dpo(load_config(DPOConfig, None, opts))
+    said = "\n".join(caplog.messages)
     assert "kto.jsonl:1" in said and "missing key 'chosen'" in said
     assert "held-out evaluation takes preference pairs {prompt, chosen, rejected}" in said
 
@@ -480,12 +482,13 @@ def test_a_failing_reward_function_names_itself_and_the_record(tmp_path):
         compute_rewards(funcs, ["What is 1 plus 1?", "What is 2 plus 2?"], ["2", ""], ["2", "4"])
 
 
-def test_grpo_ppo_prompts_hold_out_a_share_of_the_users_file(tok, tmp_path):
+def test_grpo_ppo_prompts_hold_out_a_share_of_the_users_file(tok, tmp_path, caplog):
     from llmcycle.train.rl.online import load_prompt_sets
 
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {a} plus 0?", "answer": str(a)} for a in range(40)])
-    lines: list[str] = []
-    train, held, _, _ = load_prompt_sets([path], [], tok, 64, 8, lines.append, holdout=True)
+    caplog.set_level(logging.INFO, logger="llmcycle")
+    train, held, _, _ = load_prompt_sets([path], [], tok, 64, 8, holdout=True)
+    lines = caplog.messages
     assert held and len(train) + len(held) == 40
     assert not {e.source for e in held} & {e.source for e in train}
     assert any("held out" in line for line in lines)

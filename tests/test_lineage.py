@@ -17,8 +17,6 @@ from llmcycle.train.config import PretrainConfig
 from llmcycle.train.posttrain.sft import SFTConfig, sft
 from llmcycle.train.pretrain.loop import pretrain
 
-QUIET = lambda *a, **k: None  # noqa: E731
-
 
 @pytest.fixture(scope="module")
 def chain(tiny_data, tmp_path_factory) -> Path:
@@ -31,12 +29,11 @@ def chain(tiny_data, tmp_path_factory) -> Path:
     os.chdir(root)  # the runs record paths relative to where they were started, as in runs/
     try:
         pretrain(load_config(PretrainConfig, None, ["tokenizer.path=data/tokenizer", "data.train_shards=data/train",
-                                                    "data.val_shards=data/val", *tiny_train_overrides(Path("pre"), 3)]),
-                 log=QUIET)
+                                                    "data.val_shards=data/val", *tiny_train_overrides(Path("pre"), 3)]))
         sft(load_config(SFTConfig, None, ["out_dir=sft", "model=pre/model", "data.train=sft_train.jsonl",
                                           "data.eval=null", "train.max_steps=2", "train.batch_size=4",
                                           "train.dtype=fp32", "train.threads=1", "data.max_length=32",
-                                          "eval.every=0", "checkpoint.every=0"]), log=QUIET)
+                                          "eval.every=0", "checkpoint.every=0"]))
     finally:
         os.chdir(old)
     return root
@@ -60,12 +57,11 @@ def moved_run(tiny_data, tmp_path_factory) -> Path:
     _sft_rows(root / "inputs" / "sft_train.jsonl")
     data = root / "data"
     pretrain(load_config(PretrainConfig, None, [f"tokenizer.path={data / 'tokenizer'}", f"data.train_shards={data / 'train'}",
-                                                f"data.val_shards={data / 'val'}", *tiny_train_overrides(root / "pre", 3)]),
-             log=QUIET)
+                                                f"data.val_shards={data / 'val'}", *tiny_train_overrides(root / "pre", 3)]))
     sft(load_config(SFTConfig, None, [f"out_dir={root / 'sft'}", f"model={root / 'pre' / 'model'}",
                                       f"data.train={root / 'inputs' / 'sft_train.jsonl'}", "data.eval=null",
                                       "train.max_steps=2", "train.batch_size=4", "train.dtype=fp32", "train.threads=1",
-                                      "data.max_length=32", "eval.every=0", "checkpoint.every=0"]), log=QUIET)
+                                      "data.max_length=32", "eval.every=0", "checkpoint.every=0"]))
     assert json.loads((root / "sft" / "model" / "manifest.json").read_text())["inputs"]["model"]["path"] == \
         str(root / "pre" / "model")
     moved = base / "elsewhere"

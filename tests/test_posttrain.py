@@ -24,7 +24,6 @@ from llmcycle.train.posttrain.sft import SFTConfig, sft
 
 GOOD = ["apple", "river", "garden", "music", "bread", "summer", "friend", "light"]
 BAD = ["rust", "storm", "mud", "noise", "ash", "dust", "error", "broken"]
-QUIET = lambda *a, **k: None  # noqa: E731
 
 
 def _write_jsonl(path: Path, records: list) -> str:
@@ -75,7 +74,7 @@ def sft_model(tiny_base_model, word_data, tmp_path_factory) -> str:
     cfg = load_config(SFTConfig, None, _opts(out, tiny_base_model, 40, **{
         "data.train": word_data["sft_train"], "data.eval": word_data["sft_eval"], "train.lr": 3e-3,
         "eval.generate": 8}))
-    result = sft(cfg, log=QUIET)
+    result = sft(cfg)
     return str(out / "model"), result
 
 
@@ -114,9 +113,9 @@ def test_sft_lowers_heldout_loss_and_writes_a_transformers_model(sft_model):
 def test_sft_loss_is_normalised_over_gradient_accumulation(tiny_base_model, word_data, tmp_path, packing):
     common = {"data.train": word_data["sft_train"], "data.eval": None, "data.packing": packing}
     a, b = tmp_path / "a", tmp_path / "b"
-    sft(load_config(SFTConfig, None, _opts(a, tiny_base_model, 4, **common, **{"train.batch_size": 4})), log=QUIET)
+    sft(load_config(SFTConfig, None, _opts(a, tiny_base_model, 4, **common, **{"train.batch_size": 4})))
     sft(load_config(SFTConfig, None, _opts(b, tiny_base_model, 4, **common, **{
-        "train.batch_size": 2, "train.grad_accum": 2})), log=QUIET)
+        "train.batch_size": 2, "train.grad_accum": 2})))
     la, lb = _losses(a), _losses(b)
     assert la.keys() == lb.keys() == {1, 2, 3, 4}
     for s in la:
@@ -165,7 +164,7 @@ def test_reward_model_beats_chance_and_loads_in_transformers(sft_model, word_dat
     out = tmp_path / "rm"
     cfg = load_config(RewardConfig, None, _opts(out, sft_model[0], 30, **{
         "data.train": word_data["pref_train"], "data.eval": word_data["pref_eval"], "train.lr": 1e-3}))
-    result = train_reward(cfg, log=QUIET)
+    result = train_reward(cfg)
     assert result["eval_accuracy"] >= 0.85, result
     assert result["eval_margin"] > result["eval_before"]["eval_margin"] + 0.5
     hf = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
@@ -182,7 +181,7 @@ def test_dpo_raises_reward_accuracy_and_margins(sft_model, word_data, tmp_path):
     cfg = load_config(DPOConfig, None, _opts(out, sft_model[0], 30, **{
         "data.train": word_data["pref_train"], "data.eval": word_data["pref_eval"], "train.lr": 1e-3,
         "eval.generate": 0}))
-    result = dpo(cfg, log=QUIET)
+    result = dpo(cfg)
     before = result["eval_before"]
     assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
     assert result["eval_rewards/accuracies"] >= 0.85, result
@@ -203,7 +202,7 @@ def test_every_loss_type_trains(sft_model, word_data, tmp_path, loss_type):
     cfg = load_config(DPOConfig, None, _opts(tmp_path / loss_type, sft_model[0], 12, **{
         "loss_type": loss_type, "data.train": train, "data.eval": word_data["pref_eval"], "train.lr": 1e-3,
         "eval.generate": 0, "beta": 2.0 if loss_type == "simpo" else 0.1, **extra}))
-    result = dpo(cfg, log=QUIET)
+    result = dpo(cfg)
     losses = _losses(tmp_path / loss_type)
     assert len(losses) == 12 and all(map(lambda v: v == v, losses.values()))
     # Every method prefers the chosen answers on held-out pairs after a short run.
@@ -214,7 +213,7 @@ def test_label_smoothing_with_a_loss_that_ignores_it_is_refused(sft_model, word_
     cfg = load_config(DPOConfig, None, _opts(tmp_path / "x", sft_model[0], 2, **{
         "data.train": word_data["pref_train"], "label_smoothing": 0.1}))
     with pytest.raises(LlmcycleError, match="label_smoothing"):
-        dpo(cfg, log=QUIET)
+        dpo(cfg)
 
 
 def test_bad_preference_records_are_counted(sft_model, tmp_path):
@@ -279,10 +278,10 @@ def test_resume_with_other_data_is_refused(sft_model, word_data, tmp_path):
     out = tmp_path / "run"
     opts = _opts(out, sft_model[0], 2, **{"data.train": word_data["sft_train"], "data.eval": None,
                                           "checkpoint.every": 1})
-    sft(load_config(SFTConfig, None, opts), log=QUIET)
+    sft(load_config(SFTConfig, None, opts))
     other = [o if not o.startswith("data.train=") else f"data.train={word_data['sft_eval']}" for o in opts]
     with pytest.raises(LlmcycleError, match="data.train"):
-        sft(load_config(SFTConfig, None, other), resume=True, log=QUIET)
+        sft(load_config(SFTConfig, None, other), resume=True)
 
 
 # ---- torchrun -------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def test_resume_with_other_data_is_refused(sft_model, word_data, tmp_path):
 def test_two_process_sft_matches_one_process(tiny_base_model, word_data, tmp_path):
     common = {"data.train": word_data["sft_train"], "data.eval": None, "data.packing": False}
     one = tmp_path / "one"
-    sft(load_config(SFTConfig, None, _opts(one, tiny_base_model, 3, **common, **{"train.batch_size": 8})), log=QUIET)
+    sft(load_config(SFTConfig, None, _opts(one, tiny_base_model, 3, **common, **{"train.batch_size": 8})))
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

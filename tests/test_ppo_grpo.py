@@ -31,7 +31,6 @@ from llmcycle.train.rl.ppo import PPOConfig, ppo
 LETTERS = ["A", "B", "C"]
 ANSWER = {"apple": "A", "sky": "B", "grass": "C", "cherry": "A", "ocean": "B", "leaf": "C"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def user(thing: str) -> list[dict]:
@@ -72,7 +71,7 @@ def task(tiny_data, tmp_path_factory):
     sft(load_config(SFTConfig, None, [
         f"out_dir={root / 'sft'}", f"model={root / 'base'}", f"data.train={root / 'sft.jsonl'}", "data.eval=null",
         "data.packing=false", "train.batch_size=18", "train.max_steps=150", "train.lr=3e-3", "train.warmup_steps=5",
-        "train.dtype=fp32", "train.threads=1", "eval.every=0", "eval.generate=0", "checkpoint.every=0"]), log=quiet)
+        "train.dtype=fp32", "train.threads=1", "eval.every=0", "eval.generate=0", "checkpoint.every=0"]))
     policy = root / "sft" / "model"
 
     # A tiny reward model: the policy's body with a random head (scores of order 1-10).
@@ -124,7 +123,7 @@ def test_grpo_raises_the_verifiable_reward(task, tmp_path):
     # 6 prompts x 8 completions per iteration (the whole task every time: less noise in the comparison).
     cfg = load_config(GRPOConfig, None, grpo_overrides(task, out, 40, **{"data.train": task["dirty"],
                                                                          "train.batch_size": 48}))
-    result = grpo(cfg, log=quiet)
+    result = grpo(cfg)
     recs = records(out)
     assert len(recs) == 40 and all_finite(recs)
     reward = [r["reward"] for r in recs]
@@ -149,7 +148,7 @@ def test_ppo_end_to_end_with_adaptive_kl(task, tmp_path):
     target, horizon, kl0 = 0.01, 40, 0.05
     cfg = load_config(PPOConfig, None, ppo_overrides(task, out, 6, adaptive_kl="true", kl_target=target,
                                                       kl_horizon=horizon, kl_coef=kl0))
-    result = ppo(cfg, log=quiet)
+    result = ppo(cfg)
     recs = records(out)
     assert len(recs) == 6 and all_finite(recs)
     for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac", "val/clipfrac",
@@ -174,7 +173,7 @@ def test_ppo_learns_from_exact_match_without_reward_model(task, tmp_path):
     # No reward model: the value model is the policy's body with a fresh head.
     cfg = load_config(PPOConfig, None, ppo_overrides(task, out, 30, reward_model="null", kl_coef=0.02,
                                                       **{"train.lr": 5e-4, "generation.temperature": 1.0}))
-    ppo(cfg, log=quiet)
+    ppo(cfg)
     scores = [r["objective/scores"] for r in records(out)]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     # Seeds 0-4: first 0.60-0.76, last 0.88-0.94.
@@ -196,7 +195,7 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path, monkeypatch
     if command == "ppo":
         extra.update(adaptive_kl="true", kl_target=0.05, kl_horizon=20)  # the controller's state must resume too
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run(load_config(cls, None, make(task, straight, 4, **extra)), log=quiet)
+    run(load_config(cls, None, make(task, straight, 4, **extra)))
 
     real_save = posttrain.Session.save
 
@@ -206,15 +205,15 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path, monkeypatch
 
     monkeypatch.setattr(posttrain.Session, "save", save_then_die)
     with pytest.raises(Killed):
-        run(load_config(cls, None, make(task, killed, 4, **extra)), log=quiet)
+        run(load_config(cls, None, make(task, killed, 4, **extra)))
     monkeypatch.setattr(posttrain.Session, "save", real_save)
     assert len(records(killed)) == 2
     with pytest.raises(LlmcycleError, match="--resume"):  # a fresh start over checkpoints is refused
-        run(load_config(cls, None, make(task, killed, 4, **extra)), log=quiet)
+        run(load_config(cls, None, make(task, killed, 4, **extra)))
     other_shape = {"num_minibatches": 1} if command == "ppo" else {"num_generations": 4}
     with pytest.raises(LlmcycleError, match="cannot resume"):
-        run(load_config(cls, None, make(task, killed, 4, **extra, **other_shape)), resume=True, log=quiet)
-    result = run(load_config(cls, None, make(task, killed, 4, **extra)), resume=True, log=quiet)
+        run(load_config(cls, None, make(task, killed, 4, **extra, **other_shape)), resume=True)
+    result = run(load_config(cls, None, make(task, killed, 4, **extra)), resume=True)
 
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -233,18 +232,17 @@ def test_resume_after_kill_matches_uninterrupted_run(task, tmp_path, monkeypatch
 def test_clear_errors(task, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/ here: the default model directories do not exist
     with pytest.raises(LlmcycleError, match="runs/default/sft/model: model directory not found"):
-        ppo(load_config(PPOConfig, None, [f"out_dir={tmp_path / 'a'}"]), log=quiet)
+        ppo(load_config(PPOConfig, None, [f"out_dir={tmp_path / 'a'}"]))
     with pytest.raises(LlmcycleError, match="runs/default/sft/model: model directory not found"):
-        grpo(load_config(GRPOConfig, None, [f"out_dir={tmp_path / 'b'}"]), log=quiet)
+        grpo(load_config(GRPOConfig, None, [f"out_dir={tmp_path / 'b'}"]))
     with pytest.raises(LlmcycleError, match="runs/reward/model: reward model directory not found"):
         ppo(load_config(PPOConfig, None, [f"out_dir={tmp_path / 'c'}", f"model={task['policy']}",
-                                          f"data.train={task['prompts']}", "data.eval=null"]), log=quiet)
+                                          f"data.train={task['prompts']}", "data.eval=null"]))
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, ["{oops", {"answer": "A"}])
     with pytest.raises(LlmcycleError, match="no usable prompt example; all 2 records were rejected"):
-        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "d", 1, **{"data.train": bad})), log=quiet)
+        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "d", 1, **{"data.train": bad})))
     with pytest.raises(LlmcycleError, match="multiple of num_generations"):
-        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "e", 1, num_generations=5)), log=quiet)
+        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "e", 1, num_generations=5)))
     with pytest.raises(LlmcycleError, match="no module named"):
-        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "f", 1, reward_funcs="[nope_xyz:f]")),
-             log=quiet)
+        grpo(load_config(GRPOConfig, None, grpo_overrides(task, tmp_path / "f", 1, reward_funcs="[nope_xyz:f]")))

@@ -28,7 +28,7 @@ def _losses(out_dir: Path) -> dict[int, float]:
 
 
 def test_pretrain_learns_and_writes_a_hf_model_dir(tiny_data, tmp_path):
-    result = pretrain(_cfg(tiny_data, tmp_path, steps=100, **{"eval.every": 50}), log=lambda *a: None)
+    result = pretrain(_cfg(tiny_data, tmp_path, steps=100, **{"eval.every": 50}))
     losses = _losses(tmp_path)
     assert len(losses) == 100
     assert sum(list(losses.values())[-5:]) / 5 < sum(list(losses.values())[:5]) / 5 - 0.8
@@ -46,8 +46,7 @@ def test_pretrain_learns_and_writes_a_hf_model_dir(tiny_data, tmp_path):
 
 
 def test_masked_lm_objective_learns(tiny_data, tmp_path):
-    result = pretrain(_cfg(tiny_data, tmp_path, steps=80, **{"train.objective": "masked", "eval.every": 80}),
-                      log=lambda *a: None)
+    result = pretrain(_cfg(tiny_data, tmp_path, steps=80, **{"train.objective": "masked", "eval.every": 80}))
     losses = list(_losses(tmp_path).values())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.6
     assert result["val_loss"] < math.log(512) - 0.8  # well below a uniform guess over the vocabulary
@@ -58,7 +57,7 @@ def test_masked_lm_objective_learns(tiny_data, tmp_path):
 def test_kill_and_resume_reproduces_uninterrupted_losses(tiny_data, tmp_path):
     steps = 40
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-    pretrain(_cfg(tiny_data, ref_dir, steps=steps), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, ref_dir, steps=steps))
     reference = _losses(ref_dir)
 
     args = ["pretrain", *tiny_data["overrides"], *tiny_train_overrides(run_dir, steps)]
@@ -92,7 +91,7 @@ def test_kill_and_resume_reproduces_uninterrupted_losses(tiny_data, tmp_path):
 def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     steps = 6
     one = tmp_path / "one"
-    pretrain(_cfg(tiny_data, one, steps=steps, **{"train.batch_size": 8}), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, one, steps=steps, **{"train.batch_size": 8}))
     two = tmp_path / "two"
     args = [*tiny_data["overrides"], *tiny_train_overrides(two, steps, **{"train.batch_size": 4})]
     import os
@@ -101,6 +100,7 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
                            "-m", "llmcycle", "pretrain", *args], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes" in proc.stdout
+    assert proc.stdout.count("train: ") == 1  # progress from rank 0 alone
     l1, l2 = _losses(one), _losses(two)
     assert sorted(l2) == list(range(1, steps + 1))
     for s in l1:
@@ -111,24 +111,23 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
-    pretrain(_cfg(tiny_data, tmp_path, steps=10), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, tmp_path, steps=10))
     before = latest_checkpoint(tmp_path / "checkpoints")
     with pytest.raises(TrainingDiverged, match="step_00000010"):
-        pretrain(_cfg(tiny_data, tmp_path, steps=30, **{"train.lr": 1e30, "train.grad_clip": 0}), resume=True,
-                 log=lambda *a: None)
+        pretrain(_cfg(tiny_data, tmp_path, steps=30, **{"train.lr": 1e30, "train.grad_clip": 0}), resume=True)
     assert latest_checkpoint(tmp_path / "checkpoints") == before
 
 
 def test_resume_refuses_a_recipe_that_does_not_match(tiny_data, tmp_path):
-    pretrain(_cfg(tiny_data, tmp_path, steps=10), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, tmp_path, steps=10))
     with pytest.raises(LlmcycleError, match="model.hidden_size is 96 in the recipe, 64 in the checkpoint"):
-        pretrain(_cfg(tiny_data, tmp_path, steps=20, **{"model.hidden_size": 96}), resume=True, log=lambda *a: None)
+        pretrain(_cfg(tiny_data, tmp_path, steps=20, **{"model.hidden_size": 96}), resume=True)
     with pytest.raises(LlmcycleError, match="--resume"):
-        pretrain(_cfg(tiny_data, tmp_path, steps=20), resume=False, log=lambda *a: None)
+        pretrain(_cfg(tiny_data, tmp_path, steps=20), resume=False)
 
 
 def test_corrupt_checkpoint_is_refused_on_resume(tiny_data, tmp_path):
-    pretrain(_cfg(tiny_data, tmp_path, steps=10), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, tmp_path, steps=10))
     weights = tmp_path / "checkpoints" / "step_00000010" / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
@@ -143,7 +142,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(tiny_data, tmp_path):
                                     num_attention_heads=2, num_key_value_heads=1))
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(LlmcycleError, match="tokenizer has 512 tokens"):
-        pretrain(_cfg(tiny_data, tmp_path / "out", steps=2, init_from=str(tmp_path / "small")), log=lambda *a: None)
+        pretrain(_cfg(tiny_data, tmp_path / "out", steps=2, init_from=str(tmp_path / "small")))
 
 
 def test_empty_corpus_is_refused(tmp_path):
@@ -155,9 +154,8 @@ def test_empty_corpus_is_refused(tmp_path):
 
 
 def test_grad_accumulation_matches_the_full_batch(tiny_data, tmp_path):
-    full = pretrain(_cfg(tiny_data, tmp_path / "full", steps=4, **{"train.batch_size": 8}), log=lambda *a: None)
-    accum = pretrain(_cfg(tiny_data, tmp_path / "accum", steps=4, **{"train.batch_size": 4, "train.grad_accum": 2}),
-                     log=lambda *a: None)
+    full = pretrain(_cfg(tiny_data, tmp_path / "full", steps=4, **{"train.batch_size": 8}))
+    accum = pretrain(_cfg(tiny_data, tmp_path / "accum", steps=4, **{"train.batch_size": 4, "train.grad_accum": 2}))
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "accum")
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
     assert accum["val_loss"] == pytest.approx(full["val_loss"], rel=1e-4)
@@ -165,13 +163,13 @@ def test_grad_accumulation_matches_the_full_batch(tiny_data, tmp_path):
 
 def test_continued_pretraining_starts_from_the_given_model(tiny_data, tmp_path):
     first = tmp_path / "first"
-    pretrain(_cfg(tiny_data, first, steps=30), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, first, steps=30))
     first_losses = _losses(first)
     # Continue from the final model directory: its tokenizer comes along, the loss starts where it ended.
     overrides = [o for o in tiny_data["overrides"] if not o.startswith("tokenizer.path")]
     cfg = load_config(PretrainConfig, None, overrides + tiny_train_overrides(tmp_path / "second", 5)
                       + [f"init_from={first / 'model'}"])
-    pretrain(cfg, log=lambda *a: None)
+    pretrain(cfg)
     second = _losses(tmp_path / "second")
     assert second[1] < first_losses[1] - 0.5
     assert second[1] == pytest.approx(first_losses[30], abs=0.5)
@@ -179,7 +177,7 @@ def test_continued_pretraining_starts_from_the_given_model(tiny_data, tmp_path):
 
 def test_two_process_fsdp_matches_one_process_and_resumes(tiny_data, tmp_path):
     one = tmp_path / "one"
-    pretrain(_cfg(tiny_data, one, steps=8, **{"train.batch_size": 8, "checkpoint.every": 4}), log=lambda *a: None)
+    pretrain(_cfg(tiny_data, one, steps=8, **{"train.batch_size": 8, "checkpoint.every": 4}))
     two = tmp_path / "two"
     import os
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

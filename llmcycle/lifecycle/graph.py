@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import resource
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.lifecycle import stages as registry
 from llmcycle.lifecycle.records import read_record, write_record
 from llmcycle.lifecycle.stage import EARLIER, PREVIOUS_MODEL
+
+log = logging.getLogger(__name__)
 
 
 def _sha(obj: Any) -> str:
@@ -114,7 +116,7 @@ class Lifecycle:
 
     `cfg` is a LifecycleConfig (config.py): run name, runs_dir, the stages to run, a section per stage."""
 
-    def __init__(self, cfg: Any, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: Any) -> None:
         names = registry.names()
         unknown = [s for s in cfg.stages if s not in names]
         if unknown:
@@ -122,7 +124,6 @@ class Lifecycle:
         self.cfg = cfg
         self.root = Path(cfg.runs_dir) / cfg.name
         self.stages = [s for s in names if s in cfg.stages]
-        self.log = log
         self.results: dict[str, dict] = {}
 
     def dir(self, stage: str) -> Path:
@@ -192,13 +193,13 @@ class Lifecycle:
             if stage not in forced and up_to_date(stage, d, key):
                 rec = read_record(d)
                 self.results[stage] = rec
-                self.log(f"[{stage}] up to date ({rec['seconds']:.0f} s when it ran): skipped")
+                log.info(f"[{stage}] up to date ({rec['seconds']:.0f} s when it ran): skipped")
                 continue
             rec = read_record(d)
             resume = stage not in forced and bool(rec) and rec.get("key") == key and rec.get("status") == "running"
             if not resume and d.exists():
                 discard_stale(stage, d)  # stale or forced: start over, but keep the last good model
-            self.log(f"[{stage}] {'resuming' if resume else 'running'} -> {d}")
+            log.info(f"[{stage}] {'resuming' if resume else 'running'} -> {d}")
             started = time.time()
             write_record(d, {"stage": stage, "key": key, "status": "running", "started": started})
             peak = PeakMemory()
@@ -211,6 +212,6 @@ class Lifecycle:
                    "versions": versions()}
             write_record(d, rec)
             self.results[stage] = rec
-            self.log(f"[{stage}] done in {rec['seconds']:.0f} s")
-        self.log(f"lifecycle {self.cfg.name}: {time.time() - t_run:.0f} s")
+            log.info(f"[{stage}] done in {rec['seconds']:.0f} s")
+        log.info(f"lifecycle {self.cfg.name}: {time.time() - t_run:.0f} s")
         return self.results

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.train.posttrain.dpo import dpo
 
-    return dpo(lc.stage_config("dpo"), resume=resume, log=lc.log)
+    return dpo(lc.stage_config("dpo"), resume=resume)
 
 
 STAGE = Stage("dpo", run, config=DPOConfig, configure=from_previous_model("dpo"), inputs=PREVIOUS_MODEL,

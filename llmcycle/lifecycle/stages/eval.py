@@ -4,6 +4,7 @@ runs/<name>/eval/, the table in the record."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from llmcycle.lifecycle.graph import Lifecycle
     from llmcycle.lifecycle.records import Records
     from llmcycle.report import Block, Section
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,7 +35,7 @@ def run(lc: Lifecycle, resume: bool) -> dict:
         result, _ = evaluate_model(lc.dir(s) / "model", limit=lc.stage_config("eval").limit)
         atomic_write_json(lc.dir("eval") / f"{s}.json", result, default=str)
         by_stage[s] = result["metrics"]
-        lc.log(f"[eval] {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
+        log.info(f"[eval] {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items()))
     return {"by_stage": by_stage}
 
 

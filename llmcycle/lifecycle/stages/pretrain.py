@@ -30,7 +30,7 @@ def configure(lc: Lifecycle, cfg: PretrainConfig) -> PretrainConfig:
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.train.pretrain.loop import pretrain
 
-    return pretrain(lc.stage_config("pretrain"), resume=resume, log=lc.log)
+    return pretrain(lc.stage_config("pretrain"), resume=resume)
 
 
 def summary(record: dict) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@ directory (llmcycle/report.py, llmcycle/card.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,8 @@ from llmcycle.lifecycle.stage import EARLIER, Stage
 if TYPE_CHECKING:
     from llmcycle.lifecycle.graph import Lifecycle
 
+log = logging.getLogger(__name__)
+
 
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.lifecycle.records import Records
@@ -18,7 +21,7 @@ def run(lc: Lifecycle, resume: bool) -> dict:
 
     # this run's stages only: folders an earlier recipe left under runs/<name>/ are not this run's
     path = write_report(Records(lc.root, lc.stages), lc.dir("report"))
-    lc.log(f"report: {path}")
+    log.info(f"report: {path}")
     return {"report": str(path)}
 
 

@@ -50,7 +50,7 @@ def trainer_report(stage: str) -> Callable[[Records], list[Section]]:
 def run(lc: Lifecycle, resume: bool) -> dict:
     from llmcycle.train.posttrain.sft import sft
 
-    return sft(lc.stage_config("sft"), resume=resume, log=lc.log)
+    return sft(lc.stage_config("sft"), resume=resume)
 
 
 STAGE = Stage("sft", run, config=SFTConfig, configure=from_previous_model("sft"), inputs=PREVIOUS_MODEL,

@@ -3,6 +3,7 @@ logging a step, the held-out evaluation before training, evaluating and checkpoi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 from llmcycle.progress import progress
 from llmcycle.train.core.loader import EpochLoader
 from llmcycle.train.core.session import Session
+
+log = logging.getLogger(__name__)
 
 
 def log_step(session: Session, bar, record: dict) -> None:
@@ -27,7 +30,7 @@ def first_evaluation(s: Session, evaluate: Callable[[], dict], describe: Callabl
     m = evaluate()
     if m:
         s.metrics.write({"step": 0, "eval": True, **m})
-        s.log(describe(0, m))
+        log.info(describe(0, m))
     return m
 
 

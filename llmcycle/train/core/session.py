@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -49,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from llmcycle.card import write_card_quietly
 from llmcycle.config import dump_yaml
 from llmcycle.errors import LlmcycleError
+from llmcycle.logs import quiet_unless_main
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.hf_io import add_end_of_turn_to_generation_config, save_model
 from llmcycle.model.transformer import Transformer
@@ -66,6 +68,8 @@ from llmcycle.train.core.distributed import (
 from llmcycle.train.core.loader import EpochLoader, total_steps
 from llmcycle.train.core.metrics import MetricsLog
 from llmcycle.train.core.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
 MODULES_FILE = "modules.json"
@@ -135,7 +139,7 @@ class Session:
     for a pre-trained base model).
     """
 
-    def __init__(self, stage: str, cfg: Any, resume: bool, log: Callable[..., None] = print, *,
+    def __init__(self, stage: str, cfg: Any, resume: bool, *,
                  same_on_resume: dict[str, Sequence[str]] = POSTTRAIN_RESUME_KEYS, parallel: str = "ddp",
                  compile: bool = False, tensorboard: bool = False, end_of_turn: bool = True):
         self.stage, self.cfg, self.opt = stage, cfg, cfg.train
@@ -147,18 +151,22 @@ class Session:
         torch.set_flush_denormal(True)  # denormals slowed fp32 training up to 7x on CPU
         self.device = pick_device(self.opt.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist: DistInfo = init_distributed(self.device)
+        self._restore_logging = quiet_unless_main(self.dist.is_main)  # progress is reported by rank 0 only
         try:
-            self._start(resume, log, same_on_resume, tensorboard)
+            self._start(resume, same_on_resume, tensorboard)
         except BaseException:
-            shutdown(self.dist)
+            self._close()
             raise
 
-    def _start(self, resume: bool, log, same_on_resume: dict[str, Sequence[str]], tensorboard: bool) -> None:
-        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+    def _close(self) -> None:
+        shutdown(self.dist)
+        self._restore_logging()
+
+    def _start(self, resume: bool, same_on_resume: dict[str, Sequence[str]], tensorboard: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.resume_from = ckpt.latest_checkpoint(self.ckpt_root) if resume else None
         if resume and self.resume_from is None:
-            self.log(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
+            log.info(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
         if not resume and (self.ckpt_root / ckpt.LATEST).exists():
             raise LlmcycleError(
                 f"{self.out_dir} already holds checkpoints; pass --resume to continue it, or choose another out_dir."
@@ -184,7 +192,7 @@ class Session:
         return self
 
     def __exit__(self, *exc) -> None:
-        shutdown(self.dist)
+        self._close()
 
     @property
     def extra(self) -> dict:
@@ -235,7 +243,7 @@ class Session:
             self._load_optimizer_state(self.state["optimizer"])
             rng = self.state["rng"]
             torch.set_rng_state(rng["torch"] if isinstance(rng, dict) else rng)  # dict: older pre-training layout
-            self.log(f"resume: continuing {self.resume_from} at step {self.step_count}")
+            log.info(f"resume: continuing {self.resume_from} at step {self.step_count}")
         return modules
 
     def load_module(self, path: Path, kind: str) -> nn.Module:

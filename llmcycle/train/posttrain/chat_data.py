@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,8 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import CHAT_ROLES, Tokenizer
 from llmcycle.train.config import DataSection
 from llmcycle.train.posttrain.examples import PreferenceExample, PromptExample, SFTExample, UnpairedExample
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 KEEP_LOCATIONS = 5  # locations remembered per reason: enough to find the pattern, small in a manifest
@@ -487,33 +490,33 @@ def _content_key(example) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_holdout(examples: list, what: str, log: Callable[[str], None],
+def split_holdout(examples: list, what: str,
                   fraction: float = HOLDOUT_FRACTION) -> tuple[list, list]:
     """(train, held out): `fraction` of `examples` (at least one, chosen by a hash of their content) held
     out for evaluation, with a line saying so; nothing held out from fewer than two examples."""
     if len(examples) < 2:
-        log(f"eval: none (data.eval is 'embedded' but data.train is your file, and {len(examples)} {what} "
-            "is too few to hold any out); set data.eval to a held-out file")
+        log.info(f"eval: none (data.eval is 'embedded' but data.train is your file, and {len(examples)} {what} "
+                 "is too few to hold any out); set data.eval to a held-out file")
         return examples, []
     keys = [_content_key(e) for e in examples]
     held = {i for i, k in enumerate(keys) if k < fraction} or {min(range(len(keys)), key=keys.__getitem__)}
     train = [e for i, e in enumerate(examples) if i not in held]
     heldout = [e for i, e in enumerate(examples) if i in held]
-    log(f"eval: {len(heldout)} of {len(examples)} {what} from data.train held out ({fraction:.0%}, by "
-        "content hash) and not trained on; data.eval is left at 'embedded', which is not your data. Set "
-        "data.eval to a file to evaluate on it instead, or null for no evaluation")
+    log.info(f"eval: {len(heldout)} of {len(examples)} {what} from data.train held out ({fraction:.0%}, by "
+             "content hash) and not trained on; data.eval is left at 'embedded', which is not your data. Set "
+             "data.eval to a file to evaluate on it instead, or null for no evaluation")
     return train, heldout
 
 
-def report_eval_rejects(rejects: Rejects, n_heldout: int, log: Callable[[str], None],
+def report_eval_rejects(rejects: Rejects, n_heldout: int,
                         expected: str = "") -> None:
-    """Print held-out rejects as training rejects are printed; say so when none of the file is usable."""
+    """Log held-out rejects as training rejects are logged (INFO); say so when none of the file is usable."""
     if not rejects.total() and not rejects.truncated:
         return
-    log("held-out data:\n" + rejects.summary())
+    log.info("held-out data:\n" + rejects.summary())
     if not n_heldout and rejects.total():
         hint = f" (held-out evaluation takes {expected})" if expected else ""
-        log(f"held-out data: no usable example{hint}; evaluation is skipped")
+        log.info(f"held-out data: no usable example{hint}; evaluation is skipped")
 
 
 def require_examples(examples: list, rejects: Rejects, what: str, paths) -> None:
@@ -577,36 +580,36 @@ class DataSets:
 
 def load_train_and_heldout(data: DataSection, out_dir: Path, kind: str, load_train: Callable[[list[Path], Rejects], list],
                            load_eval: Callable[[list[Path], Rejects], list], what: str, noun: str,
-                           log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+                           expected: str = "", no_split: str | None = None,
                            split_noun: str | None = None) -> DataSets:
     """The recipe's `data` loaded as sft, reward and dpo do it: the training set (its rejects reported, an
     unusable one refused), and the held-out set from data.eval or, when data.train is the user's file and
-    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: printed
+    data.eval is left at 'embedded', a share of the training set (`split_holdout`). `no_split`: logged
     instead of splitting, when the training examples cannot serve as held-out ones (KTO feedback)."""
     hold = holds_out_user_data(data)
     train_paths, eval_paths = resolve_data(replace(data, eval=None) if hold else data, out_dir, kind)
-    return load_sets(train_paths, eval_paths, hold, load_train, load_eval, what, noun, log, expected, no_split,
+    return load_sets(train_paths, eval_paths, hold, load_train, load_eval, what, noun, expected, no_split,
                      split_noun)
 
 
 def load_sets(train_paths: list[Path], eval_paths: list[Path], hold: bool,
               load_train: Callable[[list[Path], Rejects], list], load_eval: Callable[[list[Path], Rejects], list],
-              what: str, noun: str, log: Callable[[str], None], expected: str = "", no_split: str | None = None,
+              what: str, noun: str, expected: str = "", no_split: str | None = None,
               split_noun: str | None = None) -> DataSets:
     """`load_train_and_heldout` once the files are known; hold: the held-out set is split off the training set."""
     rejects = Rejects()
     train = load_train(train_paths, rejects)
     require_examples(train, rejects, what, train_paths)
-    log(f"data: {len(train)} {noun} from {', '.join(map(str, train_paths))}")
+    log.info(f"data: {len(train)} {noun} from {', '.join(map(str, train_paths))}")
     if rejects.total() or rejects.truncated:
-        log(rejects.summary())
+        log.info(rejects.summary())
     eval_rejects = Rejects()
     if hold and no_split is not None:
-        log(no_split)
+        log.info(no_split)
         heldout = []
     elif hold:
-        train, heldout = split_holdout(train, split_noun or noun, log)
+        train, heldout = split_holdout(train, split_noun or noun)
     else:
         heldout = load_eval(eval_paths, eval_rejects) if eval_paths else []
-        report_eval_rejects(eval_rejects, len(heldout), log, expected)
+        report_eval_rejects(eval_rejects, len(heldout), expected)
     return DataSets(train, heldout, rejects, eval_rejects, train_paths + eval_paths)

@@ -14,6 +14,7 @@ logps/chosen, logps/rejected (and eval_ prefixed on held-out pairs).
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from llmcycle.train.posttrain.chat_data import (
 from llmcycle.train.posttrain.evaluate import exact_match
 from llmcycle.train.posttrain.examples import PreferenceExample, UnpairedExample
 from llmcycle.train.posttrain.logps import token_logps
+
+log = logging.getLogger(__name__)
 
 PAIRED = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -83,7 +86,7 @@ def _hash_seqs(seqs) -> str:
     return h.hexdigest()
 
 
-def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, device, batch_size, autocast, log
+def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, device, batch_size, autocast
                     ) -> dict[str, torch.Tensor]:
     """Reference log-probs of every sequence set, computed once and stored; reused when inputs match."""
     key = {name: _hash_seqs(seqs) for name, seqs in sets.items()}
@@ -91,9 +94,9 @@ def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, 
     if path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
         if cached.get("key") == key:
-            log(f"reference: cached log-probs from {path}")
+            log.info(f"reference: cached log-probs from {path}")
             return cached["logps"]
-    log(f"reference: computing log-probs of {sum(len(s) for s in sets.values())} sequences with {model_path}")
+    log.info(f"reference: computing log-probs of {sum(len(s) for s in sets.values())} sequences with {model_path}")
     ref = Transformer.from_pretrained(model_path, device=device)
     logps = {name: _all_logps(ref, seqs, pad_id, device, batch_size, autocast) for name, seqs in sets.items()}
     del ref  # not kept during training
@@ -134,8 +137,8 @@ def paired_loss(cfg: DPOConfig, model, pairs: list[PreferenceExample], ref: tupl
     return losses.sum(), metrics, c_rew, r_rew
 
 
-def dpo(cfg: DPOConfig, resume: bool = False, log=print) -> dict:
-    with Session("dpo", cfg, resume, log) as s:
+def dpo(cfg: DPOConfig, resume: bool = False) -> dict:
+    with Session("dpo", cfg, resume) as s:
         return _dpo(cfg, s)
 
 
@@ -163,7 +166,7 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
         d, s.out_dir, "kto" if kto else "pref",
         lambda paths, rejects: (load_unpaired if kto else load_preferences)(paths, tok, d.max_length, rejects),
         lambda paths, rejects: load_preferences(paths, tok, d.max_length, rejects),
-        "KTO training" if kto else "preference training", "feedback examples" if kto else "preference pairs", s.log,
+        "KTO training" if kto else "preference training", "feedback examples" if kto else "preference pairs",
         PAIRS, split_noun="preference pairs",
         # KTO feedback is no pair: nothing of it can be scored as chosen vs rejected
         no_split=(f"eval: none (data.eval is left at 'embedded' but data.train is your file; held-out evaluation "
@@ -184,14 +187,14 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
             sets["train"] = pair_seqs(train)
         sets["eval"] = pair_seqs(heldout)
     ref_path = cfg.ref_model or cfg.model
-    ref = (reference_cache(s.out_dir / REF_CACHE, ref_path, sets, pad_id, s.device, t.batch_size, s.autocast, s.log)
+    ref = (reference_cache(s.out_dir / REF_CACHE, ref_path, sets, pad_id, s.device, t.batch_size, s.autocast)
            if sets else {})
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
     loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
-    s.log(f"train: {cfg.loss_type} loss, beta {cfg.beta}, {max_steps} steps, batch {t.batch_size} x "
-          f"{t.grad_accum} x {s.dist.world_size}")
+    log.info(f"train: {cfg.loss_type} loss, beta {cfg.beta}, {max_steps} steps, batch {t.batch_size} x "
+             f"{t.grad_accum} x {s.dist.world_size}")
 
     def loss_fn(idx: list[int]):
         if kto:
@@ -225,7 +228,7 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     if cfg.ref_model:
         inputs["ref_model"] = model_input(cfg.ref_model)
     final = s.publish(inputs, result)
-    s.log(f"done: tuned model in {final}")
+    log.info(f"done: tuned model in {final}")
     return result
 
 

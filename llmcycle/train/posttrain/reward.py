@@ -8,6 +8,8 @@ what `transformers`' LlamaForSequenceClassification computes on the saved model.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from llmcycle.errors import LlmcycleError
@@ -27,6 +29,8 @@ from llmcycle.train.posttrain.chat_data import (
 )
 from llmcycle.train.posttrain.examples import PreferenceExample
 from llmcycle.train.posttrain.losses import bradley_terry_loss
+
+log = logging.getLogger(__name__)
 
 
 def pair_rows(pairs: list[PreferenceExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +73,8 @@ def evaluate_pairs(model, pairs, pad_id, device, batch_size, autocast) -> dict:
     return {"eval_accuracy": correct / max(n, 1), "eval_margin": margin / max(n, 1), "eval_pairs": n}
 
 
-def train_reward(cfg: RewardConfig, resume: bool = False, log=print) -> dict:
-    with Session("reward", cfg, resume, log) as s:
+def train_reward(cfg: RewardConfig, resume: bool = False) -> dict:
+    with Session("reward", cfg, resume) as s:
         return _train_reward(cfg, s)
 
 
@@ -88,7 +92,7 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     tok = s.load_tokenizer(cfg.model)
     load = lambda paths, rejects: load_preferences(paths, tok, d.max_length, rejects)  # noqa: E731
     sets = load_train_and_heldout(d, s.out_dir, "pref", load, load, "reward-model training", "preference pairs",
-                                  s.log, PAIRS)
+                                  PAIRS)
     train, heldout = sets.train, sets.heldout
     heldout = heldout[: cfg.eval.max_pairs]
 
@@ -97,7 +101,7 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     model, wrapped = modules["policy"], s.wrapped["policy"]
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
-    s.log(f"train: {max_steps} steps, batch {t.batch_size} pairs x {t.grad_accum} x {s.dist.world_size}")
+    log.info(f"train: {max_steps} steps, batch {t.batch_size} pairs x {t.grad_accum} x {s.dist.world_size}")
 
     def evaluate() -> dict:
         if not heldout or not s.dist.is_main:
@@ -112,7 +116,7 @@ def _train_reward(cfg: RewardConfig, s: Session) -> dict:
     result = {"train_pairs": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": first_eval, **last_eval}
     final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
-    s.log(f"done: reward model in {final}")
+    log.info(f"done: reward model in {final}")
     return result
 
 

@@ -11,6 +11,7 @@ token, whatever the accumulation.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from llmcycle.train.posttrain.chat_data import (
 from llmcycle.train.posttrain.evaluate import exact_match, heldout_loss
 from llmcycle.train.posttrain.examples import SFTExample
 
+log = logging.getLogger(__name__)
+
 
 def examples_hash(examples: list[SFTExample]) -> str:
     h = hashlib.sha256()
@@ -50,8 +53,8 @@ def sft_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, flo
     return loss, {"mean_token_accuracy": float(correct)}
 
 
-def sft(cfg: SFTConfig, resume: bool = False, log=print) -> dict:
-    with Session("sft", cfg, resume, log) as s:
+def sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    with Session("sft", cfg, resume) as s:
         return _sft(cfg, s)
 
 
@@ -59,7 +62,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     d, t = cfg.data, cfg.train
     tok = s.load_tokenizer(cfg.model)
     load = lambda paths, rejects: load_sft(paths, tok, d.max_length, rejects, loss_on=d.loss_on)  # noqa: E731
-    sets = load_train_and_heldout(d, s.out_dir, "sft", load, load, "SFT training", "training examples", s.log,
+    sets = load_train_and_heldout(d, s.out_dir, "sft", load, load, "SFT training", "training examples",
                                   split_noun="examples")
     train, heldout = sets.train, sets.heldout
 
@@ -69,8 +72,8 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     if model.config.vocab_size < tok.vocab_size:
         raise LlmcycleError(f"{cfg.model}: the tokenizer has more tokens than the model's vocabulary.")
     if d.max_length > model.config.max_position_embeddings:
-        s.log(f"note: data.max_length {d.max_length} exceeds the model's context "
-              f"{model.config.max_position_embeddings}; positions past it were never trained")
+        log.info(f"note: data.max_length {d.max_length} exceeds the model's context "
+                 f"{model.config.max_position_embeddings}; positions past it were never trained")
     data_hash = examples_hash(train)
     if s.state is not None and s.state["extra"].get("data_hash") != data_hash:
         raise LlmcycleError(f"the training data differ from those of checkpoint {s.resume_from}; cannot resume.")
@@ -85,8 +88,8 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         units = [[i] for i in range(len(train))]
     loader, max_steps = s.epoch_loader(len(units), t.batch_size * t.grad_accum)
     n_tokens = sum(sum(e.trained[1:]) for e in train)
-    s.log(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
-          f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")
+    log.info(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
+             f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")
 
     def make_batch(unit_ids: list[int]):
         if d.packing:
@@ -116,7 +119,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
     final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
-    s.log(f"done: fine-tuned model in {final}")
+    log.info(f"done: fine-tuned model in {final}")
     return result
 
 

@@ -10,6 +10,7 @@ owns the data, the objective and the held-out evaluation.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from llmcycle.train.core.masking import IGNORE, mask_tokens
 from llmcycle.train.core.session import MAIN, Session, TrainingDiverged
 from llmcycle.train.pretrain.evaluate import heldout_metrics, sample_continuations, unigram_bpb
 from llmcycle.train.pretrain.prepare import PreparedData, prepare_data
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainingDiverged", "build_model_config", "pretrain"]
 
@@ -47,10 +50,10 @@ def build_model_config(cfg: PretrainConfig, tokenizer) -> ModelConfig:
     )
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, log=print) -> dict:
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Run pre-training as the recipe says; returns the final metrics."""
     t = cfg.train
-    with Session("pretrain", cfg, resume, log, same_on_resume=RESUME_KEYS, parallel=t.parallel,
+    with Session("pretrain", cfg, resume, same_on_resume=RESUME_KEYS, parallel=t.parallel,
                  compile=t.compile, tensorboard=cfg.tensorboard, end_of_turn=False) as s:
         return _pretrain(cfg, s)
 
@@ -72,7 +75,7 @@ class _Run:
 
 def _pretrain(cfg: PretrainConfig, s: Session) -> dict:
     t = cfg.train
-    data = prepare_data(cfg, s.out_dir, s.dist, s.log)
+    data = prepare_data(cfg, s.out_dir, s.dist)
     tokenizer = data.tokenizer
     if t.objective == "masked" and tokenizer.mask_id is None:
         raise LlmcycleError(f"{data.tokenizer_dir}: the tokenizer has no mask token; masked LM needs one.")
@@ -80,12 +83,12 @@ def _pretrain(cfg: PretrainConfig, s: Session) -> dict:
     run = _start(cfg, s, data)
     if t.objective == "causal" and s.dist.is_main:
         run.baseline = unigram_bpb(data.train, data.val, run.token_bytes.numpy())
-        s.log(f"eval: unigram baseline {run.baseline:.3f} bits/byte on held-out text")
+        log.info(f"eval: unigram baseline {run.baseline:.3f} bits/byte on held-out text")
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * s.dist.world_size
-    s.log(f"train: {t.max_steps} steps x {tokens_per_step:,} tokens "
-          f"({s.dist.world_size} process{'es' if s.dist.world_size > 1 else ''}, "
-          f"{'bf16' if s.amp_dtype else 'fp32'}{', compiled' if t.compile else ''}), "
-          f"{run.loader.tokens_per_epoch:,} tokens per epoch")
+    log.info(f"train: {t.max_steps} steps x {tokens_per_step:,} tokens "
+             f"({s.dist.world_size} process{'es' if s.dist.world_size > 1 else ''}, "
+             f"{'bf16' if s.amp_dtype else 'fp32'}{', compiled' if t.compile else ''}), "
+             f"{run.loader.tokens_per_epoch:,} tokens per epoch")
 
     # With FSDP every forward is a collective, so evaluation and sampling run on all ranks.
     eval_here = s.dist.is_main or s.sharded
@@ -115,7 +118,7 @@ def _pretrain(cfg: PretrainConfig, s: Session) -> dict:
     result = {"steps": s.step_count, "final_loss": step_loss if s.step_count > start_step else None, **last_eval,
               "train_seconds": time.time() - t_start, "tokens_per_step": tokens_per_step}
     final_dir = s.publish({"data": data.info}, result)
-    s.log(f"done: final model in {final_dir} (checkpoints in {s.ckpt_root}, metrics in {s.out_dir / 'metrics.jsonl'})")
+    log.info(f"done: final model in {final_dir} (checkpoints in {s.ckpt_root}, metrics in {s.out_dir / 'metrics.jsonl'})")
     return result
 
 
@@ -141,7 +144,7 @@ def _start(cfg: PretrainConfig, s: Session, data: PreparedData) -> _Run:
             f"{model.config.vocab_size}; use the model's own tokenizer."
         )
     model.activation_checkpointing = t.activation_checkpointing
-    s.log(f"model: {describe(model.config)} on {s.device}")
+    log.info(f"model: {describe(model.config)} on {s.device}")
 
     loader = PackedLoader(data.train, t.seq_len, t.batch_size * t.grad_accum, seed=t.seed,
                           rank=s.dist.rank, world_size=s.dist.world_size)

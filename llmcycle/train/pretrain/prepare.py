@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PretrainConfig
 from llmcycle.train.core.distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
 
 PREPARED = "prepared.json"
 
@@ -33,9 +36,9 @@ class PreparedData:
     info: dict
 
 
-def prepare_data(cfg: PretrainConfig, out_dir: Path, dist: DistInfo, log=print) -> PreparedData:
+def prepare_data(cfg: PretrainConfig, out_dir: Path, dist: DistInfo) -> PreparedData:
     if dist.is_main:
-        _prepare_on_main(cfg, out_dir, log)
+        _prepare_on_main(cfg, out_dir)
     barrier(dist)  # other ranks open what rank 0 wrote
     return _open(cfg, out_dir)
 
@@ -61,14 +64,14 @@ def _key(cfg: PretrainConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_on_main(cfg: PretrainConfig, out_dir: Path, log) -> None:
+def _prepare_on_main(cfg: PretrainConfig, out_dir: Path) -> None:
     if cfg.data.train_shards:
         return
     data_dir = out_dir / "data"
     key = _key(cfg)
     marker = data_dir / PREPARED
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
-        log(f"data: reusing prepared shards in {data_dir}")
+        log.info(f"data: reusing prepared shards in {data_dir}")
         return
     from llmcycle.data.pycorpus import split_heldout
     from llmcycle.data.sources import load_documents
@@ -82,8 +85,8 @@ def _prepare_on_main(cfg: PretrainConfig, out_dir: Path, log) -> None:
             f"corpus {cfg.data.corpus!r}: {len(docs)} documents split into {len(train_docs)} train / "
             f"{len(val_docs)} held-out; both need at least one (adjust data.heldout_fraction)."
         )
-    log(f"data: {len(docs)} documents ({sum(len(d.text) for d in docs) / 1e6:.1f}M chars) from "
-        f"{cfg.data.corpus!r}: {len(train_docs)} train, {len(val_docs)} held out [{time.time() - t0:.1f}s]")
+    log.info(f"data: {len(docs)} documents ({sum(len(d.text) for d in docs) / 1e6:.1f}M chars) from "
+             f"{cfg.data.corpus!r}: {len(train_docs)} train, {len(val_docs)} held out [{time.time() - t0:.1f}s]")
     src = _tokenizer_source(cfg)
     tok_dir = data_dir / "tokenizer"
     if src:
@@ -94,10 +97,10 @@ def _prepare_on_main(cfg: PretrainConfig, out_dir: Path, log) -> None:
             (d.text for d in train_docs), kind=cfg.tokenizer.kind, vocab_size=cfg.tokenizer.vocab_size,
             min_frequency=cfg.tokenizer.min_frequency, model_max_length=cfg.train.seq_len,
         )
-        log(f"tokenizer: trained {cfg.tokenizer.kind} with {tokenizer.vocab_size} tokens [{time.time() - t0:.1f}s]")
+        log.info(f"tokenizer: trained {cfg.tokenizer.kind} with {tokenizer.vocab_size} tokens [{time.time() - t0:.1f}s]")
     tokenizer.save_pretrained(tok_dir)
     bpt = bytes_per_token(tokenizer, [d.text for d in val_docs])
-    log(f"tokenizer: {bpt:.2f} bytes/token on held-out text")
+    log.info(f"tokenizer: {bpt:.2f} bytes/token on held-out text")
     meta = {"corpus": cfg.data.corpus}
     train = tokenize_to_shards([d.text for d in train_docs], tokenizer, data_dir / "train", metadata=meta)
     val = tokenize_to_shards([d.text for d in val_docs], tokenizer, data_dir / "val", metadata=meta)
@@ -107,7 +110,7 @@ def _prepare_on_main(cfg: PretrainConfig, out_dir: Path, log) -> None:
         "heldout_bytes_per_token": bpt, "tokenizer_hash": tokenizer.content_hash(),
     }
     atomic_write_json(data_dir / PREPARED, info, end="")  # the marker that the data is complete
-    log(f"data: {train['num_tokens']:,} train tokens, {val['num_tokens']:,} held-out tokens in {data_dir}")
+    log.info(f"data: {train['num_tokens']:,} train tokens, {val['num_tokens']:,} held-out tokens in {data_dir}")
 
 
 def _open(cfg: PretrainConfig, out_dir: Path) -> PreparedData:

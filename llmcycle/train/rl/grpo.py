@@ -15,6 +15,7 @@ divide). `train.max_steps` counts iterations; a metrics record's `step` counts o
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ from llmcycle.train.rl.rollout import (
     rollout_logps,
     stop_ids,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,9 +74,9 @@ def _check(cfg: GRPOConfig) -> int:
     return t.batch_size * t.grad_accum // G
 
 
-def grpo(cfg: GRPOConfig, resume: bool = False, log=print) -> dict:
+def grpo(cfg: GRPOConfig, resume: bool = False) -> dict:
     """Train `cfg.model` with GRPO; returns the final metrics (also in out_dir/model/manifest.json)."""
-    with Session("grpo", cfg, resume, log) as s:
+    with Session("grpo", cfg, resume) as s:
         return _grpo(cfg, s)
 
 
@@ -98,8 +101,8 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
                             f"prompt, this recipe {G}; cannot resume.")
     loader, max_steps = s.epoch_loader(len(sets.train), n_prompts)
     sampler = make_sampler(g)
-    s.log(f"train: {max_steps} iterations of {n_prompts} prompts x {G} completions x {s.dist.world_size} "
-          f"processes, {cfg.num_iterations} update(s) each; {cfg.loss_type} loss, beta {cfg.beta:g}")
+    log.info(f"train: {max_steps} iterations of {n_prompts} prompts x {G} completions x {s.dist.world_size} "
+             f"processes, {cfg.num_iterations} update(s) each; {cfg.loss_type} loss, beta {cfg.beta:g}")
     evaluate = online.exact_match_eval(s, policy, tok, sets, sampler, cfg)
     first_eval = online.first_exact_match(s, evaluate)
 
@@ -119,7 +122,7 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
         lambda: {"num_generations": G, "data_hash": sets.data_hash, "first_eval": first_eval})
     result = online.publish_result(s, cfg, sets, iterations, first_eval, last_eval, record,
                                    extra_inputs={"reward_funcs": list(cfg.reward_funcs)})
-    s.log(f"done: GRPO-tuned model in {s.out_dir / 'model'}")
+    log.info(f"done: GRPO-tuned model in {s.out_dir / 'model'}")
     return result
 
 

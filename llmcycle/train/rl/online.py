@@ -59,7 +59,7 @@ def prompt_sets(cfg: Any, s: Session, tok: Tokenizer) -> PromptSets:
     hold = holds_out_user_data(d)
     train_paths, eval_paths = resolve_data(replace(d, eval=None) if hold else d, s.out_dir, "prompts")
     train, heldout, rejects, eval_rejects = load_prompt_sets(train_paths, eval_paths, tok, d.max_length,
-                                                             cfg.generation.max_new_tokens, s.log, holdout=hold)
+                                                             cfg.generation.max_new_tokens, holdout=hold)
     return PromptSets(train, heldout, rejects, eval_rejects, train_paths + eval_paths, prompts_hash(train))
 
 
@@ -129,7 +129,7 @@ def eval_line(iteration: int, m: dict) -> str:
 
 
 def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Tokenizer, max_length: int,
-                     max_new_tokens: int, log, holdout: bool = False
+                     max_new_tokens: int, holdout: bool = False
                      ) -> tuple[list[PromptExample], list[PromptExample], Rejects, Rejects]:
     """Training and held-out prompts; prompts longer than max_length - max_new_tokens are rejected (counted).
 
@@ -142,7 +142,7 @@ def load_prompt_sets(train_paths: list[Path], eval_paths: list[Path], tok: Token
                             f"generation.max_new_tokens ({max_new_tokens}).")
     # load_prompts keeps prompts shorter than its limit
     load = lambda paths, rejects: load_prompts(paths, tok, room + 1, rejects)  # noqa: E731
-    sets = load_sets(train_paths, eval_paths, holdout, load, load, "prompt", "prompts", log)
+    sets = load_sets(train_paths, eval_paths, holdout, load, load, "prompt", "prompts")
     return sets.train, sets.heldout, sets.rejects, sets.eval_rejects
 
 

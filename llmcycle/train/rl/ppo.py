@@ -22,6 +22,7 @@ reward model. Every iteration:
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ from llmcycle.train.rl.rollout import (
     rollout_values,
     stop_ids,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,9 +108,9 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def ppo(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
+def ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     """Train `cfg.model` with PPO; returns the final metrics (also in out_dir/model/manifest.json)."""
-    with Session("ppo", cfg, resume, log) as s:
+    with Session("ppo", cfg, resume) as s:
         return _ppo(cfg, s)
 
 
@@ -140,9 +143,9 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
     if "kl_ctl" in s.extra:
         kl_ctl.load_state_dict(s.extra["kl_ctl"])
     sampler = make_sampler(g)
-    s.log(f"train: {max_steps} iterations of {per_iteration} rollouts x {s.dist.world_size} processes, "
-          f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches each; kl_coef {kl_ctl.value:g}"
-          f"{' (adaptive)' if cfg.adaptive_kl else ''}")
+    log.info(f"train: {max_steps} iterations of {per_iteration} rollouts x {s.dist.world_size} processes, "
+             f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches each; kl_coef {kl_ctl.value:g}"
+             f"{' (adaptive)' if cfg.adaptive_kl else ''}")
     evaluate = online.exact_match_eval(s, policy, tok, sets, sampler, cfg)
     first_eval = online.first_exact_match(s, evaluate)
     scoring = _Scoring(cfg, s, tok, sampler, scorer, funcs, ref)
@@ -170,7 +173,7 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
         inputs["reward_funcs"] = list(cfg.reward_funcs)
     result = online.publish_result(s, cfg, sets, iterations, first_eval, last_eval, record,
                                    {"kl_coef": kl_ctl.value}, inputs)
-    s.log(f"done: PPO-tuned model in {s.out_dir / 'model'}")
+    log.info(f"done: PPO-tuned model in {s.out_dir / 'model'}")
     return result
 
 
