@@ -38,7 +38,7 @@ def resolve_recipe(path: str | Path) -> Path:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = "key=value overrides"  # with no recipe file, a wrong key can only have come from them
     if path is not None:
         p = resolve_recipe(path)
         source = str(p)
