@@ -183,9 +183,12 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tiny_data, tmp_path)
 
     run_dir = tmp_path / "run"
     args = ["pretrain", *tiny_data["overrides"], *tiny_train_overrides(run_dir, 400, **{"checkpoint.every": 5})]
+    # A shell's background job inherits SIGINT ignored, and Python then never installs its handler: give the
+    # child the default disposition, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen([sys.executable, "-m", "llmcycle", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoints" / "latest").exists():
         time.sleep(0.05)
