@@ -39,6 +39,11 @@ def run(lc: Lifecycle, resume: bool) -> dict:
     return {"by_stage": by_stage}
 
 
+def headline(record: dict) -> dict:
+    by_stage = (record.get("metrics") or {}).get("by_stage") or {}
+    return {"models evaluated": ", ".join(by_stage) or "none"}
+
+
 def summary(record: dict) -> list[tuple[str, str]]:
     by_stage = (record.get("metrics") or {}).get("by_stage") or {}
     lines = []
@@ -91,4 +96,4 @@ def report(run: Records) -> list[Section]:
     return [("Evaluation by stage", blocks)]
 
 
-STAGE = Stage("eval", run, config=EvalStage, inputs=EARLIER, summary=summary, report=report)
+STAGE = Stage("eval", run, config=EvalStage, inputs=EARLIER, headline=headline, summary=summary, report=report)
