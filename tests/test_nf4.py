@@ -20,7 +20,9 @@ from llmcycle.optimize.nf4 import (
     quantized_weight_nbytes,
 )
 
-SHAPES = [((256, 512), torch.float32), ((96, 200), torch.bfloat16), ((333, 333), torch.float16)]  # 333²: odd, ragged
+# 1024x640: several tiles of the fast dequantization; 333x333: an odd count and a ragged last block
+SHAPES = [((256, 512), torch.float32), ((96, 200), torch.bfloat16), ((1024, 640), torch.float32),
+          ((333, 333), torch.float16)]
 
 
 def _bnb():

@@ -147,12 +147,41 @@ def block_absmax(state: NF4State) -> torch.Tensor:
     return nested + state.nested_offset
 
 
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+_CHUNK = 1 << 18  # values per pass of dequantize_nf4: a 1 MB fp32 tile stays in cache
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """[65536, 4] fp32: the four codebook values of every little-endian pair of packed bytes. One lookup
+    per 16 bits is where the time goes, and a table this size (1 MB) stays in cache."""
+    if device not in _PAIR_TABLES:
+        b = torch.arange(256)
+        byte = torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 0xF]), dim=1)  # high nibble first
+        i = torch.arange(65536)
+        _PAIR_TABLES[device] = torch.cat((byte[i & 0xFF], byte[i >> 8]), dim=1).to(device)
+    return _PAIR_TABLES[device]
+
+
 def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """NF4State -> a tensor of `state.shape` in `dtype`, computed in fp32 and rounded once (as bitsandbytes)."""
-    n = state.shape.numel()
-    idx = torch.stack((state.packed >> 4, state.packed & 0xF), dim=1).reshape(-1)[:n]
-    w = _dequantize_blocks(idx, block_absmax(state), NF4_CODE, state.blocksize)
-    return w.view(state.shape).to(dtype)
+    n, bs = state.shape.numel(), state.blocksize
+    absmax = block_absmax(state)
+    if n % bs or bs % 4:  # a ragged last block: the plain path
+        idx = torch.stack((state.packed >> 4, state.packed & 0xF), dim=1).reshape(-1)[:n]
+        return _dequantize_blocks(idx, absmax, NF4_CODE, bs).view(state.shape).to(dtype)
+    pairs = state.packed.view(torch.uint16).to(torch.int32)
+    table = _pair_table(pairs.device)
+    out = torch.empty(n // bs, bs, dtype=dtype, device=pairs.device)
+    step = max(1, _CHUNK // bs)  # blocks per pass: look up, scale and round one cache-sized tile at a time
+    for b in range(0, n // bs, step):
+        rows, scale = pairs[b * bs // 4:(b + step) * bs // 4], absmax[b:b + step, None]
+        if dtype == torch.float32:
+            tile = out[b:b + step]
+            torch.index_select(table, 0, rows, out=tile.view(-1, 4))
+            tile.mul_(scale)
+        else:
+            out[b:b + step] = table.index_select(0, rows).view(-1, bs).mul_(scale)
+    return out.view(state.shape)
 
 
 class _NF4Linear(torch.autograd.Function):
