@@ -130,8 +130,22 @@ def test_linear4bit_bf16_and_dtype_cast_keep_fp32_statistics():
     assert y.dtype == torch.bfloat16
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+    x32 = torch.randn(2, 192)
     with torch.autocast("cpu", torch.bfloat16):
-        assert layer(torch.randn(2, 192)).dtype == torch.bfloat16
+        y = layer(x32)
+    assert torch.equal(y, F.linear(x32.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()))
+
+
+def test_linear4bit_keeps_nothing_for_backward():
+    """The dequantized weight is rebuilt in the backward, not saved: a 4-bit base stays 4-bit in training."""
+    layer = Linear4bit.from_linear(_linear())
+    saved = []
+    x = torch.randn(8, 192, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    assert saved == []
+    y.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def _tiny(**kw):

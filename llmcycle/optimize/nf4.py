@@ -191,7 +191,10 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, bias):
         ctx.layer, ctx.x_dtype = layer, x.dtype
-        return F.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        # Under autocast the matmul runs in its dtype: dequantize straight to it, not to fp32 and cast.
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return F.linear(x, layer.dequantize(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
