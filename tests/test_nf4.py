@@ -206,3 +206,40 @@ def test_state_dict_round_trip_and_checkpointed_backward():
 def test_zero_weight_quantizes_to_zero():
     for dq in (False, True):
         assert torch.equal(dequantize_nf4(quantize_nf4(torch.zeros(4, 256), double_quant=dq)), torch.zeros(4, 256))
+
+
+class _Adapter(nn.Module):
+    """A stand-in for the LoRA layer that wraps Linear4bit: base(x) + x A^T B^T, A and B trained."""
+
+    def __init__(self, base: Linear4bit, r: int = 4):
+        super().__init__()
+        self.base = base
+        self.a = nn.Parameter(torch.randn(r, base.in_features) * 0.01)
+        self.b = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.a), self.b)
+
+
+def test_adapters_train_on_a_4bit_base_under_bf16_autocast_and_checkpointing():
+    model = _tiny()
+    quantize_model(model, double_quant=True)
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            setattr(layer.self_attn, name, _Adapter(getattr(layer.self_attn, name)))
+    model.train().activation_checkpointing = True
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(15):
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(b.grad is None for b in model.buffers())
