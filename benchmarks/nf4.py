@@ -3,16 +3,17 @@
 For a 4096x4096 and a 1024x4096 weight ([out, in], NF4, block size 64, with and without double
 quantization) it times, on the same packed bytes:
 
-- dequantize: `llmcycle.optimize.nf4.dequantize_nf4` against `bnb.functional.dequantize_4bit` (on CPU a
+- dequantize: `llmcycle.optimize.nf4.dequantize_nf4(kernel="torch")` against `bnb.functional.dequantize_4bit` (on CPU a
   C++ kernel), to fp32 and to bf16;
-- dequantize + matmul: `Linear4bit.forward` against `bnb.matmul_4bit` (on CPU without a grad: the same
+- dequantize + matmul: `Linear4bit.forward` (kernel "torch") against `bnb.matmul_4bit` (on CPU without a grad: the same
   C++ dequantization, then `F.linear`), for `--tokens` rows of fp32 activations;
 - forward + backward to the activations (QLoRA's training path): `Linear4bit` (dequantizes again in the
   backward) against `bnb.matmul_4bit` with a grad (its `MatMul4Bit` does the same);
 - the dense `F.linear` with the fp32 weight, as the floor both sides pay.
 
 Timed calls of all variants are interleaved (load from other processes hits them alike); the median is
-reported. The ratio is ours / bitsandbytes (below 1: ours is faster).
+reported. The ratio is ours / bitsandbytes (below 1: ours is faster). Where bitsandbytes is faster,
+`kernel="auto"` (the default of `dequantize_nf4` and `Linear4bit`) already uses its op on our bytes.
 
     PYTHONPATH=. python benchmarks/nf4.py                 # ~1 minute on 2 cores
     PYTHONPATH=. python benchmarks/nf4.py --tokens 1 --reps 20
@@ -64,6 +65,7 @@ def run_shape(out_f: int, in_f: int, double_quant: bool, tokens: int, reps: int,
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     w = linear.weight.detach()
     layer = Linear4bit.from_linear(linear, blocksize=64, double_quant=double_quant)
+    layer.kernel = "torch"  # ours; "auto" would call bitsandbytes' op on the same bytes
     packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     state = layer.state()
     x = torch.randn(tokens, in_f)
@@ -86,9 +88,9 @@ def run_shape(out_f: int, in_f: int, double_quant: bool, tokens: int, reps: int,
 
     with torch.no_grad():
         t = bench({
-            "ours dequantize fp32": lambda: dequantize_nf4(state, torch.float32),
+            "ours dequantize fp32": lambda: dequantize_nf4(state, torch.float32, "torch"),
             "bnb  dequantize fp32": lambda: bnb_deq(torch.float32),
-            "ours dequantize bf16": lambda: dequantize_nf4(state, torch.bfloat16),
+            "ours dequantize bf16": lambda: dequantize_nf4(state, torch.bfloat16, "torch"),
             "bnb  dequantize bf16": lambda: bnb_deq(torch.bfloat16),
             "ours deq+matmul": lambda: layer(x),
             "bnb  deq+matmul": lambda: bnb_matmul(x),

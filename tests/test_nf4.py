@@ -20,6 +20,7 @@ from llmcycle.optimize.nf4 import (
     quantized_weight_nbytes,
 )
 
+KERNELS = ("torch", "bitsandbytes")  # dequantize_nf4's own torch path, and bitsandbytes' op on our bytes
 # 1024x640: several tiles of the fast dequantization; 333x333: an odd count and a ragged last block
 SHAPES = [((256, 512), torch.float32), ((96, 200), torch.bfloat16), ((1024, 640), torch.float32),
           ((333, 333), torch.float16)]
@@ -52,7 +53,8 @@ def test_quantize_and_round_trip_equal_bitsandbytes(shape, dtype):
     assert torch.equal(state.absmax, qs.absmax)
     for out in (torch.float32, torch.bfloat16):
         qs.dtype = out
-        assert torch.equal(dequantize_nf4(state, out), bf.dequantize_4bit(packed, qs))
+        for kernel in KERNELS:
+            assert torch.equal(dequantize_nf4(state, out, kernel), bf.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("shape,dtype", SHAPES)
@@ -77,13 +79,14 @@ def test_double_quant_equals_bitsandbytes_where_its_search_is_exact(shape, dtype
     state.absmax = qs.absmax  # with bitsandbytes' codes, the round trip is theirs to the bit
     for out in (torch.float32, torch.bfloat16):
         qs.dtype = out
-        assert torch.equal(dequantize_nf4(state, out), bf.dequantize_4bit(packed, qs))
+        for kernel in KERNELS:
+            assert torch.equal(dequantize_nf4(state, out, kernel), bf.dequantize_4bit(packed, qs))
 
 
 def test_round_trip_error_is_that_of_4_bits():
     w = _weight((512, 512), torch.float32)
     for dq in (False, True):
-        err = (dequantize_nf4(quantize_nf4(w, double_quant=dq)) - w).abs()
+        err = (dequantize_nf4(quantize_nf4(w, double_quant=dq), kernel="torch") - w).abs()
         assert err.mean() < 0.1 * w.abs().mean()  # NF4 on a normal weight: ~8% mean relative error
 
 
@@ -92,13 +95,15 @@ def _linear(bias=True, dtype=torch.float32):
     return nn.Linear(192, 96, bias=bias).to(dtype)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_linear4bit_forward_is_linear_with_the_bitsandbytes_weight(double_quant):
+def test_linear4bit_forward_is_linear_with_the_bitsandbytes_weight(double_quant, kernel):
     bf = _bnb()
     lin = _linear()
     packed, qs = bf.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4",
                                   compress_statistics=double_quant)
     layer = Linear4bit.from_linear(lin, double_quant=double_quant)
+    layer.kernel = kernel
     if double_quant:
         layer.absmax = qs.absmax  # see the double quantization test: compare on bitsandbytes' codes
     x = torch.randn(3, 5, 192)
