@@ -3,10 +3,10 @@
 For a 4096x4096 and a 1024x4096 weight ([out, in], NF4, block size 64, with and without double
 quantization) it times, on the same packed bytes:
 
-- dequantize: `llmcycle.optimize.nf4.dequantize_nf4(kernel="torch")` against `bnb.functional.dequantize_4bit` (on CPU a
-  C++ kernel), to fp32 and to bf16;
-- dequantize + matmul: `Linear4bit.forward` (kernel "torch") against `bnb.matmul_4bit` (on CPU without a grad: the same
-  C++ dequantization, then `F.linear`), for `--tokens` rows of fp32 activations;
+- dequantize: `llmcycle.optimize.nf4.dequantize_nf4(kernel="torch")` against
+  `bnb.functional.dequantize_4bit` (on CPU a C++ kernel), to fp32 and to bf16;
+- dequantize + matmul: `Linear4bit.forward` (kernel "torch") against `bnb.matmul_4bit` (on CPU without a
+  grad: the same C++ dequantization, then `F.linear`), for `--tokens` rows of fp32 activations;
 - forward + backward to the activations (QLoRA's training path): `Linear4bit` (dequantizes again in the
   backward) against `bnb.matmul_4bit` with a grad (its `MatMul4Bit` does the same);
 - the dense `F.linear` with the fp32 weight, as the floor both sides pay.
