@@ -17,6 +17,7 @@ reported. The ratio is ours / bitsandbytes (below 1: ours is faster). Where bits
 
     PYTHONPATH=. python benchmarks/nf4.py                 # ~1 minute on 2 cores
     PYTHONPATH=. python benchmarks/nf4.py --tokens 1 --reps 20
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/nf4.py --threads 1   # steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="rows of the activations (default 256)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); set OMP_NUM_THREADS too, "
+                   "for bitsandbytes' OpenMP kernels")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), bitsandbytes {bnb.__version__}, load {os.getloadavg()[0]:.1f}")
     print(f"lscpu flags: {' '.join(cpu_flags()) or '(none of ' + ', '.join(FLAGS) + ')'}")
