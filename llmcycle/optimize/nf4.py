@@ -191,13 +191,16 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: 
     kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, ~2-4x faster
     on CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
     """
+    if kernel not in ("auto", "torch", "bitsandbytes"):
+        raise ValueError(f"kernel must be 'auto', 'torch' or 'bitsandbytes', not {kernel!r}")
     n, bs = state.shape.numel(), state.blocksize
     absmax = block_absmax(state)
     regular = n % bs == 0 and bs % 4 == 0 and state.shape[-1] % 2 == 0
     if kernel != "torch":
         op = _bitsandbytes_kernel() if kernel == "auto" else _bitsandbytes_kernel() or _missing()
-        # Odd rows take bitsandbytes' torch.compile'd fallback on CPU: ours is as good and compiles nothing.
-        if op is not None and regular:
+        # Odd rows and blocks of 2048+ take bitsandbytes' torch.compile'd fallback on CPU: ours is as good
+        # and compiles nothing.
+        if op is not None and regular and bs < 2048:
             return op(state.packed, absmax, bs, "nf4", list(state.shape), dtype)
     if not regular:  # a ragged last block or odd rows: the plain path
         idx = torch.stack((state.packed >> 4, state.packed & 0xF), dim=1).reshape(-1)[:n]
