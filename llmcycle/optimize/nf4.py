@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -178,10 +177,10 @@ def _pair_table(device: torch.device) -> torch.Tensor:
 @functools.cache
 def _bitsandbytes_kernel():
     """bitsandbytes' own dequantization op, or None where bitsandbytes is not installed."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    except ImportError:
         return None
-    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
-
     return torch.ops.bitsandbytes.dequantize_4bit.default
 
 
