@@ -1,4 +1,4 @@
-"""NF4: the 4-bit NormalFloat storage of QLoRA's frozen base, in plain torch.
+"""NF4: the 4-bit NormalFloat storage of QLoRA's frozen base, in bitsandbytes' format, written in torch.
 
 `quantize_nf4(w)` cuts the flattened weight into blocks of `blocksize` values, scales each block by its
 absolute maximum and stores the nearest of the 16 NF4 codebook values as a 4-bit index, two per byte
@@ -12,7 +12,7 @@ approximately and puts ~0.2% of them a step or two from the nearest; ours are th
 
 Because the bytes are bitsandbytes', dequantization can run on either side: the torch code here (a table
 lookup per byte pair), or bitsandbytes' own op where it is installed (`kernel="auto"`, the default). Both
-give the same bits; bitsandbytes' C++ kernel is 2-4x faster at dequantizing on CPU, 1.1-1.4x end to end
+give the same bits; bitsandbytes' C++ kernel is 2-7x faster at dequantizing on CPU, 1.1-1.3x end to end
 (benchmarks/nf4.py). Quantizing, a one-time cost, is always ours.
 
 `Linear4bit` is a frozen `nn.Linear` replacement holding the quantized weight as buffers; its forward
@@ -187,7 +187,7 @@ def _bitsandbytes_kernel():
 def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> torch.Tensor:
     """NF4State -> a tensor of `state.shape` in `dtype`, computed in fp32 and rounded once (as bitsandbytes).
 
-    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, ~2-4x faster
+    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, 2-7x faster
     on CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
     """
     if kernel not in ("auto", "torch", "bitsandbytes"):
