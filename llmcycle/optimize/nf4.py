@@ -11,9 +11,12 @@ to the bit. One exception: bitsandbytes' CPU kernel for the 8-bit codes of doubl
 approximately and puts ~0.2% of them a step or two from the nearest; ours are the nearest.
 
 Because the bytes are bitsandbytes', dequantization can run on either side: the torch code here (a table
-lookup per byte pair), or bitsandbytes' own op where it is installed (`kernel="auto"`, the default). Both
-give the same bits; bitsandbytes' C++ kernel is 2-7x faster at dequantizing on CPU, 1.1-1.3x end to end
-(benchmarks/nf4.py). Quantizing, a one-time cost, is always ours.
+lookup per byte pair, the default), or bitsandbytes' own op (`kernel="bitsandbytes"`, or `"auto"`: it
+where installed). Both give the same bits; bitsandbytes' C++ kernel is 2-7x faster at dequantizing on CPU,
+1.1-1.3x end to end (benchmarks/nf4.py). It is not the default because importing bitsandbytes takes ~5 s
+here and, with the `kernels` package installed, tries to look a kernel up on the Hugging Face hub (no
+network at run time is a rule of this project); ask for it where that is fine. Quantizing, a one-time
+cost, is always ours.
 
 `Linear4bit` is a frozen `nn.Linear` replacement holding the quantized weight as buffers; its forward
 dequantizes on the fly, and so does its backward (the dequantized weight is never kept for backward).
@@ -184,7 +187,7 @@ def _bitsandbytes_kernel():
     return torch.ops.bitsandbytes.dequantize_4bit.default
 
 
-def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: str = "auto") -> torch.Tensor:
+def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: str = "torch") -> torch.Tensor:
     """NF4State -> a tensor of `state.shape` in `dtype`, computed in fp32 and rounded once (as bitsandbytes).
 
     kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, 2-7x faster
@@ -253,7 +256,7 @@ class Linear4bit(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant = blocksize, double_quant
-        self.kernel = "auto"  # of dequantize_nf4: bitsandbytes' op where installed (same bits, faster)
+        self.kernel = "torch"  # of dequantize_nf4 ("bitsandbytes"/"auto": its op, same bits; module docstring)
         # Placeholder buffers of the right shapes, so that a fresh layer can load a saved state dict.
         n = in_features * out_features
         blocks = -(-n // blocksize)
