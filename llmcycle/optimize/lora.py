@@ -1,0 +1,249 @@
+"""LoRA: low-rank adapters on chosen linear layers, read and written in PEFT's format.
+
+`apply_lora(model, cfg)` freezes every parameter of `model` and replaces each linear layer whose path
+matches `cfg.target_modules` by a `LoRALinear`: the same weight and bias (shared, not copied, so a tied
+output head stays tied and the state dict keeps its keys) plus `lora_A` (r x in, Kaiming-uniform with
+a=sqrt(5), as PEFT and nn.Linear initialise) and `lora_B` (out x r, zeros: the adapted model starts equal
+to the base). The output is `base(x) + lora_B(lora_A(dropout(x))) * scaling`, scaling alpha / r, or
+alpha / sqrt(r) with rsLoRA: PEFT's forward, term for term.
+
+Because llmcycle's module paths are transformers' (`model.layers.0.self_attn.q_proj`), PEFT's tensor names
+are ours with a prefix: `base_model.model.<path>.lora_A.weight`. `save_adapter` writes adapter_config.json
++ adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto the transformers model;
+`load_adapter` reads an adapter PEFT made (LoRA without per-layer rank/alpha patterns, DoRA, biases or
+modules_to_save) onto our model. `disable_adapters(model)` runs the base alone (the DPO/RL reference,
+without a second copy of the weights); `merge_lora(model)` folds W += scaling * B @ A back into plain
+nn.Linear layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.optimize.config import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+# PEFT options this implementation does not reproduce, with the value that means "not used".
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear with a low-rank update. Holds the base layer's own weight and bias Parameters (frozen)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters: tying and keys survive
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # PEFT's init_lora_weights=True: A like nn.Linear's default (Kaiming-uniform, a=sqrt(5)), B zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
+        x = x.to(self.lora_A.weight.dtype)
+        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing what this layer computes (W + scaling * B @ A)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex the whole path must match; a list entry matches the path's last
+    dotted components (`q_proj` matches `model.layers.0.self_attn.q_proj`)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def has_lora(model: nn.Module) -> bool:
+    return next(lora_layers(model), None) is not None
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Freeze `model` and attach adapters to the linear layers `cfg.target_modules` names (in place;
+    returns the model). Initialisation draws from torch's global RNG, as PEFT's does."""
+    if cfg.r <= 0:
+        raise LlmcycleError(f"lora.r must be positive to attach adapters (got {cfg.r}).")
+    if cfg.use_dora:
+        raise LlmcycleError("lora.use_dora: DoRA is not implemented yet; set it to false.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
+             and "lora_" not in n and matches(n, cfg.target_modules)]
+    if not names:
+        raise LlmcycleError(f"lora.target_modules {cfg.target_modules} match no linear layer of the model.")
+    for name in names:
+        base = model.get_submodule(name)
+        _set_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """'trainable parameters: N of M (x%)', counting tied weights once."""
+    seen, total, trained = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trained += p.numel() if p.requires_grad else 0
+    return f"trainable parameters: {trained:,} of {total:,} ({100 * trained / max(total, 1):.3f}%)"
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block (PEFT's `with model.disable_adapter():`)."""
+    layers = [m for _, m in lora_layers(model)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m.disabled = b
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors under PEFT's names (`base_model.model.<path>.lora_A.weight`)."""
+    out = {}
+    for name, m in lora_layers(model):
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy PEFT-named adapter tensors into the model's LoRALinear layers; every one must be matched."""
+    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}  # in-memory PEFT names
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LlmcycleError(f"{source}: adapter tensors do not match the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}.")
+    with torch.no_grad():
+        for k, v in expected.items():
+            if state[k].shape != v.shape:
+                raise LlmcycleError(f"{source}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}.")
+            v.copy_(state[k])
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain nn.Linear layers back (in place). A tied
+    output head with an adapter is untied: its merged weight no longer equals the embeddings."""
+    for name, m in list(lora_layers(model)):
+        _set_module(model, name, m.merged())
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        if model.lm_head.weight is not model.model.embed_tokens.weight:
+            model.config.tie_word_embeddings = False
+    return model
+
+
+# ---- the PEFT directory ---------------------------------------------------------------------------
+
+
+def adapter_config(cfg: LoRAConfig, base_model: str, target_modules: list[str] | None = None) -> dict:
+    """adapter_config.json as PEFT writes it for a causal LM (the keys PEFT's LoraConfig reads)."""
+    targets = target_modules or cfg.target_modules
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets), "use_rslora": cfg.use_rslora,
+        "init_lora_weights": True, "inference_mode": True, "revision": None,
+        **_UNSUPPORTED,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str | Path, cfg: LoRAConfig) -> None:
+    """Write the adapters alone: adapter_config.json + adapter_model.safetensors, PEFT's names."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(state, d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (d / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, str(base_model)), indent=2) + "\n")
+
+
+def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
+    """(our LoRAConfig, the raw json) of a PEFT LoRA adapter directory; refuses what we cannot reproduce."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.exists():
+        raise LlmcycleError(f"{directory}: not an adapter directory (no {ADAPTER_CONFIG}).")
+    raw = json.loads(path.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise LlmcycleError(f"{path}: peft_type {raw.get('peft_type')!r}; only LORA adapters load.")
+    for key, off in _UNSUPPORTED.items():
+        if raw.get(key, off) not in (off, None, [], {}) and not (key == "bias" and raw[key] == "none"):
+            raise LlmcycleError(f"{path}: {key}={raw[key]!r} is not supported (LoRA only, as {key}={off!r}).")
+    targets = raw.get("target_modules") or []
+    cfg = LoRAConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)),
+                     dropout=float(raw.get("lora_dropout", 0.0)),
+                     target_modules=targets if isinstance(targets, str) else list(targets),
+                     use_rslora=bool(raw.get("use_rslora", False)))
+    return cfg, raw
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attach the adapter saved in `directory` (by llmcycle or by PEFT) to `model` and load its tensors."""
+    cfg, _ = read_adapter_config(directory)
+    apply_lora(model, cfg)
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.exists():
+        raise LlmcycleError(f"{directory}: {ADAPTER_WEIGHTS} is missing.")
+    load_lora_state_dict(model, load_file(path), source=str(path))
+    for _, m in lora_layers(model):
+        m.lora_A.weight.requires_grad_(True)
+        m.lora_B.weight.requires_grad_(True)
+    return model

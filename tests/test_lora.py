@@ -1,0 +1,155 @@
+"""LoRA against the real libraries: adapters written here load with peft onto the transformers model (same
+logits), adapters peft makes load here (same logits, training continues), and gradients equal peft's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from llmcycle.model import Transformer  # noqa: E402
+from llmcycle.optimize.config import ALL_LINEAR, LoRAConfig  # noqa: E402
+from llmcycle.optimize.lora import (  # noqa: E402
+    LoRALinear,
+    apply_lora,
+    disable_adapters,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+
+VOCAB, SEQ = 300, 16
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
+
+
+def hf_base(tmp_path, cls_name="LlamaConfig", **kwargs):
+    """A random transformers model saved under tmp_path/base; returns (model, path)."""
+    cfg = getattr(transformers, cls_name)(**(BASE | kwargs))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomize_(model)
+    model.save_pretrained(tmp_path / "base")
+    return model, tmp_path / "base"
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def nonzero_b_(model: torch.nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_init_and_trainable_share():
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(transformers_free_config()), LoRAConfig(r=4, alpha=8))
+    layers = dict(lora_layers(model))
+    assert len(layers) == 7 * 2
+    for m in layers.values():
+        assert m.lora_A.weight.abs().sum() > 0 and m.lora_B.weight.abs().sum() == 0
+        assert m.scaling == 2.0 and not m.weight.requires_grad
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    x = ids()
+    with torch.no_grad():
+        before = model(x)
+    nonzero_b_(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), before)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(x), before)  # the base alone: the reference model
+
+
+def transformers_free_config():
+    from llmcycle.model import ModelConfig
+    return ModelConfig(**BASE)
+
+
+@pytest.mark.parametrize("targets", [ALL_LINEAR, ["q_proj", "v_proj", "lm_head"]], ids=["all-linear", "qv-head"])
+def test_our_adapter_loads_in_peft(targets, tmp_path):
+    hf, base = hf_base(tmp_path)
+    ours = Transformer.from_pretrained(base).eval()
+    cfg = LoRAConfig(r=4, alpha=12.0, target_modules=targets)
+    apply_lora(ours, cfg)
+    nonzero_b_(ours)
+    save_adapter(ours, tmp_path / "adapter", base, cfg)
+    raw = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["r"] == 4 and raw["lora_alpha"] == 12.0
+
+    x = ids()
+    with torch.no_grad():
+        expected = ours(x)
+        peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        torch.testing.assert_close(peft_model(x).logits, expected, atol=1e-4, rtol=0)
+        merged = merge_lora(ours)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(x), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(peft_model.merge_and_unload()(x).logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaConfig", "Qwen2Config"])
+def test_peft_adapter_loads_here(cls_name, tmp_path):
+    hf, base = hf_base(tmp_path, cls_name)
+    lcfg = peft.LoraConfig(r=6, lora_alpha=20, use_rslora=True, task_type="CAUSAL_LM",
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(hf, lcfg)
+    nonzero_b_(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        expected = pm(x).logits
+
+    ours = load_adapter(Transformer.from_pretrained(base), tmp_path / "peft").eval()
+    assert next(iter(dict(lora_layers(ours)).values())).scaling == pytest.approx(20 / 6 ** 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=0)
+
+    # Training continues from it: the adapters (only) train and move.
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    assert trained and sum(p.numel() for p in trained) == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    before = {k: v.clone() for k, v in lora_state_dict(ours).items()}
+    opt = torch.optim.SGD(trained, lr=0.1)
+    ours.train()
+    torch.nn.functional.cross_entropy(ours(x)[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+    opt.step()
+    after = lora_state_dict(ours)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_gradients_equal_peft(rslora, tmp_path):
+    hf, base = hf_base(tmp_path, num_key_value_heads=4)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, task_type="CAUSAL_LM", target_modules=ALL_LINEAR)
+    pm = peft.get_peft_model(hf, lcfg)
+    nonzero_b_(pm)  # with B = 0 the gradient of A is zero: a weak test
+    pm.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(Transformer.from_pretrained(base), tmp_path / "peft")
+
+    x = ids()
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    loss(pm(x).logits).backward()
+    loss(ours(x)).backward()
+    theirs = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {f"base_model.model.{n}": p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(theirs) == set(mine)
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-5, rtol=0)
