@@ -153,3 +153,79 @@ def test_gradients_equal_peft(rslora, tmp_path):
     assert set(theirs) == set(mine)
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], atol=1e-5, rtol=0)
+
+
+# ---- training with adapters through the Session ------------------------------------------------------
+
+def _train_opts(tmp_path, base, out, command="sft", steps=6, **extra):
+    from test_posttrain import _opts, _pref_records, _sft_records, _write_jsonl
+
+    data = (_write_jsonl(tmp_path / "sft.jsonl", _sft_records(64, 1)) if command == "sft"
+            else _write_jsonl(tmp_path / "pref.jsonl", _pref_records(64, 3)))
+    return _opts(out, base, steps, **{"data.train": data, "data.eval": None, "train.lr": 1e-2,
+                                      "lora.r": 4, "lora.alpha": 8, **extra})
+
+
+def _adapter(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(f"{path}/adapter_model.safetensors")
+
+
+def test_sft_with_lora_publishes_a_peft_adapter(tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.train.posttrain.sft import SFTConfig, sft
+
+    out = tmp_path / "run"
+    sft(load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, out)))
+    final = out / "model"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "tokenizer.json"):
+        assert (final / name).exists(), name
+    assert not (final / "model.safetensors").exists()  # adapters alone
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["inputs"]["model"]["path"] == tiny_base_model and "model.safetensors" in manifest["inputs"]["model"]
+    state = _adapter(final)
+    assert state and all(k.startswith("base_model.model.model.layers.") for k in state)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it trained
+
+    # peft loads it onto the transformers model and agrees with llmcycle's model + adapter.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_base_model, attn_implementation="eager")
+    x = torch.randint(0, hf.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_adapter(Transformer.from_pretrained(tiny_base_model), final).eval()(x)
+        theirs = peft.PeftModel.from_pretrained(hf, final).eval()(x).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_dpo_with_lora_uses_the_base_as_reference(tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.train.posttrain.dpo import REF_CACHE, DPOConfig, dpo
+
+    out = tmp_path / "run"
+    dpo(load_config(DPOConfig, None, _train_opts(tmp_path, tiny_base_model, out, "dpo", steps=3)))
+    assert (out / "model" / "adapter_config.json").exists()
+    # The cached reference log-probs are the base model's: the adapters were off when they were computed.
+    cached = torch.load(out / REF_CACHE, weights_only=True)["logps"]["train"]
+    ref_out = tmp_path / "full"
+    dpo(load_config(DPOConfig, None, _train_opts(tmp_path, tiny_base_model, ref_out, "dpo", steps=1, **{"lora.r": 0})))
+    torch.testing.assert_close(cached, torch.load(ref_out / REF_CACHE, weights_only=True)["logps"]["train"])
+
+
+def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path):
+    from test_posttrain import _kill_after, _losses
+
+    from conftest import run_cli
+
+    steps = 10
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    extra = {"checkpoint.every": 4, "lora.dropout": 0.1}
+    assert run_cli(["sft", *_train_opts(tmp_path, tiny_base_model, ref, steps=steps, **extra)],
+                   timeout=300).returncode == 0
+    args = ["sft", *_train_opts(tmp_path, tiny_base_model, killed, steps=steps, **extra)]
+    _kill_after(args, killed, min_step=5)
+    assert (killed / "checkpoints" / "latest").exists() and not (killed / "model").exists()
+    resumed = run_cli([*args, "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _losses(ref), _losses(killed)
+    assert sorted(b) == list(range(1, steps + 1)) and all(b[s] == a[s] for s in a)
+    sa, sb = _adapter(ref / "model"), _adapter(killed / "model")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmcycle.config import field_help as F
+from llmcycle.optimize.config import LoRAConfig
 
 # ---- shared by every trainer ---------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class SFTConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=1e-3, epochs=3.0))
     eval: SFTEval = field(default_factory=SFTEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -224,6 +226,7 @@ class DPOConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=2e-4, epochs=1.0))
     eval: DPOEval = field(default_factory=DPOEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
