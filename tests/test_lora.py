@@ -229,3 +229,40 @@ def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path
     assert sorted(b) == list(range(1, steps + 1)) and all(b[s] == a[s] for s in a)
     sa, sb = _adapter(ref / "model"), _adapter(killed / "model")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- llmcycle merge ----------------------------------------------------------------------------------
+
+def test_merge_writes_a_transformers_model_equal_to_peft_merge(tmp_path):
+    from conftest import run_cli
+
+    hf, base = hf_base(tmp_path, "Qwen2Config")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=10, use_rslora=True, target_modules=ALL_LINEAR,
+                                                 task_type="CAUSAL_LM"))
+    nonzero_b_(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    # PEFT records the base by its name_or_path; point it at the directory as llmcycle's adapters do.
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": str(base)}))
+    x = ids()
+    with torch.no_grad():
+        expected = pm.merge_and_unload()(x).logits
+
+    r = run_cli(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")], timeout=120)
+    assert r.returncode == 0, r.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, expected, atol=1e-4, rtol=0)
+    inputs = json.loads((tmp_path / "merged" / "manifest.json").read_text())["inputs"]
+    assert inputs["model"]["path"] == str(base) and "adapter_model.safetensors" in inputs["adapter"]
+
+
+def test_merge_without_a_base_is_a_clear_error(tmp_path):
+    from conftest import run_cli
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
+                                                       "base_model_name_or_path": str(tmp_path / "nowhere")}))
+    r = run_cli(["merge", str(d), "--out", str(tmp_path / "m")], timeout=60)
+    assert r.returncode != 0 and "--base DIR" in r.stderr and "Traceback" not in r.stderr
