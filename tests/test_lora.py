@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 from llmcycle.model import Transformer  # noqa: E402
 from llmcycle.optimize.config import ALL_LINEAR, LoRAConfig  # noqa: E402
 from llmcycle.optimize.lora import (  # noqa: E402
+    AdaptersOff,
     LoRALinear,
     apply_lora,
     disable_adapters,
@@ -76,6 +77,8 @@ def test_init_and_trainable_share():
         assert not torch.allclose(model(x), before)
         with disable_adapters(model):
             torch.testing.assert_close(model(x), before)  # the base alone: the reference model
+        torch.testing.assert_close(AdaptersOff(model)(x), before)
+    assert not list(AdaptersOff(model).parameters())  # shares the weights, registers none
 
 
 def transformers_free_config():
@@ -208,6 +211,22 @@ def test_dpo_with_lora_uses_the_base_as_reference(tiny_base_model, tmp_path):
     ref_out = tmp_path / "full"
     dpo(load_config(DPOConfig, None, _train_opts(tmp_path, tiny_base_model, ref_out, "dpo", steps=1, **{"lora.r": 0})))
     torch.testing.assert_close(cached, torch.load(ref_out / REF_CACHE, weights_only=True)["logps"]["train"])
+
+
+def test_grpo_with_lora_trains_adapters_against_the_base(tiny_base_model, tmp_path):
+    from test_posttrain import _opts, _sft_records, _write_jsonl
+
+    from llmcycle.config import load_config
+    from llmcycle.train.rl.grpo import GRPOConfig, grpo
+
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in _sft_records(16, 5)])
+    out = tmp_path / "run"
+    opts = _opts(out, tiny_base_model, 2, **{"data.train": prompts, "data.eval": None, "num_generations": 4,
+                                            "generation.max_new_tokens": 6, "train.grad_accum": 1, "beta": 0.1,
+                                            "lora.r": 4})
+    grpo(load_config(GRPOConfig, None, [o for o in opts if not o.startswith("data.max_length")]))
+    assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "model.safetensors").exists()
 
 
 def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path):

@@ -157,6 +157,19 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             m.disabled = b
 
 
+class AdaptersOff(nn.Module):
+    """`model`'s base as a module of its own (adapters disabled in every call): a frozen reference that
+    shares the weights. `model` is not registered as a submodule, so nothing is trained or saved twice."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.__dict__["base"] = model
+
+    def forward(self, *args, **kwargs):
+        with disable_adapters(self.base), torch.no_grad():
+            return self.base(*args, **kwargs)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors under PEFT's names (`base_model.model.<path>.lora_A.weight`)."""
     out = {}

@@ -286,3 +286,4 @@ class GRPOConfig:
         default_factory=lambda: PostTrainSection(lr=5e-5, batch_size=16, grad_accum=4, max_steps=100, warmup_steps=0))
     eval: OnlineEval = field(default_factory=OnlineEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
