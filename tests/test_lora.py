@@ -189,6 +189,11 @@ def test_sft_with_lora_publishes_a_peft_adapter(tiny_base_model, tmp_path):
     state = _adapter(final)
     assert state and all(k.startswith("base_model.model.model.layers.") for k in state)
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # it trained
+    # `llmcycle lineage` walks from the adapter to its base model, re-hashing both.
+    from llmcycle.artifacts.lineage import trace
+    links = trace(final)
+    assert all(link.status != "MODIFIED" for link in links), [(link.path, link.problems) for link in links]
+    assert any(link.path == tiny_base_model for link in links)
 
     # peft loads it onto the transformers model and agrees with llmcycle's model + adapter.
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_base_model, attn_implementation="eager")
