@@ -234,6 +234,48 @@ def test_grpo_with_lora_trains_adapters_against_the_base(tiny_base_model, tmp_pa
     assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "model.safetensors").exists()
 
 
+def test_reward_with_lora_trains_the_score_head_fully_and_loads_in_peft(tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.model.heads import ScalarHeadModel
+    from llmcycle.train.posttrain.reward import RewardConfig, train_reward
+
+    out = tmp_path / "run"
+    train_reward(load_config(RewardConfig, None, _train_opts(tmp_path, tiny_base_model, out, "reward", steps=3)))
+    final = out / "model"
+    raw = json.loads((final / "adapter_config.json").read_text())
+    assert raw["task_type"] == "SEQ_CLS" and raw["modules_to_save"] == ["score"]
+    assert "base_model.model.score.weight" in _adapter(final)
+
+    ours = load_adapter(ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(tiny_base_model)), final).eval()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_base_model, num_labels=1,
+                                                                         attn_implementation="eager")
+    pm = peft.PeftModel.from_pretrained(hf, final).eval()
+    x = torch.randint(4, hf.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x).logits[:, 0], ours(x)[:, -1], atol=1e-4, rtol=0)
+
+
+def test_ppo_with_lora_adapts_the_policy_against_its_base(tiny_base_model, tmp_path):
+    from test_posttrain import _sft_records, _write_jsonl
+
+    from llmcycle.config import load_config
+    from llmcycle.train.rl.ppo import PPOConfig, ppo
+
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in _sft_records(16, 5)])
+    out = tmp_path / "run"
+    opts = {"out_dir": out, "model": tiny_base_model, "reward_model": "null", "reward_funcs": "[exact_match]",
+            "data.train": prompts,
+            "data.eval": "null", "train.batch_size": 4, "train.grad_accum": 1, "num_minibatches": 1,
+            "ppo_epochs": 1, "train.max_steps": 2, "train.dtype": "fp32", "train.threads": 1,
+            "generation.max_new_tokens": 4, "eval.every": 0, "checkpoint.every": 0, "lora.r": 4}
+    ppo(load_config(PPOConfig, None, [f"{k}={v}" for k, v in opts.items()]))
+    assert (out / "model" / "adapter_model.safetensors").exists()
+    ckpt = next((out / "checkpoints").glob("step_*"))
+    assert json.loads((ckpt / "modules.json").read_text()) == {"policy": "lora", "value": "scalar_head"}
+    assert (ckpt / "value" / "model.safetensors").exists()  # the value model trains fully
+
+
 def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path):
     from test_posttrain import _kill_after, _losses
 

@@ -10,8 +10,8 @@ alpha / sqrt(r) with rsLoRA: PEFT's forward, term for term.
 Because llmcycle's module paths are transformers' (`model.layers.0.self_attn.q_proj`), PEFT's tensor names
 are ours with a prefix: `base_model.model.<path>.lora_A.weight`. `save_adapter` writes adapter_config.json
 + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto the transformers model;
-`load_adapter` reads an adapter PEFT made (LoRA without per-layer rank/alpha patterns, DoRA, biases or
-modules_to_save) onto our model. `disable_adapters(model)` runs the base alone (the DPO/RL reference,
+`load_adapter` reads an adapter PEFT made (LoRA without per-layer rank/alpha patterns, DoRA or biases;
+`modules_to_save` heads load whole) onto our model. `disable_adapters(model)` runs the base alone (the DPO/RL reference,
 without a second copy of the weights); `merge_lora(model)` folds W += scaling * B @ A back into plain
 nn.Linear layers.
 """
@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -40,8 +40,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 # PEFT options this implementation does not reproduce, with the value that means "not used".
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
-                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
+                "rank_pattern": {}, "alpha_pattern": {}}
 
 
 class LoRALinear(nn.Linear):
@@ -112,9 +112,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, modules_to_save: Sequence[str] = ()) -> nn.Module:
     """Freeze `model` and attach adapters to the linear layers `cfg.target_modules` names (in place;
-    returns the model). Initialisation draws from torch's global RNG, as PEFT's does."""
+    returns the model). Initialisation draws from torch's global RNG, as PEFT's does. `modules_to_save`
+    (PEFT's name): modules that train fully and are saved whole beside the adapters (a reward model's
+    `score` head)."""
     if cfg.r <= 0:
         raise LlmcycleError(f"lora.r must be positive to attach adapters (got {cfg.r}).")
     if cfg.use_dora:
@@ -128,6 +130,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for name in names:
         base = model.get_submodule(name)
         _set_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+    model.lora_modules_to_save = [m for m in modules_to_save if hasattr(model, m)]
+    for m in model.lora_modules_to_save:
+        model.get_submodule(m).requires_grad_(True)
     return model
 
 
@@ -176,6 +181,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_layers(model):
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    for name in getattr(model, "lora_modules_to_save", ()):
+        for k, v in model.get_submodule(name).state_dict().items():
+            out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach()
     return out
 
 
@@ -208,15 +216,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---- the PEFT directory ---------------------------------------------------------------------------
 
 
-def adapter_config(cfg: LoRAConfig, base_model: str, target_modules: list[str] | None = None) -> dict:
-    """adapter_config.json as PEFT writes it for a causal LM (the keys PEFT's LoraConfig reads)."""
-    targets = target_modules or cfg.target_modules
+def adapter_config(cfg: LoRAConfig, base_model: str, task_type: str = "CAUSAL_LM",
+                   modules_to_save: Sequence[str] = ()) -> dict:
+    """adapter_config.json as PEFT writes it (the keys PEFT's LoraConfig reads). task_type SEQ_CLS: a
+    scalar-head model (reward, value), its head in `modules_to_save`."""
+    targets = cfg.target_modules
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base_model),
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": targets if isinstance(targets, str) else sorted(targets), "use_rslora": cfg.use_rslora,
         "init_lora_weights": True, "inference_mode": True, "revision": None,
-        **_UNSUPPORTED,
+        **_UNSUPPORTED, "modules_to_save": list(modules_to_save) or None,
     }
 
 
@@ -226,7 +236,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | Path
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(state, d / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (d / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, str(base_model)), indent=2) + "\n")
+    extra = getattr(model, "lora_modules_to_save", [])
+    task = "SEQ_CLS" if hasattr(model, "score") else "CAUSAL_LM"
+    (d / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(cfg, str(base_model), task, extra), indent=2) + "\n")
 
 
 def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
@@ -250,8 +262,8 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Attach the adapter saved in `directory` (by llmcycle or by PEFT) to `model` and load its tensors."""
-    cfg, _ = read_adapter_config(directory)
-    apply_lora(model, cfg)
+    cfg, raw = read_adapter_config(directory)
+    apply_lora(model, cfg, raw.get("modules_to_save") or ())
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.exists():
         raise LlmcycleError(f"{directory}: {ADAPTER_WEIGHTS} is missing.")

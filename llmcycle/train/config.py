@@ -198,6 +198,7 @@ class RewardConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=3e-4, epochs=2.0))
     eval: RewardEval = field(default_factory=RewardEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -261,6 +262,7 @@ class PPOConfig:
         default_factory=lambda: PostTrainSection(lr=3e-5, batch_size=8, max_steps=100, warmup_steps=0))
     eval: OnlineEval = field(default_factory=OnlineEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

@@ -79,7 +79,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # What must not change between a checkpoint and the run that resumes it (post-training's default).
 POSTTRAIN_RESUME_KEYS = {"train": ("seed", "batch_size", "grad_accum"), "data": ("train", "max_length")}
 LORA_RESUME_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
-LORA = "lora"  # module kind of a causal LM with adapters: saved as a PEFT adapter directory
+# Module kinds of models with adapters, saved as PEFT adapter directories (their base: the recipe's model).
+LORA, LORA_SCALAR = "lora", "lora_scalar_head"
 
 
 class TrainingDiverged(LlmcycleError):
@@ -109,7 +110,7 @@ def load_module(path: Path, kind: str, device: torch.device) -> nn.Module:
 
 def module_kind(module: nn.Module) -> str:
     if lora_lib.has_lora(module):
-        return LORA
+        return LORA_SCALAR if isinstance(module, ScalarHeadModel) else LORA
     return "scalar_head" if isinstance(module, ScalarHeadModel) else "causal_lm"
 
 
@@ -248,7 +249,9 @@ class Session:
             if self.lora is not None:
                 if self.sharded:
                     raise LlmcycleError("lora: adapters under FSDP are not supported yet; use train.parallel=ddp.")
-                lora_lib.apply_lora(modules[MAIN], self.lora)
+                # A reward model's score head trains fully beside the adapted body (PEFT's modules_to_save).
+                head = ["score"] if isinstance(modules[MAIN], ScalarHeadModel) else []
+                lora_lib.apply_lora(modules[MAIN], self.lora, modules_to_save=head)
         if self.lora is not None:
             log.info(f"lora: r={self.lora.r}, alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}; "
                      f"{lora_lib.trainable_summary(modules[MAIN])}")
@@ -269,6 +272,14 @@ class Session:
         An adapter is attached to the recipe's base model, read afresh."""
         if kind == LORA:
             return lora_lib.load_adapter(Transformer.from_pretrained(self.cfg.model, device=self.device), path)
+        if kind == LORA_SCALAR:  # the head comes from the adapter directory, whatever the base holds
+            try:
+                base = ScalarHeadModel.from_pretrained(self.cfg.model, device=self.device)
+            except LlmcycleError as e:
+                if "not a reward/value model" not in str(e):
+                    raise
+                base = ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(self.cfg.model, device=self.device))
+            return lora_lib.load_adapter(base, path)
         return load_module(path, kind, self.device)
 
     def save_module(self, name: str, module: nn.Module, path: Path, state_dict: dict | None) -> None:
