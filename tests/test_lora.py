@@ -218,7 +218,8 @@ def test_dpo_with_lora_uses_the_base_as_reference(tiny_base_model, tmp_path):
     torch.testing.assert_close(cached, torch.load(ref_out / REF_CACHE, weights_only=True)["logps"]["train"])
 
 
-def test_grpo_with_lora_trains_adapters_against_the_base(tiny_base_model, tmp_path):
+@pytest.mark.parametrize("sampler", ["simple", "engine"])
+def test_grpo_with_lora_trains_adapters_against_the_base(sampler, tiny_base_model, tmp_path):
     from test_posttrain import _opts, _sft_records, _write_jsonl
 
     from llmcycle.config import load_config
@@ -229,7 +230,7 @@ def test_grpo_with_lora_trains_adapters_against_the_base(tiny_base_model, tmp_pa
     out = tmp_path / "run"
     opts = _opts(out, tiny_base_model, 2, **{"data.train": prompts, "data.eval": None, "num_generations": 4,
                                             "generation.max_new_tokens": 6, "train.grad_accum": 1, "beta": 0.1,
-                                            "lora.r": 4})
+                                            "lora.r": 4, "generation.sampler": sampler})
     grpo(load_config(GRPOConfig, None, [o for o in opts if not o.startswith("data.max_length")]))
     assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "model.safetensors").exists()
 
