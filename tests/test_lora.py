@@ -57,6 +57,8 @@ def nonzero_b_(model: torch.nn.Module, seed: int = 3) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude_vector" in name:  # DoRA: magnitudes away from the row norms
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
 
 
 def test_init_and_trainable_share():
@@ -86,11 +88,12 @@ def transformers_free_config():
     return ModelConfig(**BASE)
 
 
-@pytest.mark.parametrize("targets", [ALL_LINEAR, ["q_proj", "v_proj", "lm_head"]], ids=["all-linear", "qv-head"])
-def test_our_adapter_loads_in_peft(targets, tmp_path):
-    hf, base = hf_base(tmp_path)
+@pytest.mark.parametrize("targets,dora", [(ALL_LINEAR, False), (["q_proj", "v_proj", "lm_head"], False),
+                                          (ALL_LINEAR, True)], ids=["all-linear", "qv-head", "dora"])
+def test_our_adapter_loads_in_peft(targets, dora, tmp_path):
+    hf, base = hf_base(tmp_path, attention_bias=dora)  # a biased layer exercises DoRA's bias handling
     ours = Transformer.from_pretrained(base).eval()
-    cfg = LoRAConfig(r=4, alpha=12.0, target_modules=targets)
+    cfg = LoRAConfig(r=4, alpha=12.0, target_modules=targets, use_dora=dora)
     apply_lora(ours, cfg)
     nonzero_b_(ours)
     save_adapter(ours, tmp_path / "adapter", base, cfg)
@@ -108,10 +111,10 @@ def test_our_adapter_loads_in_peft(targets, tmp_path):
         torch.testing.assert_close(peft_model.merge_and_unload()(x).logits, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("cls_name", ["LlamaConfig", "Qwen2Config"])
-def test_peft_adapter_loads_here(cls_name, tmp_path):
+@pytest.mark.parametrize("cls_name,dora", [("LlamaConfig", False), ("Qwen2Config", False), ("Qwen2Config", True)])
+def test_peft_adapter_loads_here(cls_name, dora, tmp_path):
     hf, base = hf_base(tmp_path, cls_name)
-    lcfg = peft.LoraConfig(r=6, lora_alpha=20, use_rslora=True, task_type="CAUSAL_LM",
+    lcfg = peft.LoraConfig(r=6, lora_alpha=20, use_rslora=True, task_type="CAUSAL_LM", use_dora=dora,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
     pm = peft.get_peft_model(hf, lcfg)
     nonzero_b_(pm)
@@ -137,10 +140,11 @@ def test_peft_adapter_loads_here(cls_name, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_gradients_equal_peft(rslora, tmp_path):
+@pytest.mark.parametrize("rslora,dora", [(False, False), (True, False), (False, True)], ids=["lora", "rslora", "dora"])
+def test_gradients_equal_peft(rslora, dora, tmp_path):
     hf, base = hf_base(tmp_path, num_key_value_heads=4)
-    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, task_type="CAUSAL_LM", target_modules=ALL_LINEAR)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, task_type="CAUSAL_LM", target_modules=ALL_LINEAR,
+                           use_dora=dora)
     pm = peft.get_peft_model(hf, lcfg)
     nonzero_b_(pm)  # with B = 0 the gradient of A is zero: a weak test
     pm.save_pretrained(tmp_path / "peft")
@@ -151,7 +155,8 @@ def test_gradients_equal_peft(rslora, tmp_path):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
     loss(pm(x).logits).backward()
     loss(ours(x)).backward()
-    theirs = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    theirs = {n.replace(".default.weight", "").replace(".default", "") if "magnitude" in n else n.replace(".default", ""):
+              p.grad for n, p in pm.named_parameters() if p.requires_grad}
     mine = {f"base_model.model.{n}": p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert set(theirs) == set(mine)
     for k in theirs:
@@ -174,12 +179,13 @@ def _adapter(path) -> dict[str, torch.Tensor]:
     return load_file(f"{path}/adapter_model.safetensors")
 
 
-def test_sft_with_lora_publishes_a_peft_adapter(tiny_base_model, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_sft_with_lora_publishes_a_peft_adapter(dora, tiny_base_model, tmp_path):
     from llmcycle.config import load_config
     from llmcycle.train.posttrain.sft import SFTConfig, sft
 
     out = tmp_path / "run"
-    sft(load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, out)))
+    sft(load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, out, **{"lora.use_dora": dora})))
     final = out / "model"
     for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "tokenizer.json"):
         assert (final / name).exists(), name

@@ -22,4 +22,4 @@ class LoRAConfig:
     target_modules: list[str] = F(list(ALL_LINEAR), "module names to adapt (PEFT-style: a name matches a "
                                   "module whose path ends with it); add lm_head to adapt the output head")
     use_rslora: bool = F(False, "rank-stabilised scaling alpha / sqrt(r)")
-    use_dora: bool = F(False, "DoRA (weight-decomposed LoRA); not implemented yet, refused")
+    use_dora: bool = F(False, "DoRA (weight-decomposed LoRA): also train a magnitude per output row")

@@ -10,7 +10,7 @@ alpha / sqrt(r) with rsLoRA: PEFT's forward, term for term.
 Because llmcycle's module paths are transformers' (`model.layers.0.self_attn.q_proj`), PEFT's tensor names
 are ours with a prefix: `base_model.model.<path>.lora_A.weight`. `save_adapter` writes adapter_config.json
 + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto the transformers model;
-`load_adapter` reads an adapter PEFT made (LoRA without per-layer rank/alpha patterns, DoRA or biases;
+`load_adapter` reads an adapter PEFT made (LoRA or DoRA, without per-layer rank/alpha patterns or biases;
 `modules_to_save` heads load whole) onto our model. `disable_adapters(model)` runs the base alone (the DPO/RL reference,
 without a second copy of the weights); `merge_lora(model)` folds W += scaling * B @ A back into plain
 nn.Linear layers.
@@ -40,14 +40,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 # PEFT options this implementation does not reproduce, with the value that means "not used".
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
+_UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "layers_to_transform": None,
                 "rank_pattern": {}, "alpha_pattern": {}}
 
 
 class LoRALinear(nn.Linear):
     """An nn.Linear with a low-rank update. Holds the base layer's own weight and bias Parameters (frozen)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: tying and keys survive
@@ -59,28 +60,46 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         self.reset_lora_parameters()
+        # DoRA (Liu et al. 2024): a trained magnitude per output row, starting at the row norms of W + s B A.
+        self.lora_magnitude_vector = nn.Parameter(self._row_norm()) if use_dora else None
 
     def reset_lora_parameters(self) -> None:
         # PEFT's init_lora_weights=True: A like nn.Linear's default (Kaiming-uniform, a=sqrt(5)), B zero.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def _row_norm(self) -> torch.Tensor:
+        """||W + scaling * B A|| per output row, with no gradient (DoRA treats it as a constant, sec. 4.3)."""
+        with torch.no_grad():
+            return torch.linalg.norm(self.weight + self.delta_weight().to(self.weight.dtype), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return out
-        x = x.to(self.lora_A.weight.dtype)
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return out + lora
+        # DoRA as PEFT computes it: (m / ||W + sBA|| - 1) W x + (m / ||W + sBA||) s B A x, added to W x + b.
+        scale = (self.lora_magnitude_vector / self._row_norm()).view(*([1] * (out.dim() - 1)), -1)
+        dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        base = F.linear(xd, self.weight) if dropped else (out if self.bias is None else out - self.bias)
+        return out + (scale - 1) * base + scale * lora
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing what this layer computes (W + scaling * B @ A)."""
+        """A plain nn.Linear computing what this layer computes (W + scaling * B @ A; with DoRA, each row
+        rescaled to its learned magnitude)."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+            w = self.weight + self.delta_weight().to(self.weight.dtype)
+            if self.lora_magnitude_vector is not None:
+                w = w * (self.lora_magnitude_vector / torch.linalg.norm(w, dim=1)).view(-1, 1)
+            out.weight.copy_(w)
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
@@ -119,8 +138,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules_to_save: Sequence[str]
     `score` head)."""
     if cfg.r <= 0:
         raise LlmcycleError(f"lora.r must be positive to attach adapters (got {cfg.r}).")
-    if cfg.use_dora:
-        raise LlmcycleError("lora.use_dora: DoRA is not implemented yet; set it to false.")
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
@@ -129,7 +146,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules_to_save: Sequence[str]
         raise LlmcycleError(f"lora.target_modules {cfg.target_modules} match no linear layer of the model.")
     for name in names:
         base = model.get_submodule(name)
-        _set_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        _set_module(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora))
     model.lora_modules_to_save = [m for m in modules_to_save if hasattr(model, m)]
     for m in model.lora_modules_to_save:
         model.get_submodule(m).requires_grad_(True)
@@ -181,6 +198,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_layers(model):
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        if m.lora_magnitude_vector is not None:  # PEFT's file name for it has no ".weight"
+            out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     for name in getattr(model, "lora_modules_to_save", ()):
         for k, v in model.get_submodule(name).state_dict().items():
             out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach()
@@ -189,7 +208,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
     """Copy PEFT-named adapter tensors into the model's LoRALinear layers; every one must be matched."""
-    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}  # in-memory PEFT names
+    # PEFT's in-memory names carry the adapter name (".default"); its files do not.
+    state = {k.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+             .replace(".default.weight", ".weight"): v for k, v in state.items()}
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -225,6 +246,7 @@ def adapter_config(cfg: LoRAConfig, base_model: str, task_type: str = "CAUSAL_LM
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": str(base_model),
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
         "target_modules": targets if isinstance(targets, str) else sorted(targets), "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
         "init_lora_weights": True, "inference_mode": True, "revision": None,
         **_UNSUPPORTED, "modules_to_save": list(modules_to_save) or None,
     }
@@ -256,7 +278,7 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict]:
     cfg = LoRAConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", 8)),
                      dropout=float(raw.get("lora_dropout", 0.0)),
                      target_modules=targets if isinstance(targets, str) else list(targets),
-                     use_rslora=bool(raw.get("use_rslora", False)))
+                     use_rslora=bool(raw.get("use_rslora", False)), use_dora=bool(raw.get("use_dora", False)))
     return cfg, raw
 
 
@@ -269,6 +291,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise LlmcycleError(f"{directory}: {ADAPTER_WEIGHTS} is missing.")
     load_lora_state_dict(model, load_file(path), source=str(path))
     for _, m in lora_layers(model):
-        m.lora_A.weight.requires_grad_(True)
-        m.lora_B.weight.requires_grad_(True)
+        for p in (m.lora_A.weight, m.lora_B.weight, m.lora_magnitude_vector):
+            if p is not None:
+                p.requires_grad_(True)
     return model
