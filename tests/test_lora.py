@@ -262,28 +262,34 @@ def test_reward_with_lora_trains_the_score_head_fully_and_loads_in_peft(tiny_bas
         torch.testing.assert_close(pm(x).logits[:, 0], ours(x)[:, -1], atol=1e-4, rtol=0)
 
 
-def test_ppo_with_lora_adapts_the_policy_against_its_base(tiny_base_model, tmp_path):
+def _ppo_opts(tmp_path, base, out, steps=2, **extra) -> list[str]:
     from test_posttrain import _sft_records, _write_jsonl
-
-    from llmcycle.config import load_config
-    from llmcycle.train.rl.ppo import PPOConfig, ppo
 
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in _sft_records(16, 5)])
+    opts = {"out_dir": out, "model": base, "reward_model": "null", "reward_funcs": "[exact_match]",
+            "data.train": prompts, "data.eval": "null", "train.batch_size": 4, "train.grad_accum": 1,
+            "num_minibatches": 1, "ppo_epochs": 1, "train.max_steps": steps, "train.dtype": "fp32",
+            "train.threads": 1, "generation.max_new_tokens": 4, "eval.every": 0, "checkpoint.every": 0,
+            "train.lr": 1e-2, "lora.r": 4, **extra}
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def test_ppo_with_lora_adapts_policy_and_value_bodies(tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.train.rl.ppo import PPOConfig, ppo
+
     out = tmp_path / "run"
-    opts = {"out_dir": out, "model": tiny_base_model, "reward_model": "null", "reward_funcs": "[exact_match]",
-            "data.train": prompts,
-            "data.eval": "null", "train.batch_size": 4, "train.grad_accum": 1, "num_minibatches": 1,
-            "ppo_epochs": 1, "train.max_steps": 2, "train.dtype": "fp32", "train.threads": 1,
-            "generation.max_new_tokens": 4, "eval.every": 0, "checkpoint.every": 0, "lora.r": 4}
-    ppo(load_config(PPOConfig, None, [f"{k}={v}" for k, v in opts.items()]))
+    ppo(load_config(PPOConfig, None, _ppo_opts(tmp_path, tiny_base_model, out)))
     assert (out / "model" / "adapter_model.safetensors").exists()
     ckpt = next((out / "checkpoints").glob("step_*"))
-    assert json.loads((ckpt / "modules.json").read_text()) == {"policy": "lora", "value": "scalar_head"}
-    assert (ckpt / "value" / "model.safetensors").exists()  # the value model trains fully
+    assert json.loads((ckpt / "modules.json").read_text()) == {"policy": "lora", "value": "lora_scalar_head"}
+    value = _adapter(ckpt / "value")  # the value body adapted, its head trained whole
+    assert "base_model.model.score.weight" in value and any("lora_A" in k for k in value)
 
 
-def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path):
+@pytest.mark.parametrize("command", ["sft", "ppo"])
+def test_lora_kill_and_resume_gives_identical_adapters(command, tiny_base_model, tmp_path):
     from test_posttrain import _kill_after, _losses
 
     from conftest import run_cli
@@ -291,17 +297,19 @@ def test_lora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path
     steps = 10
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     extra = {"checkpoint.every": 4, "lora.dropout": 0.1}
-    assert run_cli(["sft", *_train_opts(tmp_path, tiny_base_model, ref, steps=steps, **extra)],
+    opts = _train_opts if command == "sft" else _ppo_opts
+    assert run_cli([command, *opts(tmp_path, tiny_base_model, ref, steps=steps, **extra)],
                    timeout=300).returncode == 0
-    args = ["sft", *_train_opts(tmp_path, tiny_base_model, killed, steps=steps, **extra)]
+    args = [command, *opts(tmp_path, tiny_base_model, killed, steps=steps, **extra)]
     _kill_after(args, killed, min_step=5)
     assert (killed / "checkpoints" / "latest").exists() and not (killed / "model").exists()
     resumed = run_cli([*args, "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _losses(ref), _losses(killed)
     assert sorted(b) == list(range(1, steps + 1)) and all(b[s] == a[s] for s in a)
-    sa, sb = _adapter(ref / "model"), _adapter(killed / "model")
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for sub in ("model", *(["checkpoints/step_00000010/value"] if command == "ppo" else [])):
+        sa, sb = _adapter(ref / sub), _adapter(killed / sub)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), sub
 
 
 # ---- llmcycle merge ----------------------------------------------------------------------------------

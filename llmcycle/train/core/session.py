@@ -78,7 +78,7 @@ MAIN = "policy"  # the module saved at the top of a checkpoint / final directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # What must not change between a checkpoint and the run that resumes it (post-training's default).
 POSTTRAIN_RESUME_KEYS = {"train": ("seed", "batch_size", "grad_accum"), "data": ("train", "max_length")}
-LORA_RESUME_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora")
+LORA_RESUME_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora")
 # Module kinds of models with adapters, saved as PEFT adapter directories (their base: the recipe's model).
 LORA, LORA_SCALAR = "lora", "lora_scalar_head"
 
@@ -151,6 +151,7 @@ class Session:
         self.stage, self.cfg, self.opt = stage, cfg, cfg.train
         lora = getattr(cfg, "lora", None)
         self.lora = lora if lora is not None and lora.r > 0 else None  # None: every parameter trains
+        self.lora_bases: dict[str, str] = {}  # module name -> the directory its adapters go on
         self.parallel, self.compile, self.end_of_turn = parallel, compile, end_of_turn
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -234,10 +235,14 @@ class Session:
         barrier(self.dist)
         return Tokenizer.from_pretrained(self.tokenizer_dir)
 
-    def trained_modules(self, build: Callable[[], dict[str, nn.Module]]) -> dict[str, nn.Module]:
+    def trained_modules(self, build: Callable[[], dict[str, nn.Module]],
+                        bases: dict[str, str] | None = None) -> dict[str, nn.Module]:
         """The modules this run trains: build() on a fresh start, the checkpoint's weights on resume.
         `policy` is the main model; others (a PPO value model) are saved in sub-directories. Then the
-        optimizer, and on resume its state and the RNG."""
+        optimizer, and on resume its state and the RNG. With LoRA every module gets adapters (a scalar
+        head trains fully beside them); `bases` names the directory each module was built from, written
+        into its adapter_config.json and read back on resume (default: the recipe's `model`)."""
+        self.lora_bases = {MAIN: str(self.cfg.model), **{k: str(v) for k, v in (bases or {}).items()}}
         if self.resume_from is not None:
             kinds_file = self.resume_from / MODULES_FILE
             # Pre-training checkpoints written before the shared session hold one language model, no list.
@@ -249,12 +254,15 @@ class Session:
             if self.lora is not None:
                 if self.sharded:
                     raise LlmcycleError("lora: adapters under FSDP are not supported yet; use train.parallel=ddp.")
-                # A reward model's score head trains fully beside the adapted body (PEFT's modules_to_save).
-                head = ["score"] if isinstance(modules[MAIN], ScalarHeadModel) else []
-                lora_lib.apply_lora(modules[MAIN], self.lora, modules_to_save=head)
+                for m in modules.values():
+                    # A reward or value model's score head trains fully beside the adapted body (PEFT's
+                    # modules_to_save).
+                    head = ["score"] if isinstance(m, ScalarHeadModel) else []
+                    lora_lib.apply_lora(m, self.lora, modules_to_save=head)
         if self.lora is not None:
-            log.info(f"lora: r={self.lora.r}, alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}; "
-                     f"{lora_lib.trainable_summary(modules[MAIN])}")
+            log.info(f"lora: r={self.lora.r}, alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}")
+            for name, m in modules.items():
+                log.info(f"lora: {name}: {lora_lib.trainable_summary(m)}")
         self.modules = modules
         for name, m in modules.items():
             m.train()
@@ -269,24 +277,25 @@ class Session:
 
     def load_module(self, path: Path, kind: str) -> nn.Module:
         """A trained module as `save_module` wrote it into a checkpoint (the resume side of that hook).
-        An adapter is attached to the recipe's base model, read afresh."""
+        An adapter is attached to its base (adapter_config.json's base_model_name_or_path), read afresh."""
+        if kind not in (LORA, LORA_SCALAR):
+            return load_module(path, kind, self.device)
+        src = lora_lib.read_adapter_config(path)[1]["base_model_name_or_path"]
         if kind == LORA:
-            return lora_lib.load_adapter(Transformer.from_pretrained(self.cfg.model, device=self.device), path)
-        if kind == LORA_SCALAR:  # the head comes from the adapter directory, whatever the base holds
-            try:
-                base = ScalarHeadModel.from_pretrained(self.cfg.model, device=self.device)
-            except LlmcycleError as e:
-                if "not a reward/value model" not in str(e):
-                    raise
-                base = ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(self.cfg.model, device=self.device))
-            return lora_lib.load_adapter(base, path)
-        return load_module(path, kind, self.device)
+            return lora_lib.load_adapter(Transformer.from_pretrained(src, device=self.device), path)
+        try:  # the head comes from the adapter directory, whatever the base holds
+            base = ScalarHeadModel.from_pretrained(src, device=self.device)
+        except LlmcycleError as e:
+            if "not a reward/value model" not in str(e):
+                raise
+            base = ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(src, device=self.device))
+        return lora_lib.load_adapter(base, path)
 
     def save_module(self, name: str, module: nn.Module, path: Path, state_dict: dict | None) -> None:
         """How a trained module is written, in checkpoints and the final directory alike: a full Hugging
-        Face directory; with LoRA, the adapters alone in PEFT's format (their base is the recipe's model)."""
+        Face directory; with LoRA, the adapters alone in PEFT's format (and the base they go on)."""
         if self.lora is not None and lora_lib.has_lora(module):
-            lora_lib.save_adapter(module, path, self.cfg.model, self.lora)
+            lora_lib.save_adapter(module, path, self.lora_bases.get(name, str(self.cfg.model)), self.lora)
             return
         save_module(module, path, state_dict)
 

@@ -129,7 +129,8 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
     ref = _frozen(Transformer.from_pretrained(cfg.model, device=s.device)) if s.lora is None else None
 
     torch.manual_seed(t.seed)  # a fresh value head's initialisation
-    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model), "value": _value_model(cfg)})
+    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model), "value": _value_model(cfg)},
+                                bases={"value": cfg.value_model or cfg.reward_model or cfg.model})
     policy, value = modules["policy"], modules["value"]
     if ref is None:
         ref = AdaptersOff(policy)  # LoRA: the reference is the policy's base, no second copy
