@@ -336,6 +336,9 @@ def test_merge_writes_a_transformers_model_equal_to_peft_merge(tmp_path):
         torch.testing.assert_close(merged(x).logits, expected, atol=1e-4, rtol=0)
     inputs = json.loads((tmp_path / "merged" / "manifest.json").read_text())["inputs"]
     assert inputs["model"]["path"] == str(base) and "adapter_model.safetensors" in inputs["adapter"]
+    from llmcycle.artifacts.lineage import trace
+    shown = {link.path: link.status for link in trace(tmp_path / "merged")}
+    assert str(tmp_path / "adapter") in shown and str(base) in shown and "MODIFIED" not in shown.values()
 
 
 def test_merge_without_a_base_is_a_clear_error(tmp_path):
