@@ -1,19 +1,19 @@
-"""LoRA: low-rank adapters on chosen linear layers, read and written in PEFT's format.
+"""LoRA (and DoRA): low-rank adapters on chosen linear layers, read and written in PEFT's format.
 
 `apply_lora(model, cfg)` freezes every parameter of `model` and replaces each linear layer whose path
 matches `cfg.target_modules` by a `LoRALinear`: the same weight and bias (shared, not copied, so a tied
 output head stays tied and the state dict keeps its keys) plus `lora_A` (r x in, Kaiming-uniform with
 a=sqrt(5), as PEFT and nn.Linear initialise) and `lora_B` (out x r, zeros: the adapted model starts equal
 to the base). The output is `base(x) + lora_B(lora_A(dropout(x))) * scaling`, scaling alpha / r, or
-alpha / sqrt(r) with rsLoRA: PEFT's forward, term for term.
+alpha / sqrt(r) with rsLoRA: PEFT's forward, term for term. DoRA adds a trained magnitude per output row.
 
 Because llmcycle's module paths are transformers' (`model.layers.0.self_attn.q_proj`), PEFT's tensor names
 are ours with a prefix: `base_model.model.<path>.lora_A.weight`. `save_adapter` writes adapter_config.json
 + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto the transformers model;
 `load_adapter` reads an adapter PEFT made (LoRA or DoRA, without per-layer rank/alpha patterns or biases;
-`modules_to_save` heads load whole) onto our model. `disable_adapters(model)` runs the base alone (the DPO/RL reference,
-without a second copy of the weights); `merge_lora(model)` folds W += scaling * B @ A back into plain
-nn.Linear layers.
+`modules_to_save` heads load whole) onto our model. `disable_adapters(model)` / `AdaptersOff(model)` run
+the base alone (the DPO/RL reference, without a second copy of the weights); `merge_lora(model)` folds the
+adapters back into plain nn.Linear layers.
 """
 
 from __future__ import annotations
