@@ -4,6 +4,7 @@ logits), adapters peft makes load here (same logits, training continues), and gr
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -350,3 +351,15 @@ def test_merge_without_a_base_is_a_clear_error(tmp_path):
                                                        "base_model_name_or_path": str(tmp_path / "nowhere")}))
     r = run_cli(["merge", str(d), "--out", str(tmp_path / "m")], timeout=60)
     assert r.returncode != 0 and "--base DIR" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("key,value,words", [("lora.r", -1, "positive rank"), ("lora.dropout", 1.5, "[0, 1)"),
+                                             ("lora.target_modules", "[nothing_here]", "match no linear layer")])
+def test_bad_lora_settings_are_refused(key, value, words, tiny_base_model, tmp_path):
+    from llmcycle.config import load_config
+    from llmcycle.errors import LlmcycleError
+    from llmcycle.train.posttrain.sft import SFTConfig, sft
+
+    cfg = load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, tmp_path / "run", **{key: value}))
+    with pytest.raises(LlmcycleError, match=re.escape(words)):
+        sft(cfg)

@@ -23,3 +23,14 @@ class LoRAConfig:
                                   "module whose path ends with it); add lm_head to adapt the output head")
     use_rslora: bool = F(False, "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = F(False, "DoRA (weight-decomposed LoRA): also train a magnitude per output row")
+
+    def check(self) -> None:
+        """Refuse values that cannot train, before any model is loaded."""
+        from llmcycle.errors import LlmcycleError
+
+        if self.r < 0:
+            raise LlmcycleError(f"lora.r must be 0 (off) or a positive rank, not {self.r}.")
+        if self.r and not 0 <= self.dropout < 1:
+            raise LlmcycleError(f"lora.dropout must be in [0, 1), not {self.dropout}.")
+        if self.r and not self.target_modules:
+            raise LlmcycleError("lora.target_modules is empty: name the linear layers to adapt.")

@@ -150,6 +150,8 @@ class Session:
                  compile: bool = False, tensorboard: bool = False, end_of_turn: bool = True):
         self.stage, self.cfg, self.opt = stage, cfg, cfg.train
         lora = getattr(cfg, "lora", None)
+        if lora is not None:
+            lora.check()
         self.lora = lora if lora is not None and lora.r > 0 else None  # None: every parameter trains
         self.lora_bases: dict[str, str] = {}  # module name -> the directory its adapters go on
         self.parallel, self.compile, self.end_of_turn = parallel, compile, end_of_turn
