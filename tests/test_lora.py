@@ -363,3 +363,29 @@ def test_bad_lora_settings_are_refused(key, value, words, tiny_base_model, tmp_p
     cfg = load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, tmp_path / "run", **{key: value}))
     with pytest.raises(LlmcycleError, match=re.escape(words)):
         sft(cfg)
+
+
+def test_two_process_lora_sft_matches_one_process(tiny_base_model, tmp_path):
+    """DDP over adapters only (the frozen base is no part of the reducer): the same adapters as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from test_posttrain import _losses
+
+    from llmcycle.config import load_config
+    from llmcycle.train.posttrain.sft import SFTConfig, sft
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    sft(load_config(SFTConfig, None, _train_opts(tmp_path, tiny_base_model, one, steps=3, **{
+        "data.packing": False, "train.batch_size": 8})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "llmcycle", "sft", *_train_opts(tmp_path, tiny_base_model, two, steps=3, **{
+                               "data.packing": False, "train.batch_size": 4})],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    l1, l2 = _losses(one), _losses(two)
+    assert all(l2[s] == pytest.approx(l1[s], rel=1e-4) for s in l1)
+    a, b = _adapter(one / "model"), _adapter(two / "model")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
