@@ -191,6 +191,8 @@ def test_sft_with_lora_publishes_a_peft_adapter(dora, tiny_base_model, tmp_path)
     for name in ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "tokenizer.json"):
         assert (final / name).exists(), name
     assert not (final / "model.safetensors").exists()  # adapters alone
+    card = (final / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card and "llmcycle merge" in card
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["path"] == tiny_base_model and "model.safetensors" in manifest["inputs"]["model"]
     state = _adapter(final)
