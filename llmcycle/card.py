@@ -19,6 +19,8 @@ from llmcycle.artifacts.lineage import show_path
 from llmcycle.artifacts.manifest import CARD, MANIFEST
 from llmcycle.errors import LlmcycleError
 
+ADAPTER = "adapter_config.json"  # a PEFT adapter directory (optimize/lora.py), named here without torch
+
 log = logging.getLogger(__name__)
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
@@ -210,12 +212,13 @@ def _tasks_section(tasks: dict[str, dict[str, int] | list[str]]) -> list[str]:
     return lines
 
 
-def _front_matter(name: str, stage: str, cfg: dict, chain, evaluation, tasks, embedded_only: bool) -> list[str]:
+def _front_matter(name: str, stage: str, cfg: dict, chain, evaluation, tasks, embedded_only: bool,
+                  adapter: dict | None = None) -> list[str]:
     """Hugging Face metadata: license, language, datasets, base_model and the evaluation as a model-index."""
     import yaml
 
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                            "tags": ["llmcycle", cfg.get("model_type", "llama"), stage],
+    meta: dict[str, Any] = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation",
+                            "tags": ["llmcycle", cfg.get("model_type", "llama"), stage, *(["lora"] if adapter else [])],
                             "license": MODEL_LICENSE if embedded_only else "other"}
     meta["language"] = ["en", "code"] if embedded_only else ["en"]
     datasets = (["python-stdlib-docs-and-source"] if embedded_only else []) + \
@@ -225,7 +228,7 @@ def _front_matter(name: str, stage: str, cfg: dict, chain, evaluation, tasks, em
     parent = next((show_path(p) for s, p, _ in chain[1:] if s in TRAINING_STAGES), None)
     if parent and stage in POST_TRAINING:
         meta["base_model"] = parent
-        meta["base_model_relation"] = "finetune"
+        meta["base_model_relation"] = "adapter" if adapter else "finetune"
     results = _model_index_results((evaluation or {}).get(stage) or {})
     if results:
         meta["model-index"] = [{"name": name, "results": results}]
@@ -308,6 +311,11 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
            "data stage's `pii` step" if "pii" in step_names else "the training text was not filtered for "
            "personal data")
     cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    # A LoRA run publishes a PEFT adapter directory: the architecture is its base's.
+    adapter = json.loads((d / ADAPTER).read_text()) if (d / ADAPTER).is_file() and not cfg else None
+    if adapter is not None:
+        base_cfg = Path(adapter.get("base_model_name_or_path") or "") / "config.json"
+        cfg = json.loads(base_cfg.read_text()) if base_cfg.is_file() else {}
     params = parameter_count(d)
     size = f"{params / 1e6:.1f}M-parameter " if params else ""
     arch = (f"{cfg.get('num_hidden_layers')} layers, hidden size {cfg.get('hidden_size')}, "
@@ -316,13 +324,25 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
     versions = manifest.get("versions") or {}
     tasks = trained_tasks(chain)
     task_names = list(dict.fromkeys(n for t in tasks.values() if isinstance(t, dict) for n in t))
-    lines = [*_front_matter(name or d.name, stage, cfg, chain, evaluation, tasks, embedded_only), "",
-             f"# {name or d.name}", "",
-             f"A {size}{cfg.get('model_type', 'llama').capitalize()}-architecture causal language model ({arch}), "
-             f"the output of `llmcycle {stage}` ({manifest.get('created', '?')}; llmcycle "
-             f"{versions.get('llmcycle', '?')}, torch {versions.get('torch', '?')}).", "",
-             f"Use it with `llmcycle serve {d}` (OpenAI-compatible API) or `transformers` (the chat template is "
-             "in tokenizer_config.json):", "", *usage_snippet(d), "",
+    made = (f"the output of `llmcycle {stage}` ({manifest.get('created', '?')}; llmcycle "
+            f"{versions.get('llmcycle', '?')}, torch {versions.get('torch', '?')})")
+    if adapter is None:
+        intro = [f"A {size}{cfg.get('model_type', 'llama').capitalize()}-architecture causal language model "
+                 f"({arch}), {made}.", "",
+                 f"Use it with `llmcycle serve {d}` (OpenAI-compatible API) or `transformers` (the chat template "
+                 "is in tokenizer_config.json):", "", *usage_snippet(d)]
+    else:
+        base = adapter.get("base_model_name_or_path")
+        intro = [f"A LoRA adapter (PEFT format; rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
+                 f"{', '.join(adapter.get('target_modules') or [])}) for the "
+                 f"{cfg.get('model_type', 'llama').capitalize()}-architecture model `{base}` ({arch}), {made}.", "",
+                 f"Load it with `peft` onto its base, or fold it in first (`llmcycle merge {d} --out DIR`) to "
+                 "serve or evaluate a plain model:", "", "```python", "from peft import PeftModel",
+                 "from transformers import AutoModelForCausalLM", "",
+                 f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(d)!r})",
+                 "```"]
+    lines = [*_front_matter(name or d.name, stage, cfg, chain, evaluation, tasks, embedded_only, adapter), "",
+             f"# {name or d.name}", "", *intro, "",
              "## License", "", _license_text(embedded_only), "",
              "## Lineage", "", f"`llmcycle lineage {d}` prints the chain back to the raw sources and re-checks "
              "every recorded content hash:", ""]

@@ -392,6 +392,12 @@ def _add_lineage(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=lineage_main)
 
 
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    from llmcycle.optimize.merge import add_merge_arguments
+
+    add_merge_arguments(p)
+
+
 def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
@@ -411,6 +417,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("generate", "continue a prompt with a model directory", _add_generate),
     ("serve", "serve model directories behind an OpenAI-compatible HTTP API", _add_serve),
     ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
+    ("merge", "fold a LoRA adapter into its base model: a plain Hugging Face model directory", _add_merge),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
 )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmcycle.config import field_help as F
+from llmcycle.optimize.config import LoRAConfig
 
 # ---- shared by every trainer ---------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class SFTConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=1e-3, epochs=3.0))
     eval: SFTEval = field(default_factory=SFTEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -196,6 +198,7 @@ class RewardConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=3e-4, epochs=2.0))
     eval: RewardEval = field(default_factory=RewardEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -224,6 +227,7 @@ class DPOConfig:
     train: PostTrainSection = field(default_factory=lambda: PostTrainSection(lr=2e-4, epochs=1.0))
     eval: DPOEval = field(default_factory=DPOEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -258,6 +262,7 @@ class PPOConfig:
         default_factory=lambda: PostTrainSection(lr=3e-5, batch_size=8, max_steps=100, warmup_steps=0))
     eval: OnlineEval = field(default_factory=OnlineEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -283,3 +288,4 @@ class GRPOConfig:
         default_factory=lambda: PostTrainSection(lr=5e-5, batch_size=16, grad_accum=4, max_steps=100, warmup_steps=0))
     eval: OnlineEval = field(default_factory=OnlineEval)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

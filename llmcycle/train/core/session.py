@@ -54,6 +54,7 @@ from llmcycle.logs import quiet_unless_main
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.hf_io import add_end_of_turn_to_generation_config, save_model
 from llmcycle.model.transformer import Transformer
+from llmcycle.optimize import lora as lora_lib
 from llmcycle.paths import check_model_dir
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.core import checkpoint as ckpt
@@ -77,6 +78,9 @@ MAIN = "policy"  # the module saved at the top of a checkpoint / final directory
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # What must not change between a checkpoint and the run that resumes it (post-training's default).
 POSTTRAIN_RESUME_KEYS = {"train": ("seed", "batch_size", "grad_accum"), "data": ("train", "max_length")}
+LORA_RESUME_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora")
+# Module kinds of models with adapters, saved as PEFT adapter directories (their base: the recipe's model).
+LORA, LORA_SCALAR = "lora", "lora_scalar_head"
 
 
 class TrainingDiverged(LlmcycleError):
@@ -105,6 +109,8 @@ def load_module(path: Path, kind: str, device: torch.device) -> nn.Module:
 
 
 def module_kind(module: nn.Module) -> str:
+    if lora_lib.has_lora(module):
+        return LORA_SCALAR if isinstance(module, ScalarHeadModel) else LORA
     return "scalar_head" if isinstance(module, ScalarHeadModel) else "causal_lm"
 
 
@@ -143,6 +149,11 @@ class Session:
                  same_on_resume: dict[str, Sequence[str]] = POSTTRAIN_RESUME_KEYS, parallel: str = "ddp",
                  compile: bool = False, tensorboard: bool = False, end_of_turn: bool = True):
         self.stage, self.cfg, self.opt = stage, cfg, cfg.train
+        lora = getattr(cfg, "lora", None)
+        if lora is not None:
+            lora.check()
+        self.lora = lora if lora is not None and lora.r > 0 else None  # None: every parameter trains
+        self.lora_bases: dict[str, str] = {}  # module name -> the directory its adapters go on
         self.parallel, self.compile, self.end_of_turn = parallel, compile, end_of_turn
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -174,7 +185,10 @@ class Session:
         self.state: dict | None = None
         if self.resume_from is not None:
             self.state = torch.load(self.resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
-            self._check_recipe(json.loads(self.state["recipe"]), same_on_resume)
+            old = json.loads(self.state["recipe"])
+            if self.lora is not None or old.get("lora", {}).get("r", 0) > 0:
+                same_on_resume = {**same_on_resume, "lora": LORA_RESUME_KEYS}
+            self._check_recipe(old, same_on_resume)
         self.step_count = int(self.state["step"]) if self.state else 0
         amp = autocast_dtype(self.opt.dtype, self.device)
         self.amp_dtype = amp
@@ -209,8 +223,9 @@ class Session:
     def load_tokenizer(self, model_dir: str | Path) -> Tokenizer:
         """The tokenizer travels with the model; on resume it is the checkpoint's copy."""
         src = self.resume_from or Path(model_dir)
-        check_model_dir(src, hint="Train one first (`llmcycle run` writes runs/default/pretrain/model and "
-                                  "runs/default/sft/model; `llmcycle sft` writes runs/sft/model), or set model=DIR.")
+        if self.lora is None or self.resume_from is None:  # a LoRA checkpoint holds adapters, no config.json
+            check_model_dir(src, hint="Train one first (`llmcycle run` writes runs/default/pretrain/model and "
+                                      "runs/default/sft/model; `llmcycle sft` writes runs/sft/model), or set model=DIR.")
         if not (Path(src) / "tokenizer.json").exists():
             raise LlmcycleError(f"{src}: no tokenizer.json next to the model; post-training needs the model's tokenizer.")
         # A private copy: checkpoints (the source on resume) are rotated away during the run, and the
@@ -222,10 +237,14 @@ class Session:
         barrier(self.dist)
         return Tokenizer.from_pretrained(self.tokenizer_dir)
 
-    def trained_modules(self, build: Callable[[], dict[str, nn.Module]]) -> dict[str, nn.Module]:
+    def trained_modules(self, build: Callable[[], dict[str, nn.Module]],
+                        bases: dict[str, str] | None = None) -> dict[str, nn.Module]:
         """The modules this run trains: build() on a fresh start, the checkpoint's weights on resume.
         `policy` is the main model; others (a PPO value model) are saved in sub-directories. Then the
-        optimizer, and on resume its state and the RNG."""
+        optimizer, and on resume its state and the RNG. With LoRA every module gets adapters (a scalar
+        head trains fully beside them); `bases` names the directory each module was built from, written
+        into its adapter_config.json and read back on resume (default: the recipe's `model`)."""
+        self.lora_bases = {MAIN: str(self.cfg.model), **{k: str(v) for k, v in (bases or {}).items()}}
         if self.resume_from is not None:
             kinds_file = self.resume_from / MODULES_FILE
             # Pre-training checkpoints written before the shared session hold one language model, no list.
@@ -234,6 +253,18 @@ class Session:
                        for name, kind in kinds.items()}
         else:
             modules = {k: m.to(self.device) for k, m in build().items()}
+            if self.lora is not None:
+                if self.sharded:
+                    raise LlmcycleError("lora: adapters under FSDP are not supported yet; use train.parallel=ddp.")
+                for m in modules.values():
+                    # A reward or value model's score head trains fully beside the adapted body (PEFT's
+                    # modules_to_save).
+                    head = ["score"] if isinstance(m, ScalarHeadModel) else []
+                    lora_lib.apply_lora(m, self.lora, modules_to_save=head)
+        if self.lora is not None:
+            log.info(f"lora: r={self.lora.r}, alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}")
+            for name, m in modules.items():
+                log.info(f"lora: {name}: {lora_lib.trainable_summary(m)}")
         self.modules = modules
         for name, m in modules.items():
             m.train()
@@ -247,12 +278,27 @@ class Session:
         return modules
 
     def load_module(self, path: Path, kind: str) -> nn.Module:
-        """A trained module as `save_module` wrote it into a checkpoint (the resume side of that hook)."""
-        return load_module(path, kind, self.device)
+        """A trained module as `save_module` wrote it into a checkpoint (the resume side of that hook).
+        An adapter is attached to its base (adapter_config.json's base_model_name_or_path), read afresh."""
+        if kind not in (LORA, LORA_SCALAR):
+            return load_module(path, kind, self.device)
+        src = lora_lib.read_adapter_config(path)[1]["base_model_name_or_path"]
+        if kind == LORA:
+            return lora_lib.load_adapter(Transformer.from_pretrained(src, device=self.device), path)
+        try:  # the head comes from the adapter directory, whatever the base holds
+            base = ScalarHeadModel.from_pretrained(src, device=self.device)
+        except LlmcycleError as e:
+            if "not a reward/value model" not in str(e):
+                raise
+            base = ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(src, device=self.device))
+        return lora_lib.load_adapter(base, path)
 
     def save_module(self, name: str, module: nn.Module, path: Path, state_dict: dict | None) -> None:
         """How a trained module is written, in checkpoints and the final directory alike: a full Hugging
-        Face directory. The point where an adapter-only save (LoRA) or a dequantizing one replaces it."""
+        Face directory; with LoRA, the adapters alone in PEFT's format (and the base they go on)."""
+        if self.lora is not None and lora_lib.has_lora(module):
+            lora_lib.save_adapter(module, path, self.lora_bases.get(name, str(self.cfg.model)), self.lora)
+            return
         save_module(module, path, state_dict)
 
     def _wrap(self, module: nn.Module) -> nn.Module:

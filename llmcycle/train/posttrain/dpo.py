@@ -23,6 +23,7 @@ import torch
 from llmcycle.artifacts import atomic_open
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.optimize.lora import disable_adapters
 from llmcycle.train.config import (
     DPOConfig,
 )
@@ -86,9 +87,10 @@ def _hash_seqs(seqs) -> str:
     return h.hexdigest()
 
 
-def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, device, batch_size, autocast
-                    ) -> dict[str, torch.Tensor]:
-    """Reference log-probs of every sequence set, computed once and stored; reused when inputs match."""
+def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, device, batch_size, autocast,
+                    base: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every sequence set, computed once and stored; reused when inputs match.
+    `base`: a model with LoRA adapters whose base (adapters disabled) is the reference: no second copy."""
     key = {name: _hash_seqs(seqs) for name, seqs in sets.items()}
     key["model"] = model_input(model_path)
     if path.exists():
@@ -97,9 +99,13 @@ def reference_cache(path: Path, model_path: str, sets: dict[str, list], pad_id, 
             log.info(f"reference: cached log-probs from {path}")
             return cached["logps"]
     log.info(f"reference: computing log-probs of {sum(len(s) for s in sets.values())} sequences with {model_path}")
-    ref = Transformer.from_pretrained(model_path, device=device)
-    logps = {name: _all_logps(ref, seqs, pad_id, device, batch_size, autocast) for name, seqs in sets.items()}
-    del ref  # not kept during training
+    if base is not None:
+        with disable_adapters(base):
+            logps = {name: _all_logps(base, seqs, pad_id, device, batch_size, autocast) for name, seqs in sets.items()}
+    else:
+        ref = Transformer.from_pretrained(model_path, device=device)
+        logps = {name: _all_logps(ref, seqs, pad_id, device, batch_size, autocast) for name, seqs in sets.items()}
+        del ref  # not kept during training
     with atomic_open(path) as f:
         torch.save({"key": key, "logps": logps}, f)
     return logps
@@ -187,10 +193,15 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
             sets["train"] = pair_seqs(train)
         sets["eval"] = pair_seqs(heldout)
     ref_path = cfg.ref_model or cfg.model
-    ref = (reference_cache(s.out_dir / REF_CACHE, ref_path, sets, pad_id, s.device, t.batch_size, s.autocast)
-           if sets else {})
-
-    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
+    if s.lora is not None and not cfg.ref_model:
+        # The reference is the base under the adapters: the policy itself with its adapters disabled.
+        modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
+        ref = (reference_cache(s.out_dir / REF_CACHE, ref_path, sets, pad_id, s.device, t.batch_size, s.autocast,
+                               base=modules["policy"]) if sets else {})
+    else:
+        ref = (reference_cache(s.out_dir / REF_CACHE, ref_path, sets, pad_id, s.device, t.batch_size, s.autocast)
+               if sets else {})
+        modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model, wrapped = modules["policy"], s.wrapped["policy"]
     loader, max_steps = s.epoch_loader(len(train), t.batch_size * t.grad_accum)
     log.info(f"train: {cfg.loss_type} loss, beta {cfg.beta}, {max_steps} steps, batch {t.batch_size} x "

@@ -23,6 +23,7 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.optimize.lora import AdaptersOff
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import GRPOConfig
 from llmcycle.train.core.loader import chunks
@@ -89,10 +90,12 @@ def _grpo(cfg: GRPOConfig, s: Session) -> dict:
     funcs = load_reward_functions(cfg.reward_funcs, cfg.reward_weights)
     sets = online.prompt_sets(cfg, s, tok)
     ref = None
-    if cfg.beta != 0.0:
+    if cfg.beta != 0.0 and s.lora is None:
         ref = Transformer.from_pretrained(cfg.model, device=s.device).eval().requires_grad_(False)
 
     policy = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})["policy"]
+    if cfg.beta != 0.0 and s.lora is not None:
+        ref = AdaptersOff(policy)  # the base under the adapters: no second copy of the weights
     if policy.config.vocab_size < tok.vocab_size:
         raise LlmcycleError(f"{cfg.model}: the tokenizer has more tokens than the model's vocabulary.")
     online.check_resume(s, sets)

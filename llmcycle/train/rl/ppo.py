@@ -31,6 +31,7 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.heads import ScalarHeadModel
 from llmcycle.model.transformer import Transformer
+from llmcycle.optimize.lora import AdaptersOff
 from llmcycle.paths import check_model_dir
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.config import PPOConfig
@@ -125,11 +126,14 @@ def _ppo(cfg: PPOConfig, s: Session) -> dict:
             check_same_tokenizer(cfg.model, path, what)
     funcs = load_reward_functions(cfg.reward_funcs, cfg.reward_weights)
     sets = online.prompt_sets(cfg, s, tok)
-    ref = _frozen(Transformer.from_pretrained(cfg.model, device=s.device))
+    ref = _frozen(Transformer.from_pretrained(cfg.model, device=s.device)) if s.lora is None else None
 
     torch.manual_seed(t.seed)  # a fresh value head's initialisation
-    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model), "value": _value_model(cfg)})
+    modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model), "value": _value_model(cfg)},
+                                bases={"value": cfg.value_model or cfg.reward_model or cfg.model})
     policy, value = modules["policy"], modules["value"]
+    if ref is None:
+        ref = AdaptersOff(policy)  # LoRA: the reference is the policy's base, no second copy
     for name, m in (("policy", policy), ("reward model", scorer.model if scorer else None)):
         if m is not None and m.config.vocab_size < tok.vocab_size:
             raise LlmcycleError(f"the tokenizer has more tokens than the {name}'s vocabulary.")
