@@ -159,7 +159,7 @@ def block_absmax(state: NF4State) -> torch.Tensor:
 
 
 def _missing():
-    raise ImportError("kernel='bitsandbytes' needs `pip install bitsandbytes`")
+    raise ImportError("kernel='bitsandbytes' needs bitsandbytes: pip install 'llmcycle[quant]'")
 
 
 _PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
