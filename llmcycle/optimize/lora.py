@@ -33,6 +33,7 @@ from torch import nn
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.optimize.config import LoRAConfig
+from llmcycle.optimize.nf4 import Linear4bit
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,17 @@ class LoRALinear(nn.Linear):
                  use_dora: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: tying and keys survive
+        # A 4-bit base (QLoRA) stays a module of its own, called for W x + b; the adapters are fp32.
+        self.base_layer = base if isinstance(base, Linear4bit) else None
+        if self.base_layer is None:
+            self.weight = base.weight  # the same Parameters: tying and keys survive
+            kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        else:
+            self.weight = None
+            kw = dict(device=base.weight_nf4.device, dtype=torch.float32)
+        self.bias = base.bias
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -68,13 +76,18 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight W [out, in] (dequantized from NF4 under QLoRA, fp32)."""
+        return self.weight if self.base_layer is None else self.base_layer.dequantize()
+
     def _row_norm(self) -> torch.Tensor:
         """||W + scaling * B A|| per output row, with no gradient (DoRA treats it as a constant, sec. 4.3)."""
         with torch.no_grad():
-            return torch.linalg.norm(self.weight + self.delta_weight().to(self.weight.dtype), dim=1)
+            w = self.base_weight()
+            return torch.linalg.norm(w + self.delta_weight().to(w.dtype), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         if self.disabled:
             return out
         xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
@@ -84,7 +97,7 @@ class LoRALinear(nn.Linear):
         # DoRA as PEFT computes it: (m / ||W + sBA|| - 1) W x + (m / ||W + sBA||) s B A x, added to W x + b.
         scale = (self.lora_magnitude_vector / self._row_norm()).view(*([1] * (out.dim() - 1)), -1)
         dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        base = F.linear(xd, self.weight) if dropped else (out if self.bias is None else out - self.bias)
+        base = F.linear(xd, self.base_weight().to(xd.dtype)) if dropped else (out if self.bias is None else out - self.bias)
         return out + (scale - 1) * base + scale * lora
 
     def delta_weight(self) -> torch.Tensor:
@@ -92,11 +105,13 @@ class LoRALinear(nn.Linear):
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear computing what this layer computes (W + scaling * B @ A; with DoRA, each row
-        rescaled to its learned magnitude)."""
+        rescaled to its learned magnitude). Over a 4-bit base, W is the dequantized weight: `llmcycle
+        merge` merges into the full-precision base from disk instead."""
+        base = self.base_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+                        device=base.device, dtype=base.dtype)
         with torch.no_grad():
-            w = self.weight + self.delta_weight().to(self.weight.dtype)
+            w = base + self.delta_weight().to(base.dtype)
             if self.lora_magnitude_vector is not None:
                 w = w * (self.lora_magnitude_vector / torch.linalg.norm(w, dim=1)).view(-1, 1)
             out.weight.copy_(w)
@@ -140,8 +155,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules_to_save: Sequence[str]
         raise LlmcycleError(f"lora.r must be positive to attach adapters (got {cfg.r}).")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-             and "lora_" not in n and matches(n, cfg.target_modules)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))
+             and not isinstance(m, LoRALinear) and "lora_" not in n and "base_layer" not in n
+             and matches(n, cfg.target_modules)]
     if not names:
         raise LlmcycleError(f"lora.target_modules {cfg.target_modules} match no linear layer of the model.")
     for name in names:

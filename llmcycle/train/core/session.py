@@ -79,6 +79,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # What must not change between a checkpoint and the run that resumes it (post-training's default).
 POSTTRAIN_RESUME_KEYS = {"train": ("seed", "batch_size", "grad_accum"), "data": ("train", "max_length")}
 LORA_RESUME_KEYS = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora")
+QLORA_RESUME_KEYS = ("quantize", "double_quant", "blocksize")  # checked when either side is quantized
 # Module kinds of models with adapters, saved as PEFT adapter directories (their base: the recipe's model).
 LORA, LORA_SCALAR = "lora", "lora_scalar_head"
 
@@ -187,7 +188,8 @@ class Session:
             self.state = torch.load(self.resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
             old = json.loads(self.state["recipe"])
             if self.lora is not None or old.get("lora", {}).get("r", 0) > 0:
-                same_on_resume = {**same_on_resume, "lora": LORA_RESUME_KEYS}
+                quantized = (self.lora is not None and self.lora.quantize) or old.get("lora", {}).get("quantize")
+                same_on_resume = {**same_on_resume, "lora": LORA_RESUME_KEYS + (QLORA_RESUME_KEYS if quantized else ())}
             self._check_recipe(old, same_on_resume)
         self.step_count = int(self.state["step"]) if self.state else 0
         amp = autocast_dtype(self.opt.dtype, self.device)
@@ -257,6 +259,7 @@ class Session:
                 if self.sharded:
                     raise LlmcycleError("lora: adapters under FSDP are not supported yet; use train.parallel=ddp.")
                 for m in modules.values():
+                    self._quantize_base(m)
                     # A reward or value model's score head trains fully beside the adapted body (PEFT's
                     # modules_to_save).
                     head = ["score"] if isinstance(m, ScalarHeadModel) else []
@@ -264,7 +267,7 @@ class Session:
         if self.lora is not None:
             log.info(f"lora: r={self.lora.r}, alpha={self.lora.alpha} on {', '.join(self.lora.target_modules)}")
             for name, m in modules.items():
-                log.info(f"lora: {name}: {lora_lib.trainable_summary(m)}")
+                log.info(f"lora: {name}: {lora_lib.trainable_summary(m)}{self._base_summary(m)}")
         self.modules = modules
         for name, m in modules.items():
             m.train()
@@ -284,14 +287,41 @@ class Session:
             return load_module(path, kind, self.device)
         src = lora_lib.read_adapter_config(path)[1]["base_model_name_or_path"]
         if kind == LORA:
-            return lora_lib.load_adapter(Transformer.from_pretrained(src, device=self.device), path)
+            return lora_lib.load_adapter(self._quantize_base(Transformer.from_pretrained(src, device=self.device)), path)
         try:  # the head comes from the adapter directory, whatever the base holds
             base = ScalarHeadModel.from_pretrained(src, device=self.device)
         except LlmcycleError as e:
             if "not a reward/value model" not in str(e):
                 raise
             base = ScalarHeadModel.from_causal_lm(Transformer.from_pretrained(src, device=self.device))
-        return lora_lib.load_adapter(base, path)
+        return lora_lib.load_adapter(self._quantize_base(base), path)
+
+    def _quantize_base(self, module: nn.Module) -> nn.Module:
+        """QLoRA (`lora.quantize=nf4`): the base's linear layers (not the output or score head) become
+        frozen `Linear4bit` layers before adapters wrap them, and the blocks recompute their activations
+        in backward (gradient checkpointing). Quantizing is deterministic, so a resume rebuilds the same
+        4-bit base from the full-precision one. Without quantize: nothing happens."""
+        if self.lora is None or not self.lora.quantize:
+            return module
+        from llmcycle.optimize.nf4 import quantize_model
+
+        quantize_model(module, exclude=("lm_head", "score"), blocksize=self.lora.blocksize,
+                       double_quant=self.lora.double_quant)
+        module.activation_checkpointing = True
+        return module
+
+    def _base_summary(self, module: nn.Module) -> str:
+        """'; base: N linear layers in 4-bit NF4 ...' under QLoRA, else ''."""
+        from llmcycle.optimize.nf4 import Linear4bit
+
+        layers = [m for m in module.modules() if isinstance(m, Linear4bit)]
+        if not layers:
+            return ""
+        nbytes = sum(m.weight_nbytes() for m in layers)
+        full = sum(4 * m.in_features * m.out_features for m in layers)
+        dq = ", double quant" if self.lora.double_quant else ""
+        return (f"; base: {len(layers)} linear layers in 4-bit NF4 (blocksize {self.lora.blocksize}{dq}): "
+                f"{nbytes / 2**20:.2f} MiB instead of {full / 2**20:.2f} MiB in fp32, gradient checkpointing on")
 
     def save_module(self, name: str, module: nn.Module, path: Path, state_dict: dict | None) -> None:
         """How a trained module is written, in checkpoints and the final directory alike: a full Hugging
