@@ -127,3 +127,34 @@ def test_bad_qlora_settings_are_refused(key, value, words, tiny_base_model, tmp_
     opts = _train_opts(tmp_path, tiny_base_model, tmp_path / "run", **{**QLORA, key: value})
     with pytest.raises(LlmcycleError, match=re.escape(words)):
         sft(load_config(SFTConfig, None, opts))
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward", "ppo", "grpo-engine"])
+def test_qlora_on_other_post_training_commands(command, tiny_base_model, tmp_path):
+    from test_posttrain import _opts, _sft_records, _write_jsonl
+
+    from llmcycle.config import load_config
+
+    out = tmp_path / "run"
+    if command == "dpo":
+        from llmcycle.train.posttrain.dpo import DPOConfig, dpo
+        dpo(load_config(DPOConfig, None, _train_opts(tmp_path, tiny_base_model, out, "dpo", steps=2, **QLORA)))
+    elif command == "reward":  # a scalar head: the score layer stays full precision and trains whole
+        from llmcycle.train.posttrain.reward import RewardConfig, train_reward
+        train_reward(load_config(RewardConfig, None, _train_opts(tmp_path, tiny_base_model, out, "reward", steps=2,
+                                                                 **QLORA)))
+        assert "base_model.model.score.weight" in _adapter(out / "model")
+    elif command == "ppo":
+        from test_lora import _ppo_opts
+
+        from llmcycle.train.rl.ppo import PPOConfig, ppo
+        ppo(load_config(PPOConfig, None, _ppo_opts(tmp_path, tiny_base_model, out, **QLORA)))
+    else:
+        from llmcycle.train.rl.grpo import GRPOConfig, grpo
+        prompts = _write_jsonl(tmp_path / "prompts.jsonl", [
+            {"prompt": r["messages"][:1], "answer": r["messages"][1]["content"]} for r in _sft_records(16, 5)])
+        opts = _opts(out, tiny_base_model, 2, **{"data.train": prompts, "data.eval": None, "num_generations": 4,
+                                                "generation.max_new_tokens": 6, "train.grad_accum": 1,
+                                                "beta": 0.1, "generation.sampler": "engine", **QLORA})
+        grpo(load_config(GRPOConfig, None, [o for o in opts if not o.startswith("data.max_length")]))
+    assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "model.safetensors").exists()
