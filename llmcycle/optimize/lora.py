@@ -14,6 +14,10 @@ are ours with a prefix: `base_model.model.<path>.lora_A.weight`. `save_adapter` 
 `modules_to_save` heads load whole) onto our model. `disable_adapters(model)` / `AdaptersOff(model)` run
 the base alone (the DPO/RL reference, without a second copy of the weights); `merge_lora(model)` folds the
 adapters back into plain nn.Linear layers.
+
+QLoRA: a targeted layer may be a frozen 4-bit `Linear4bit` (`optimize/nf4.py`, quantized first by the
+Session under `lora.quantize=nf4`); the `LoRALinear` then keeps it as `base_layer`, calls it for W x + b,
+and uses its dequantized weight where W itself is needed (DoRA's norms, `merged()`).
 """
 
 from __future__ import annotations
@@ -170,8 +174,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, modules_to_save: Sequence[str]
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """'trainable parameters: N of M (x%)', counting tied weights once."""
-    seen, total, trained = set(), 0, 0
+    """'trainable parameters: N of M (x%)', counting tied weights once and a 4-bit base's weights (buffers)
+    as the frozen parameters they stand for."""
+    seen, trained = set(), 0
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
     for p in model.parameters():
         if id(p) in seen:
             continue
