@@ -341,6 +341,12 @@ def model_card(model_dir: str | Path, evaluation: dict[str, dict[str, float]] | 
                  "from transformers import AutoModelForCausalLM", "",
                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(d)!r})",
                  "```"]
+        lora = (manifest.get("config") or {}).get("lora") or {}
+        if lora.get("quantize"):  # QLoRA: say how it was trained; the adapter itself is the same kind
+            dq = ", double quantization" if lora.get("double_quant") else ""
+            intro[0] += (f" Trained as QLoRA: the base was held frozen in 4-bit {str(lora['quantize']).upper()} "
+                         f"(blocksize {lora.get('blocksize')}{dq}) while the adapter trained; it goes on the "
+                         "full-precision base above.")
     lines = [*_front_matter(name or d.name, stage, cfg, chain, evaluation, tasks, embedded_only, adapter), "",
              f"# {name or d.name}", "", *intro, "",
              "## License", "", _license_text(embedded_only), "",

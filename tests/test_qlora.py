@@ -69,6 +69,7 @@ def test_qlora_sft_trains_and_publishes_a_peft_adapter_for_the_full_precision_ba
     raw = json.loads((final / "adapter_config.json").read_text())
     assert raw["base_model_name_or_path"] == tiny_base_model and raw["r"] == 8
     assert not any("quant" in k for k in raw)  # nothing about 4 bits: the adapter goes on the full base
+    assert "Trained as QLoRA" in (final / "README.md").read_text()
     state = _adapter(final)
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
 
