@@ -137,3 +137,15 @@ def qwen2_byte_level_bpe(texts: list[str], vocab_size: int = 400):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Norm weights around 1, everything else N(0, 0.1): logits of order 1, so tight tolerances are a real
+    test (parity with transformers, PEFT)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)

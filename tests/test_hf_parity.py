@@ -15,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import randomize_  # noqa: E402
 from llmcycle.errors import LlmcycleError  # noqa: E402
 from llmcycle.model import KVCache, ModelConfig, Transformer, generate  # noqa: E402
 from llmcycle.model.transformer import rope_inv_freq  # noqa: E402
@@ -43,15 +44,6 @@ HF_CASES = [
     ("mistral-window", "MistralConfig", dict(sliding_window=8, head_dim=16)),
     ("qwen2-window", "Qwen2Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=0)),
 ]
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    # Norm weights around 1, everything else N(0, 0.1): logits of order 1, so 1e-5 is a real test.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
 
 
 def hf_model(cls_name: str, **kwargs):

@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from conftest import randomize_  # noqa: E402
 from llmcycle.model import Transformer  # noqa: E402
 from llmcycle.optimize.config import ALL_LINEAR, LoRAConfig  # noqa: E402
 from llmcycle.optimize.lora import (  # noqa: E402
@@ -29,14 +30,6 @@ from llmcycle.optimize.lora import (  # noqa: E402
 VOCAB, SEQ = 300, 16
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
 
 
 def hf_base(tmp_path, cls_name="LlamaConfig", **kwargs):
@@ -293,24 +286,29 @@ def test_ppo_with_lora_adapts_policy_and_value_bodies(tiny_base_model, tmp_path)
 
 @pytest.mark.parametrize("command", ["sft", "ppo"])
 def test_lora_kill_and_resume_gives_identical_adapters(command, tiny_base_model, tmp_path):
+    opts = _train_opts if command == "sft" else _ppo_opts
+    subs = ("model", *(["checkpoints/step_00000010/value"] if command == "ppo" else []))
+    check_kill_and_resume(command, opts, tiny_base_model, tmp_path, {"lora.dropout": 0.1}, subs)
+
+
+def check_kill_and_resume(command: str, opts, base, tmp_path, extra: dict, subs=("model",), steps: int = 10) -> None:
+    """A run SIGKILLed after step 5 and resumed logs the same losses and publishes bit-identical adapters
+    (each of `subs`) as an uninterrupted one."""
     from test_posttrain import _kill_after, _losses
 
     from conftest import run_cli
 
-    steps = 10
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    extra = {"checkpoint.every": 4, "lora.dropout": 0.1}
-    opts = _train_opts if command == "sft" else _ppo_opts
-    assert run_cli([command, *opts(tmp_path, tiny_base_model, ref, steps=steps, **extra)],
-                   timeout=300).returncode == 0
-    args = [command, *opts(tmp_path, tiny_base_model, killed, steps=steps, **extra)]
+    extra = {"checkpoint.every": 4, **extra}
+    assert run_cli([command, *opts(tmp_path, base, ref, steps=steps, **extra)], timeout=300).returncode == 0
+    args = [command, *opts(tmp_path, base, killed, steps=steps, **extra)]
     _kill_after(args, killed, min_step=5)
     assert (killed / "checkpoints" / "latest").exists() and not (killed / "model").exists()
     resumed = run_cli([*args, "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a, b = _losses(ref), _losses(killed)
     assert sorted(b) == list(range(1, steps + 1)) and all(b[s] == a[s] for s in a)
-    for sub in ("model", *(["checkpoints/step_00000010/value"] if command == "ppo" else [])):
+    for sub in subs:
         sa, sb = _adapter(ref / sub), _adapter(killed / sub)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), sub
 

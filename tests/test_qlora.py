@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_lora import _adapter, _train_opts  # noqa: E402
+from test_lora import _adapter, _train_opts, check_kill_and_resume  # noqa: E402
 
 from llmcycle.model import Transformer  # noqa: E402
 from llmcycle.optimize.config import LoRAConfig  # noqa: E402
@@ -96,24 +96,12 @@ def test_qlora_sft_trains_and_publishes_a_peft_adapter_for_the_full_precision_ba
 
 
 def test_qlora_kill_and_resume_gives_identical_adapters(tiny_base_model, tmp_path):
-    from test_posttrain import _kill_after, _losses
-
     from conftest import run_cli
 
-    steps = 10
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    extra = {"checkpoint.every": 4, "lora.dropout": 0.1, **QLORA, "lora.double_quant": True}
-    assert run_cli(["sft", *_train_opts(tmp_path, tiny_base_model, ref, steps=steps, **extra)],
-                   timeout=300).returncode == 0
-    args = ["sft", *_train_opts(tmp_path, tiny_base_model, killed, steps=steps, **extra)]
-    _kill_after(args, killed, min_step=5)
-    assert (killed / "checkpoints" / "latest").exists() and not (killed / "model").exists()
-    resumed = run_cli([*args, "--resume"], timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = _losses(ref), _losses(killed)
-    assert sorted(b) == list(range(1, steps + 1)) and all(b[s] == a[s] for s in a)
-    sa, sb = _adapter(ref / "model"), _adapter(killed / "model")
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    extra = {"lora.dropout": 0.1, **QLORA, "lora.double_quant": True}
+    check_kill_and_resume("sft", _train_opts, tiny_base_model, tmp_path, extra)
+    args = ["sft", *_train_opts(tmp_path, tiny_base_model, tmp_path / "killed", steps=10,
+                                **{"checkpoint.every": 4, **extra})]
     # A resume with other quantization settings is another run: refused.
     r = run_cli([*args, "lora.double_quant=false", "--resume"], timeout=120)
     assert r.returncode != 0 and "lora.double_quant" in r.stderr
