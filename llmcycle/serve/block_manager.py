@@ -19,6 +19,10 @@ Timing contract with the scheduler: hashes of a prompt's full blocks are registe
 written their K/V. The caller must therefore compute a sequence's new tokens in the same step
 it allocates/appends them, before another sequence can be prefilled against those blocks
 (nano-vllm makes the same assumption).
+
+A `salt` (a LoRA adapter's id; 0 for the base model) starts a sequence's hash chain from its own root,
+so only sequences with the same salt share blocks: the same tokens under another adapter have other K/V
+(vLLM keys its block hashes by LoRA id the same way).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from dataclasses import dataclass, field
 import xxhash
 
 NO_HASH = -1  # parent hash of a sequence's first block, and "not registered"
+
+
+def chain_root(salt: int) -> int:
+    """The parent hash of a sequence's first block: NO_HASH without a salt, else a hash of the salt."""
+    return NO_HASH if salt == 0 else hash_block_tokens(NO_HASH, (-1, salt))
 
 
 class NoFreeBlocks(RuntimeError):
@@ -68,6 +77,7 @@ class Block:
 class _Seq:
     block_table: list[int]
     num_tokens: int
+    root: int = NO_HASH  # parent hash of its first block (NO_HASH, or an adapter's salt)
 
 
 class BlockManager:
@@ -110,12 +120,12 @@ class BlockManager:
 
     # ---- prefix lookup -------------------------------------------------------------------
 
-    def num_cached_tokens(self, token_ids: list[int]) -> int:
+    def num_cached_tokens(self, token_ids: list[int], salt: int = 0) -> int:
         """Leading tokens of `token_ids` that `allocate` would find in the prefix cache (no side effects)."""
-        hit, _ = self._lookup_prefix(token_ids)
+        hit, _ = self._lookup_prefix(token_ids, salt)
         return len(hit) * self.block_size
 
-    def _lookup_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def _lookup_prefix(self, token_ids: list[int], salt: int) -> tuple[list[int], list[int]]:
         """Return (cached block ids, hashes of all full blocks) for a prompt.
 
         Only the first (n - 1) // block_size full blocks may hit: the last prompt token is
@@ -123,7 +133,7 @@ class BlockManager:
         """
         bs = self.block_size
         hashes: list[int] = []
-        parent = NO_HASH
+        parent = chain_root(salt)
         for i in range(len(token_ids) // bs):
             parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
             hashes.append(parent)
@@ -143,10 +153,10 @@ class BlockManager:
         revived = sum(1 for b in hit if self.blocks[b].ref_count == 0)
         return fresh + revived
 
-    def can_allocate(self, token_ids: list[int]) -> bool:
+    def can_allocate(self, token_ids: list[int], salt: int = 0) -> bool:
         if not token_ids:
             return False
-        hit, _ = self._lookup_prefix(token_ids)
+        hit, _ = self._lookup_prefix(token_ids, salt)
         return self._blocks_needed(token_ids, hit) <= self.num_free_blocks
 
     # ---- mutation ------------------------------------------------------------------------
@@ -181,7 +191,7 @@ class BlockManager:
             self._free.append(old)
         self._hash_to_block[block_hash] = bid
 
-    def allocate(self, seq_id: object, token_ids: list[int]) -> int:
+    def allocate(self, seq_id: object, token_ids: list[int], salt: int = 0) -> int:
         """Give a new sequence blocks for its prompt; return the number of leading cached tokens.
 
         The result is a multiple of block_size and always < len(token_ids). Raises NoFreeBlocks
@@ -192,7 +202,7 @@ class BlockManager:
         if not token_ids:
             raise ValueError("cannot allocate an empty prompt")
         token_ids = list(token_ids)
-        hit, hashes = self._lookup_prefix(token_ids)
+        hit, hashes = self._lookup_prefix(token_ids, salt)
         needed = self._blocks_needed(token_ids, hit)
         if needed > self.num_free_blocks:
             raise NoFreeBlocks(
@@ -213,7 +223,7 @@ class BlockManager:
             if len(chunk) == bs:
                 self._register(bid, hashes[i])
             table.append(bid)
-        self._seqs[seq_id] = _Seq(table, len(token_ids))
+        self._seqs[seq_id] = _Seq(table, len(token_ids), chain_root(salt))
         cached = len(hit) * bs
         if self.enable_prefix_caching:
             self.prefix_queries += len(token_ids)
@@ -234,7 +244,7 @@ class BlockManager:
         block.token_ids.append(int(token_id))
         seq.num_tokens += 1
         if len(block.token_ids) == self.block_size:
-            parent = self.blocks[seq.block_table[index - 1]].hash if index > 0 else NO_HASH
+            parent = self.blocks[seq.block_table[index - 1]].hash if index > 0 else seq.root
             self._register(block.block_id, hash_block_tokens(parent, block.token_ids))
 
     def reserve(self, seq_id: object, extra_tokens: int) -> bool:

@@ -10,7 +10,8 @@
 - `OutputProcessor`: incremental detokenization, stop strings, the `RequestOutput`s returned.
 
 Each step returns the state of every request that changed (cumulative text and tokens), which is what a
-streaming server sends on. n > 1 runs n sequences from one prompt; with a seed, sequence i of a request uses
+streaming server sends on. LoRA adapters (`lora_modules={name: dir}` or `add_lora`) are served over the one
+base model: a request names its adapter (`lora_name`), and requests for different adapters share a step. n > 1 runs n sequences from one prompt; with a seed, sequence i of a request uses
 a generator seeded from (seed, i), so the same request gives the same outputs whatever else is running.
 """
 
@@ -49,7 +50,8 @@ class LLMEngine:
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  draft_model: str | Path | None = None,
                  num_speculative_tokens: int = ServeConfig.num_speculative_tokens,
-                 model: Transformer | None = None, tokenizer: Tokenizer | None = None):
+                 model: Transformer | None = None, tokenizer: Tokenizer | None = None,
+                 lora_modules: dict[str, str | Path] | None = None):
         # Defaults are ServeConfig's (`ServeConfig.engine_args()` gives them all from a recipe).
         # `model` (with model_dir None) serves a live in-memory model, e.g. a policy's rollouts during
         # PPO/GRPO; without a tokenizer the engine works in token ids only (no text, no stop strings).
@@ -74,6 +76,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_id, finish=self.scheduler.finish,
                                                 release=self.runner.remove_sequence)
         self._ids = itertools.count()
+        for name, path in (lora_modules or {}).items():
+            self.add_lora(name, path)
 
     @property
     def model(self) -> Transformer:
@@ -88,6 +92,14 @@ class LLMEngine:
         return self.runner.spec
 
     # ---- requests -----------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str | Path) -> int:
+        """Serve the PEFT adapter in `path` under `name` (its id returned); call between steps."""
+        return self.runner.adapters.add(name, path)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self.runner.adapters.ids)
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -124,16 +136,21 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    lora_name: str | None = None) -> str:
+        """Queue a request (`lora_name`: the adapter to run it with; None: the base model)."""
         params = self._with_extra_stops(params or SamplingParams())
+        adapter_id = self.runner.adapters.id_of(lora_name)
         ids = self.prepare(prompt, params)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.output_processor.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        seqs = [Sequence(f"{rid}#{i}", list(ids), params, eos_token_id=self.eos_id) for i in range(params.n)]
+        seqs = [Sequence(f"{rid}#{i}", list(ids), params, eos_token_id=self.eos_id, adapter_id=adapter_id)
+                for i in range(params.n)]
         for i, seq in enumerate(seqs):
             self.scheduler.add(seq)  # first: it refuses a request that can never fit the cache
-            self.runner.add_sequence(seq.seq_id, None if params.seed is None else params.seed * 1_000_003 + i)
+            self.runner.add_sequence(seq.seq_id, None if params.seed is None else params.seed * 1_000_003 + i,
+                                     adapter_id)
         metrics = RequestMetrics(arrival_time or time.monotonic())
         self.output_processor.add_request(RequestState(rid, ids, params, metrics), seqs)
         return rid
@@ -195,11 +212,14 @@ class LLM:
         self.engine = LLMEngine(model_dir, **engine_args)
 
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_name: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Outputs in prompt order. `lora_name`: one adapter for every prompt, or one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        loras = lora_name if isinstance(lora_name, list) else [lora_name] * len(prompts)
+        ids = [self.engine.add_request(p, sp, lora_name=a) for p, sp, a in zip(prompts, plist, loras, strict=True)]
         results: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -7,9 +7,9 @@ one forward), `sampling` (penalties, filtering, per-sequence generators) and, wh
 configured, `speculative.SpeculativeDecoder` (drafting before the forward, verification after it).
 
 Weights enter through one door, `ModelRunner.load_weights`: the target and the draft model are both
-loaded there. It is the seam for quantized and LoRA weights (a quantized checkpoint format, adapters
-merged or attached at load time). Per-request adapters would be registered with `add_sequence` (as the
-seed is today) and travel as one id per row of the prepared batch, next to the block tables.
+loaded there. It is the seam for quantized weights. LoRA adapters attach to the loaded target
+(`runner.adapters`, serve/lora.py); a sequence's adapter is registered with `add_sequence` (as its seed
+is) and travels as one adapter id per row of the prepared batch, next to the block tables.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import num_blocks_for_budget
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
+from llmcycle.serve.lora import BASE_ID, LoRAAdapters
 from llmcycle.serve.sampling import apply_penalties, make_generator, sample
 from llmcycle.serve.scheduler import ScheduledBatch, Sequence
 
@@ -74,14 +75,17 @@ class ModelRunner:
     """A model and its KV pool; `execute(batch)` runs one step's forward and sampling.
 
     Holds each live sequence's sampling generator (seeded requests draw from their own, so a request's
-    tokens do not depend on its neighbours in the batch). `spec`, when set, decodes speculatively.
+    tokens do not depend on its neighbours in the batch) and adapter id. `adapters`: the LoRA adapters
+    served over the model. `spec`, when set, decodes speculatively.
     """
 
     def __init__(self, model: Transformer, pool: KVPool) -> None:
         self.model = model
         self.pool = pool
+        self.adapters = LoRAAdapters(model)
         self.spec: SpeculativeDecoder | None = None
         self._generators: dict[str, torch.Generator | None] = {}
+        self._adapter_ids: dict[str, int] = {}
 
     # ---- construction: the single place weights are loaded ------------------------------------
 
@@ -111,13 +115,16 @@ class ModelRunner:
 
     # ---- per-sequence state ------------------------------------------------------------------
 
-    def add_sequence(self, seq_id: str, seed: int | None) -> None:
-        """Register a sequence before it is scheduled (its generator; a per-request adapter id would go here)."""
+    def add_sequence(self, seq_id: str, seed: int | None, adapter_id: int = BASE_ID) -> None:
+        """Register a sequence before it is scheduled: its generator and its LoRA adapter (an id of
+        `self.adapters`; BASE_ID for none)."""
         self._generators[seq_id] = make_generator(seed, self.device)
+        self._adapter_ids[seq_id] = adapter_id
 
     def remove_sequence(self, seq_id: str) -> None:
         """Forget a finished or aborted sequence (unknown ids are ignored)."""
         self._generators.pop(seq_id, None)
+        self._adapter_ids.pop(seq_id, None)
         if self.spec is not None:
             self.spec.forget(seq_id)
 
@@ -146,6 +153,9 @@ class ModelRunner:
         if self.spec is not None:
             out.drafts = self.spec.propose(batch, self._generators)
         rows, num_logits = self.prepare(batch, block_table, out.drafts)
+        if self.adapters.ids:
+            self.adapters.set_batch([self._adapter_ids[s.seq.seq_id] for s in batch.seqs],
+                                    num_logits, self.device)
         logits = self.forward(rows, num_logits if out.drafts else None)
         ends = torch.tensor(num_logits).cumsum(0).tolist()
         plain = [i for i, s in enumerate(batch.seqs) if s.needs_sample and i not in out.drafts]

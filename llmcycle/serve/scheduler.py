@@ -55,6 +55,9 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    # Its LoRA adapter (0: the base). It salts the prefix-cache hashes: the same tokens under another
+    # adapter have other K/V, so they must never share blocks.
+    adapter_id: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -212,9 +215,9 @@ class Scheduler:
         n, bs = self.bm.num_tokens(seq.seq_id), self.bm.block_size
         return -(-n // bs) * bs - n + self.bm.num_free_blocks * bs
 
-    def _cached_prefix_len(self, token_ids: list[int]) -> int:
+    def _cached_prefix_len(self, seq: Sequence, token_ids: list[int]) -> int:
         # allocate() returns exactly this many cached tokens for any prefix longer than it.
-        return self.bm.num_cached_tokens(token_ids)
+        return self.bm.num_cached_tokens(token_ids, seq.adapter_id)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop a running sequence's cache; it will be recomputed (prompt + outputs) from scratch."""
@@ -262,11 +265,11 @@ class Scheduler:
         while not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             tokens = seq.tokens
-            cached = self._cached_prefix_len(tokens)  # < len(tokens): the last token is always computed
+            cached = self._cached_prefix_len(seq, tokens)  # < len(tokens): the last token is always computed
             n = min(len(tokens) - cached, budget, self.chunk_size or budget)
-            if not self.bm.can_allocate(tokens[: cached + n]):
+            if not self.bm.can_allocate(tokens[: cached + n], seq.adapter_id):
                 break  # strict FIFO: nobody overtakes the head of the queue
-            got = self.bm.allocate(seq.seq_id, tokens[: cached + n])
+            got = self.bm.allocate(seq.seq_id, tokens[: cached + n], seq.adapter_id)
             assert got == cached, (got, cached)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
