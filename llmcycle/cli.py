@@ -208,8 +208,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llmcycle.serve.sampling import SamplingParams
     from llmcycle.tokenizer import Tokenizer
 
-    check_model_dir(args.model_dir)
-    tok = Tokenizer.from_pretrained(args.model_dir)
+    model_dir, loras = args.model_dir, {}
+    if (Path(model_dir) / "adapter_config.json").is_file():  # a LoRA adapter: run it over its base
+        from llmcycle.optimize.merge import adapter_base
+
+        model_dir, loras = adapter_base(args.model_dir), {"adapter": args.model_dir}
+    check_model_dir(model_dir)
+    # The adapter directory's tokenizer when it has one: its chat template is the one it was tuned with.
+    tok = Tokenizer.from_pretrained(args.model_dir if (Path(args.model_dir) / "tokenizer.json").is_file() else model_dir)
     if args.chat:
         ids, _ = tok.encode_chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
@@ -217,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # The serving engine is the generator: the same sampling, stop handling and text as `llmcycle serve`.
     # One request needs a KV pool for one sequence, not a server's budget.
     block_size = 16
-    llm = LLM(args.model_dir, tokenizer=tok, block_size=block_size, max_num_seqs=1,
+    llm = LLM(model_dir, tokenizer=tok, block_size=block_size, max_num_seqs=1, lora_modules=loras,
               num_blocks=max(1, -(-(len(ids) + args.max_new_tokens) // block_size)))
     context = llm.engine.max_model_len
     max_tokens = min(args.max_new_tokens, context - len(ids))
@@ -229,7 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params.validate()
     except ValueError as e:
         raise LlmcycleError(str(e)) from None
-    answer = llm.generate([ids], params)[0].outputs[0].text
+    answer = llm.generate([ids], params, lora_name="adapter" if loras else None)[0].outputs[0].text
     # A chat answer is a turn of its own: glued to the prompt it read as one run-on sentence.
     print(f"user: {args.prompt}\nassistant: {answer.strip()}" if args.chat else args.prompt + answer)
     return 0
@@ -312,7 +318,7 @@ def _add_posttrain(module: str, config: str, func: str) -> Callable[[argparse.Ar
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="a model directory, or a LoRA adapter directory (run over its base)")
     p.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
@@ -351,6 +357,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=none, help="prefill chunk length (default: token budget)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=none,
                    help="disable prefix caching")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", default=none,
+                   help="LoRA adapters (PEFT directories) served by name over the model, as vLLM's flag; "
+                        "a JSON item {\"name\", \"path\", \"base_model_name\"} picks the base among several")
     p.add_argument("--draft-model", metavar="DIR", default=none,
                    help="a smaller model with the same tokenizer for speculative decoding (all served models)")
     p.add_argument("--num-speculative-tokens", type=int, default=none,

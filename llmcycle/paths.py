@@ -24,6 +24,9 @@ def check_model_dir(path: str | Path, what: str = "model", marker: str = "config
         return p
     problem = (f"{p}: {what} directory not found." if not p.exists() else
                f"{p}: not {'an' if what[0] in 'aeiou' else 'a'} {what} directory (no {marker}).")
+    if marker == "config.json" and (p / "adapter_config.json").is_file():
+        raise LlmcycleError(f"{p}: a LoRA adapter, not a model. Serve it over its base with `llmcycle serve BASE "
+                            f"--lora-modules NAME={p}`, or make a model of it with `llmcycle merge {p} --out DIR`.")
     inner = p / "model"
     if (inner / marker).is_file():
         raise LlmcycleError(f"{problem} Did you mean {inner}?")

@@ -186,3 +186,93 @@ def test_bad_adapters_are_refused_and_change_nothing(tmp_path):
     (tmp_path / "head" / "adapter_config.json").write_text(json.dumps(raw | {"modules_to_save": ["lm_head"]}))
     with pytest.raises(LlmcycleError, match="modules_to_save"):
         engine.add_lora("head", tmp_path / "head")
+
+
+# ---- the HTTP server: adapters by name, as vLLM's --lora-modules ------------------------------------
+
+
+def our_adapter(base_dir: str, path, seed: int) -> str:
+    model = Transformer.from_pretrained(base_dir)
+    cfg = LoRAConfig(r=4, alpha=16.0)
+    torch.manual_seed(seed)
+    apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    save_adapter(model, path, base_dir, cfg)
+    return str(path)
+
+
+def test_server_routes_requests_to_adapters_by_model_name(tiny_data, tmp_path):
+    openai = pytest.importorskip("openai")
+    from conftest import make_serving_model
+    from llmcycle.serve.async_engine import AsyncLLMEngine
+    from llmcycle.serve.engine import LLM
+    from llmcycle.serve.server import ServerState
+    from llmcycle.serve.smoke import serve_in_thread
+
+    base = make_serving_model(tiny_data["tokenizer"], tmp_path / "model")
+    loras = {"sql": our_adapter(base, tmp_path / "sql", 1), "chat": our_adapter(base, tmp_path / "chat", 2)}
+    engine = LLMEngine(base, block_size=4, num_blocks=256, lora_modules=loras)
+    offline = LLM(base, block_size=4, num_blocks=256, lora_modules=loras)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = {name: offline.generate("def main", params, lora_name=name)[0].outputs[0].text
+                for name in (None, "sql", "chat")}
+    assert len(set(expected.values())) == 3  # the adapters change the answer
+
+    with serve_in_thread(ServerState({"tiny": AsyncLLMEngine(engine)})) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        models = {m.id: m for m in client.models.list().data}
+        assert set(models) == {"tiny", "sql", "chat"}
+        assert models["sql"].parent == "tiny" and models["tiny"].parent is None
+        for name in (None, "sql", "chat"):
+            out = client.completions.create(model=name or "tiny", prompt="def main", max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == expected[name] and out.model == (name or "tiny")
+        stream = client.completions.create(model="chat", prompt="def main", max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected["chat"]
+        with pytest.raises(openai.NotFoundError, match="Served models: tiny, sql, chat"):
+            client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_lora_modules_arguments(tmp_path):
+    from llmcycle.serve.server import parse_lora_modules
+
+    hf, base = hf_base(tmp_path, "LlamaConfig")
+    peft_adapter(hf, tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    a = str(tmp_path / "a")
+    assert parse_lora_modules([f"x={a}"], {"m": str(base)}) == {"m": {"x": a}}
+    two = {"m": str(base), "n": str(tmp_path / "other")}
+    spec = json.dumps({"name": "x", "path": a, "base_model_name": "n"})
+    assert parse_lora_modules([spec], two) == {"m": {}, "n": {"x": a}}
+    with pytest.raises(LlmcycleError, match="several models are served"):
+        parse_lora_modules([f"x={a}"], two)
+    with pytest.raises(LlmcycleError, match="expected NAME=DIR"):
+        parse_lora_modules([a], {"m": str(base)})
+    with pytest.raises(LlmcycleError, match="not an adapter directory"):
+        parse_lora_modules([f"x={base}"], {"m": str(base)})
+    with pytest.raises(LlmcycleError, match="already taken"):
+        parse_lora_modules([f"m={a}"], {"m": str(base)})
+    with pytest.raises(LlmcycleError, match="is not served"):
+        parse_lora_modules([json.dumps({"name": "x", "path": a, "base_model_name": "z"})], two)
+
+
+def test_generate_runs_an_adapter_over_its_base_like_the_merged_model(tiny_data, tmp_path, capsys):
+    from conftest import make_serving_model
+    from llmcycle.cli import main
+    from llmcycle.optimize.merge import merge_adapter
+
+    base = make_serving_model(tiny_data["tokenizer"], tmp_path / "model")
+    adapter = our_adapter(base, tmp_path / "adapter", 1)
+    merge_adapter(adapter, tmp_path / "merged")
+    answers = {}
+    for name in ("adapter", "merged", "model"):
+        assert main(["generate", str(tmp_path / name), "--prompt", "def main", "--temperature", "0",
+                     "--max-new-tokens", "8"]) == 0
+        answers[name] = capsys.readouterr().out
+    assert answers["adapter"] == answers["merged"] != answers["model"]
+    assert main(["eval", adapter]) != 0  # a model-reading command names both ways to use an adapter
+    err = capsys.readouterr().err
+    assert "a LoRA adapter, not a model" in err and "--lora-modules NAME=" in err and "llmcycle merge" in err

@@ -35,17 +35,25 @@ def adapter_input(adapter_dir: Path) -> dict:
     return info
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
-    from llmcycle.model.transformer import Transformer
-    from llmcycle.optimize.lora import load_adapter, merge_lora, read_adapter_config
-    from llmcycle.train.core.inputs import model_input
+def adapter_base(adapter_dir: str | Path, base: str | Path | None = None) -> Path:
+    """The base model directory of an adapter: `base` if given, else its adapter_config.json's
+    base_model_name_or_path; LlmcycleError when that is no model directory here."""
+    from llmcycle.optimize.lora import read_adapter_config
 
-    adapter_dir, out = Path(adapter_dir), Path(out)
     _, raw = read_adapter_config(adapter_dir)
     base = Path(base or raw.get("base_model_name_or_path") or "")
     if not str(base) or str(base) == ".":
         raise LlmcycleError(f"{adapter_dir}: adapter_config.json names no base model; pass --base DIR.")
-    check_model_dir(base, hint="Pass --base DIR: the model the adapter was trained on.")
+    return check_model_dir(base, hint="Pass --base DIR: the model the adapter was trained on.")
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+    from llmcycle.model.transformer import Transformer
+    from llmcycle.optimize.lora import load_adapter, merge_lora
+    from llmcycle.train.core.inputs import model_input
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    base = adapter_base(adapter_dir, base)
     model = merge_lora(load_adapter(Transformer.from_pretrained(base), adapter_dir))
     tmp = staging_dir(out)
     model.save_pretrained(tmp)

@@ -104,8 +104,9 @@ class AsyncLLMEngine:
         return self.engine.prepare(prompt, params)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         ids = self.prepare(prompt, params)
+        self.engine.runner.adapters.id_of(lora_name)  # an unknown adapter fails here, before queuing
         if self._draining or self._thread is None:
             raise EngineUnavailable("the server is shutting down and takes no new requests.")
         rid = request_id or f"req-{next(self._ids)}"
@@ -117,7 +118,7 @@ class AsyncLLMEngine:
                 raise LlmcycleError(f"request id {rid!r} is already in use.")
             self._streams[rid] = stream
             self._pending += 1
-        self._commands.put(("add", rid, ids, params, time.monotonic()))
+        self._commands.put(("add", rid, ids, params, time.monotonic(), lora_name))
         self._wake.set()
         finished = False
         try:
@@ -152,13 +153,14 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, ids, params, arrival = cmd
+                _, rid, ids, params, arrival, lora_name = cmd
                 with self._lock:
                     self._pending -= 1
                     alive = rid in self._streams
                 if alive:  # not aborted while it sat in the command queue
                     try:
-                        self.engine.add_request(ids, params, request_id=rid, arrival_time=arrival)
+                        self.engine.add_request(ids, params, request_id=rid, arrival_time=arrival,
+                                                lora_name=lora_name)
                     except Exception as exc:  # noqa: BLE001 - handed to the request's caller
                         self._deliver([(rid, exc)])
             else:

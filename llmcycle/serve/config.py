@@ -25,6 +25,9 @@ class ServeConfig:
     # what and where
     models: list[str] = F([], "model directories to serve, each DIR or NAME=DIR (the name defaults to the "
                               "directory's name)")
+    lora_modules: list[str] = F([], "LoRA adapters (PEFT directories) to serve by name over a served model, each "
+                                    "NAME=DIR or a JSON object {\"name\", \"path\", \"base_model_name\"} as in "
+                                    "vLLM; a request's model NAME picks the adapter")
     host: str = F("127.0.0.1", "address to listen on")
     port: int = F(8000, "port")
     keys: str | None = F(None, "API key database (llmcycle keys create ...): keys required")

@@ -139,7 +139,7 @@ class LoRAAdapters:
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
             layer.adapters[adapter_id] = adapter
         self.ids[name], self.paths[name] = adapter_id, str(directory)
-        log.info(f"LoRA adapter {name!r} (id {adapter_id}) from {directory}: {len(layers)} layers")
+        log.debug(f"LoRA adapter {name!r} (id {adapter_id}) from {directory}: {len(layers)} layers")
         return adapter_id
 
     def set_batch(self, row_ids: list[int], num_logits: list[int], device: torch.device) -> None:

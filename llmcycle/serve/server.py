@@ -76,14 +76,19 @@ class APIError(Exception):
 
 
 class ServerState:
-    """What the routes share: the engines by model name, keys, rate limits, request limits, metrics,
-    and the drain state (`draining`, and `in_flight`: admitted HTTP requests not yet answered in full)."""
+    """What the routes share: the engines by model name, the LoRA adapters they serve (`adapters`: adapter
+    name -> its base model's name), keys, rate limits, request limits, metrics, and the drain state
+    (`draining`, and `in_flight`: admitted HTTP requests not yet answered in full)."""
 
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
                  limits: RequestLimits | None = None) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
+        self.adapters = {lora: name for name, e in engines.items() for lora in e.engine.lora_names}
+        clash = sorted(set(self.adapters) & set(engines))
+        if clash:
+            raise LlmcycleError(f"{clash[0]!r} names both a model and a LoRA adapter; rename one.")
         self.keys = keys
         self.limits = limits or RequestLimits()
         self.draining = False
@@ -96,11 +101,18 @@ class ServerState:
             eng.on_output = self.metrics.observer(name)
             eng.on_abort = self.metrics.forget  # an aborted request sends no final output
 
+    def route(self, name: str) -> tuple[str, AsyncLLMEngine, str | None]:
+        """(base model name, its engine, the LoRA adapter or None) for a request's `model`; 404 if unknown."""
+        if name in self.engines:
+            return name, self.engines[name], None
+        if name in self.adapters:
+            base = self.adapters[name]
+            return base, self.engines[base], name
+        served = ", ".join([*self.engines, *self.adapters])
+        raise APIError(404, f"The model `{name}` does not exist. Served models: {served}.", "model")
+
     def engine(self, name: str) -> AsyncLLMEngine:
-        if name not in self.engines:
-            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(self.engines)}.",
-                           "model")
-        return self.engines[name]
+        return self.route(name)[1]
 
     def busy(self) -> bool:
         """Whether a drain must still wait: an admitted request unanswered, or a sequence in an engine."""
@@ -438,37 +450,39 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _authorize(state, request)
-        # root is the name, not the directory: a client has no business knowing the server's paths
+        # root is the name, not the directory: a client has no business knowing the server's paths.
+        # An adapter names its base in `parent`, as vLLM lists LoRA modules.
+        names = [(name, name, None) for name in state.engines] + [(a, b, b) for a, b in state.adapters.items()]
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
-                 "root": name, "max_model_len": e.engine.max_model_len}
-                for name, e in state.engines.items()]
+                 "root": name, "parent": parent, "max_model_len": state.engines[base].engine.max_model_len}
+                for name, base, parent in names]
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         key = _authorize(state, request)
         req: CompletionRequest = await _request(request, CompletionRequest, state.limits)
-        engine = state.engine(req.model)
+        base, engine, lora = state.route(req.model)
         prompts = req.prompts()
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
         for p in prompts:
             if isinstance(p, str):
-                _check_prompt_bytes(state, req.model, [p], "prompt")
+                _check_prompt_bytes(state, base, [p], "prompt")
         ids_list, params_list = await asyncio.to_thread(
             _check_params, engine, prompts,
             lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
-        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False)
+        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False, lora=lora)
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         key = _authorize(state, request)
         req: ChatCompletionRequest = await _request(request, ChatCompletionRequest, state.limits)
-        engine = state.engine(req.model)
+        base, engine, lora = state.route(req.model)
         tok = engine.engine.tokenizer
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
-        _check_prompt_bytes(state, req.model, [m["content"] for m in messages], "messages")
+        _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
         ids = await asyncio.to_thread(_encode_chat, tok, messages)
         k = req.top_logprobs if req.logprobs else None
         if req.logprobs and k is None:
@@ -477,7 +491,7 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         ids_list, params_list = await asyncio.to_thread(
             _check_params, engine, [ids],
             lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
-        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True)
+        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora)
 
     app.openapi = lambda: _openapi(app)
     return app
@@ -585,11 +599,12 @@ class DrainingServer(uvicorn.Server):
 
 async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine, req: Any,
                    key: KeyRecord | None, ids_list: list[list[int]], params_list: list[SamplingParams],
-                   chat: bool) -> Response:
+                   chat: bool, lora: str | None = None) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     n = req.n
-    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}") for i, (ids, p) in enumerate(zip(ids_list, params_list))]
+    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}", lora_name=lora)
+            for i, (ids, p) in enumerate(zip(ids_list, params_list))]
     lp = _Logprobs(engine.engine.tokenizer)
     k = params_list[0].logprobs
     prompt_lens = [len(i) for i in ids_list]
@@ -752,6 +767,50 @@ def parse_model_args(models: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_lora_modules(specs: list[str], models: dict[str, str]) -> dict[str, dict[str, str]]:
+    """vLLM's `--lora-modules` items (`NAME=DIR`, or JSON with name, path and base_model_name) -> {served
+    model name: {adapter name: directory}}. With one served model every adapter is its; with several, an
+    adapter names its base (base_model_name), or its adapter_config.json's base_model_name_or_path is the
+    directory of one of them."""
+    from llmcycle.optimize.lora import read_adapter_config
+
+    out: dict[str, dict[str, str]] = {name: {} for name in models}
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                item = json.loads(spec)
+                name, path, base = item["name"], item["path"], item.get("base_model_name")
+            except (ValueError, KeyError, TypeError):
+                raise LlmcycleError(f"lora module {spec!r}: a JSON item needs \"name\" and \"path\".") from None
+        else:
+            name, sep, path = spec.partition("=")
+            base = None
+            if not sep or not name or not path:
+                raise LlmcycleError(f"lora module {spec!r}: expected NAME=DIR.")
+        _, raw = read_adapter_config(path)  # a clear error for a directory that is no adapter
+        if base is None:
+            base = _adapter_base(name, raw.get("base_model_name_or_path"), models)
+        if base not in models:
+            raise LlmcycleError(f"lora module {name!r}: base_model_name {base!r} is not served "
+                                f"(served: {', '.join(models)}).")
+        if name in seen or name in models:
+            raise LlmcycleError(f"lora module {name!r}: the name is already taken by a model or an adapter.")
+        seen.add(name)
+        out[base][name] = path
+    return out
+
+
+def _adapter_base(name: str, recorded: str | None, models: dict[str, str]) -> str:
+    if len(models) == 1:
+        return next(iter(models))
+    for model, path in models.items():
+        if recorded and Path(recorded).resolve() == Path(path).resolve():
+            return model
+    raise LlmcycleError(f"lora module {name!r}: several models are served and its adapter_config.json names "
+                        f"none of them ({recorded!r}); give it as JSON with \"base_model_name\".")
+
+
 def run_server(cfg: ServeConfig) -> None:
     """Load every model of `cfg` into its own engine and serve them until SIGINT/SIGTERM, which drain (see
     `DrainingServer`); returns after a clean drain, raises LlmcycleError when the drain timed out."""
@@ -761,6 +820,7 @@ def run_server(cfg: ServeConfig) -> None:
 
     cfg.validate()
     dirs = parse_model_args(cfg.models)
+    loras = parse_lora_modules(cfg.lora_modules, dirs)
     if cfg.draft_model is not None:
         check_model_dir(cfg.draft_model)
     if cfg.threads:
@@ -768,7 +828,8 @@ def run_server(cfg: ServeConfig) -> None:
     torch.set_flush_denormal(True)
     store = KeyStore(cfg.keys, create=False) if cfg.keys else None
     engine_args = cfg.engine_args()
-    engines = {name: AsyncLLMEngine(LLMEngine(path, **engine_args), max_waiting=cfg.max_waiting)
+    engines = {name: AsyncLLMEngine(LLMEngine(path, lora_modules=loras[name], **engine_args),
+                                    max_waiting=cfg.max_waiting)
                for name, path in dirs.items()}
     limits = RequestLimits(max_n=cfg.max_n, max_prompts=cfg.max_prompts, max_stop=cfg.max_stop,
                            max_body_bytes=cfg.max_body_bytes)
@@ -778,6 +839,8 @@ def run_server(cfg: ServeConfig) -> None:
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
               f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}",
               flush=True)
+        for lora, path in loras[name].items():
+            print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
     if store is not None:
         print(f"API keys required ({len(store)} active in {cfg.keys})", flush=True)
     # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
