@@ -401,6 +401,12 @@ def _add_lineage(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=lineage_main)
 
 
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    from llmcycle.optimize.quantize_cli import add_quantize_arguments
+
+    add_quantize_arguments(p)
+
+
 def _add_merge(p: argparse.ArgumentParser) -> None:
     from llmcycle.optimize.merge import add_merge_arguments
 
@@ -427,6 +433,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("serve", "serve model directories behind an OpenAI-compatible HTTP API", _add_serve),
     ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
     ("merge", "fold a LoRA adapter into its base model: a plain Hugging Face model directory", _add_merge),
+    ("quantize", "int8 / int4 weight-only quantization into a compressed-tensors model directory", _add_quantize),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
 )

@@ -214,7 +214,9 @@ def evaluate_model(model_dir: str | Path, heldout: str | Path | None = None, tra
     if heldout is None:
         raise LlmcycleError(f"no held-out shards found from {model_dir}'s manifest chain: pass --heldout DIR "
                             "(a token shard set such as runs/default/data/val).")
-    model, tok = Transformer.from_pretrained(model_dir).eval(), Tokenizer.from_pretrained(model_dir)
+    from llmcycle.serve.model_runner import ModelRunner  # the engine's loader: plain and quantized models
+
+    model, tok = ModelRunner.load_weights(model_dir), Tokenizer.from_pretrained(model_dir)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     seq_len = min(seq_len or lin.seq_len or DEFAULT_SEQ_LEN, model.config.max_position_embeddings)

@@ -162,6 +162,9 @@ def load_model(
     """
     path = check_model_dir(path)
     config = ModelConfig.from_json_file(path / "config.json")
+    if json.loads((path / "config.json").read_text()).get("quantization_config"):
+        raise LlmcycleError(f"{path}: a quantized model; serve, generate or eval it (the engine loads it), or "
+                            "train from the model it was quantized from.")
     state = read_state_dict(path)
     return model_from_state(config, state, source=str(path), device=device, dtype=dtype)
 
@@ -172,12 +175,18 @@ def model_from_state(
     source: str,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> Transformer:
+    """A Transformer of `config` holding `state`; LlmcycleError naming any missing, unexpected or misshapen
+    tensor. `modules`: layers given whole (a quantized linear layer, by its path), put in place after the
+    rest is loaded and cast, so their own tensors are neither allocated twice nor cast."""
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     # Build on the meta device: no time spent initialising weights we overwrite next.
     with torch.device("meta"):
         model = Transformer(config)
+    for name in modules or {}:
+        _set_module(model, name, torch.nn.Identity())  # no tensors: nothing to allocate for it
     model = model.to_empty(device=device)
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_KEYS)}
     if config.tie_word_embeddings:
@@ -202,4 +211,12 @@ def model_from_state(
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(dtype=dtype)
+    model = model.to(dtype=dtype)
+    for name, module in (modules or {}).items():
+        _set_module(model, name, module.to(device))
+    return model
+
+
+def _set_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -23,6 +23,7 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
+from llmcycle.paths import check_model_dir
 from llmcycle.serve.block_manager import num_blocks_for_budget
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
 from llmcycle.serve.lora import BASE_ID, LoRAAdapters
@@ -92,8 +93,13 @@ class ModelRunner:
     @staticmethod
     def load_weights(model_dir: str | Path, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> Transformer:
-        """Load a model directory for inference (eval mode). Quantized or LoRA weights would be recognised
-        and prepared here, so every model the engine runs (target and draft) goes through this door."""
+        """Load a model directory for inference (eval mode): plain, or quantized (compressed-tensors
+        pack-quantized, `optimize/compressed.py`). Every model the engine runs (target and draft) and
+        `llmcycle eval` reads goes through this door."""
+        from llmcycle.optimize.compressed import load_quantized, read_quantization
+
+        if read_quantization(check_model_dir(model_dir)) is not None:
+            return load_quantized(model_dir, device=device, dtype=dtype)
         return Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
 
     @classmethod

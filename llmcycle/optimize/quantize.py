@@ -1,0 +1,148 @@
+"""Weight-only integer quantization: int8 per output channel, int4 group-wise, round-to-nearest.
+
+`quantize_weight(w, bits, group_size)` gives symmetric integer codes `q` (int8 storage, in
+[-2^(b-1), 2^(b-1) - 1]) and one scale per output row (group_size None) or per `group_size` inputs of a
+row, so that `w ~ q * scale`. `QuantizedLinear` holds (q, scale) in place of a linear layer's weight and
+computes `x @ (q * scale)^T + b` with the integer kernels PyTorch has on this CPU:
+
+- int8 per channel: `aten._weight_int8pack_mm` (int8 weights, bf16 activations);
+- int4 groups: `aten._weight_int4pack_mm_for_cpu` (weights repacked once at load by
+  `_convert_weight_to_int4pack_for_cpu`, scales and zero points as [groups, out, 2]).
+
+Both run with bf16 activations: with fp32 activations these kernels are several times slower than an
+fp32 matmul on the machines measured (docs/benchmarks.md), with bf16 several times faster. Where a
+kernel is missing (another device, an int4 shape it refuses) the layer dequantizes then multiplies,
+after one warning: slower, never different numbers.
+
+The model directory these layers come from and go to is compressed-tensors' `pack-quantized` format
+(`optimize/compressed.py`), the one vLLM and llm-compressor read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcycle.errors import LlmcycleError
+
+log = logging.getLogger(__name__)
+
+KERNEL_DTYPE = torch.bfloat16  # the activations' dtype inside the integer kernels (see the docstring)
+_warned: set[str] = set()
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest: (q int8 [out, in], scale fp32 [out, groups]); groups = 1 without
+    group_size. The scale maps a row's (group's) largest magnitude to the largest positive code."""
+    if bits not in (4, 8):
+        raise LlmcycleError(f"quantize: {bits}-bit weights are not supported (4 or 8).")
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    if in_f % g:
+        raise LlmcycleError(f"quantize: group size {g} does not divide the layer's {in_f} inputs.")
+    qmax = 2 ** (bits - 1) - 1
+    groups = w.detach().float().reshape(out_f, in_f // g, g)
+    scale = groups.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / qmax
+    q = torch.round(groups / scale[..., None]).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q.reshape(out_f, in_f), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale, each scale over its group of a row: [out, in] in `dtype`."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    w = q.float().reshape(out_f, groups, in_f // groups) * scale.float()[..., None]
+    return w.reshape(out_f, in_f).to(dtype)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is (q, scale): int8 per channel or int4 in groups of `group_size`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits = bits
+        self.group_size = None if scale.shape[1] == 1 else self.in_features // scale.shape[1]
+        self.dtype = dtype  # the model's dtype: what the layer returns
+        self.register_buffer("q", q.to(torch.int8))
+        self.register_buffer("scale", scale.float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self._kernel, self._kernel_device = "", None  # chosen at the first forward on a device
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None) -> QuantizedLinear:
+        q, scale = quantize_weight(layer.weight, bits, group_size)
+        return cls(q.to(layer.weight.device), scale.to(layer.weight.device), bits, layer.bias, layer.weight.dtype)
+
+    def _prepare_kernel(self) -> str:
+        """Which product `forward` runs, with its operands laid out once (int4 repacking)."""
+        if self.q.device.type != "cpu":
+            return "dequantize"
+        if self.bits == 8 and self.group_size is None and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            self._scale_k = self.scale[:, 0].to(KERNEL_DTYPE)
+            return "int8pack"
+        if self.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            try:
+                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    (self.q.to(torch.int32) + 8), 1)
+            except RuntimeError as e:  # a shape the kernel refuses
+                _warn_once(f"int4:{e}", f"int4 kernel unavailable ({e}); dequantizing instead (slower).")
+                return "dequantize"
+            # torch's int4 kernel computes (u - 8) * scale + zero with u = q + 8: zero 0 is symmetric.
+            sz = torch.stack([self.scale.T, torch.zeros_like(self.scale.T)], dim=-1)
+            self._scales_zeros = sz.to(KERNEL_DTYPE).contiguous()
+            return "int4pack"
+        _warn_once(f"{self.bits}:{self.group_size}", f"no integer kernel for {self.bits}-bit weights with group size "
+                   f"{self.group_size} here; dequantizing instead (slower, same numbers).")
+        return "dequantize"
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.q, self.scale, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_device != self.q.device:
+            self._kernel, self._kernel_device = self._prepare_kernel(), self.q.device
+        if self._kernel == "dequantize":
+            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
+        if self._kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self._scale_k)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        g = "per channel" if self.group_size is None else f"group {self.group_size}"
+        return f"{self.in_features}, {self.out_features}, int{self.bits} {g}, kernel={self._kernel}"
+
+
+def linear_layers(model: nn.Module, ignore: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Names of the nn.Linear layers quantization replaces (the output head is left alone by default, as
+    llm-compressor's recipes do: it is the layer most sensitive to rounding)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ignore and n not in ignore]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
+                   ignore: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every linear layer (but `ignore`d ones) by a round-to-nearest QuantizedLinear, in place."""
+    for name in linear_layers(model, ignore):
+        set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size))
+    return model

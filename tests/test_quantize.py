@@ -1,0 +1,124 @@
+"""Weight-only int8 / int4 quantization: codes and packing bit for bit as compressed-tensors writes them, the
+integer kernels against the dequantized product, and `llmcycle quantize` directories that transformers
+(with compressed-tensors) loads to the same weights, that the engine serves and that training refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.optimize.compressed import pack_int32, unpack_int32
+from llmcycle.optimize.quantize import QuantizedLinear, dequantize_weight, quantize_weight
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_matches_compressed_tensors(bits):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    q = torch.randint(lo, hi, (24, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(bits))
+    q[0, :2] = torch.tensor([lo, hi - 1])  # both extremes: the sign bit of the top field
+    assert torch.equal(pack_int32(q, bits), helpers.pack_to_int32(q, bits))
+    assert torch.equal(unpack_int32(pack_int32(q, bits), bits, tuple(q.shape)), q)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, None)])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, group):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    w[3] = 0  # an all-zero row: a finite scale, codes 0
+    q, scale = quantize_weight(w, bits, group)
+    assert q.dtype == torch.int8 and scale.shape == (48, 1 if group is None else 128 // group)
+    assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+    step = scale.repeat_interleave(128 // scale.shape[1], dim=1)
+    assert ((dequantize_weight(q, scale) - w).abs() <= step / 2 + 1e-7).all()
+    assert (q[3] == 0).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64), (8, 32)])
+def test_kernels_compute_the_dequantized_product(bits, group, caplog):
+    layer = torch.nn.Linear(256, 96, bias=True)
+    x = torch.randn(3, 5, 256)
+    ql = QuantizedLinear.from_linear(layer, bits, group)
+    with caplog.at_level(logging.WARNING):
+        y = ql(x)
+    expected = torch.nn.functional.linear(x, ql.dequantize(), ql.bias)
+    if ql._kernel == "dequantize":  # int8 in groups: no kernel, the fallback says so and is exact
+        assert (bits, group) == (8, 32) and "dequantizing instead" in caplog.text
+        torch.testing.assert_close(y, expected)
+    else:  # bf16 activations inside the kernel: bf16's rounding, no more
+        assert ql._kernel == ("int8pack" if bits == 8 else "int4pack")
+        assert (y - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from conftest import randomize_
+
+    out = {}
+    for name in ("LlamaConfig", "Qwen2Config"):
+        cfg = getattr(transformers, name)(vocab_size=300, hidden_size=128, intermediate_size=256,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        randomize_(model)
+        path = tmp_path_factory.mktemp(name) / "model"
+        model.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["LlamaConfig", "Qwen2Config"])
+def test_quantized_directory_loads_in_transformers_and_the_engine(arch, method, hf_models, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    from llmcycle.cli import main
+    from llmcycle.model import Transformer
+    from llmcycle.serve.engine import LLMEngine
+    from llmcycle.serve.model_runner import ModelRunner
+    from llmcycle.serve.sampling import SamplingParams
+
+    src, out = hf_models[arch], tmp_path / "q"
+    assert main(["quantize", str(src), "--method", method, "--group-size", "64", "--out", str(out)]) == 0
+    ours = ModelRunner.load_weights(out)
+    # run_compressed=False: transformers decompresses the weights (dense nn.Linear), as on a CPU
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    # compressed-tensors decompresses to exactly our dequantized weights, biases (Qwen2) included
+    for name, layer in ours.named_modules():
+        if isinstance(layer, QuantizedLinear):
+            torch.testing.assert_close(theirs.get_submodule(name).weight, layer.dequantize(), rtol=0, atol=0)
+            if layer.bias is not None:
+                torch.testing.assert_close(theirs.get_submodule(name).bias, layer.bias, rtol=0, atol=0)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, reference = ours(x), theirs(x).logits
+        full = Transformer.from_pretrained(src).eval()(x)
+    assert (logits - reference).abs().max() <= 2e-2 * reference.abs().max()
+    rel = ((logits - full).norm() / full.norm()).item()  # rounding noise of random weights, not a defect
+    assert rel <= (0.03 if method == "int8" else 0.6), rel  # int4 RTN: ~10% per random layer, compounded
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["model"]["path"] == str(src)
+    m = manifest["metrics"]
+    assert m["weight_bytes"] < (0.45 if method == "int8" else 0.35) * m["source_weight_bytes"]
+
+    # the engine serves it: greedy tokens from the quantized model, which the plain loader refuses
+    with pytest.raises(LlmcycleError, match="a quantized model"):
+        Transformer.from_pretrained(out)
+    engine = LLMEngine(None, model=ours, num_blocks=16, block_size=8)
+    rid = engine.add_request(x[0].tolist(), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    done = [o for _ in range(20) for o in engine.step() if o.finished and o.request_id == rid]
+    assert len(done[0].outputs[0].token_ids) == 4
+
+
+def test_quantize_refuses_what_it_cannot_do(hf_models, tmp_path):
+    from llmcycle.cli import main
+
+    assert main(["quantize", str(hf_models["LlamaConfig"]), "--method", "int4", "--group-size", "48",
+                 "--out", str(tmp_path / "q")]) != 0  # 48 does not divide 128 inputs
+    assert not (tmp_path / "q").exists()
