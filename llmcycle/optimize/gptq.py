@@ -18,7 +18,6 @@ and scales are the same format as round-to-nearest's (`QuantizedLinear`), so eve
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -115,31 +114,23 @@ def _hessians(block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, batches: list[torch.Tensor], bits: int, group_size: int | None,
-                        damp: float = 0.01) -> nn.Module:
-    """Quantize every linear layer of every decoder block with GPTQ, block by block (in place)."""
+                        damp: float = 0.01, act: str | None = None,
+                        input_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Quantize every linear layer of every decoder block with GPTQ, block by block (in place). `act` and
+    `input_scales` (by full layer name): int8 activations, as `QuantizedLinear` takes them."""
     model.eval()
     inputs = _block_inputs(model, batches)
     for index, block in enumerate(model.model.layers):
         names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
         hessians = _hessians(block, names, inputs)
         for name in names:
-            layer = block.get_submodule(name)
+            layer, full = block.get_submodule(name), f"model.layers.{index}.{name}"
             q, scale = gptq_weight(layer.weight, hessians[name], bits, group_size, damp)
-            set_module(block, name, QuantizedLinear(q.to(layer.weight.device), scale.to(layer.weight.device), bits,
-                                                    layer.bias, layer.weight.dtype))
+            dev = layer.weight.device
+            in_scale = None if act != "static" else input_scales[full].to(dev)
+            set_module(block, name, QuantizedLinear(q.to(dev), scale.to(dev), bits, layer.bias, layer.weight.dtype,
+                                                    act, in_scale))
         # the next block is calibrated on what this one, quantized, gives
         inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
         log.info(f"gptq: block {index + 1}/{len(model.model.layers)} quantized ({len(names)} layers)")
     return model
-
-
-def calibration_batches(shards_dir: str, seq_len: int, num_sequences: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """`num_sequences` rows of `seq_len` tokens from a token shard set, in batches."""
-    from llmcycle.data.loader import PackedLoader
-    from llmcycle.data.shards import ShardSet
-
-    loader = PackedLoader(ShardSet(shards_dir), seq_len, batch_size)
-    rows = min(num_sequences, loader.rows_per_epoch)
-    if rows < 1:
-        raise LlmcycleError(f"{shards_dir}: no calibration row of {seq_len} tokens.")
-    return [loader.next_batch()[:, :seq_len] for _ in range(math.ceil(rows / batch_size))]

@@ -9,7 +9,11 @@ computes `x @ (q * scale)^T + b` with the integer kernels PyTorch has on this CP
 - int4 groups: `aten._weight_int4pack_mm_for_cpu` (weights repacked once at load by
   `_convert_weight_to_int4pack_for_cpu`, scales and zero points as [groups, out, 2]).
 
-Both run with bf16 activations: with fp32 activations these kernels are several times slower than an
+With int8 activations too (W8A8, `act`): each row of x is quantized at run time with its own scale
+(`dynamic`, per token) or with one scale calibrated beforehand (`static`, per tensor, `input_scale`), and
+`torch._int_mm` multiplies int8 by int8 into int32 (VNNI on this CPU), rescaled by both scales.
+
+The weight-only kernels run with bf16 activations: with fp32 activations these kernels are several times slower than an
 fp32 matmul on the machines measured (docs/benchmarks.md), with bf16 several times faster. Where a
 kernel is missing (another device, an int4 shape it refuses) the layer dequantizes then multiplies,
 after one warning: slower, never different numbers.
@@ -64,12 +68,31 @@ def _warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
+ACTIVATIONS = (None, "dynamic", "static")
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes of x / scale (scale [M, 1] per row, or a scalar), rounded to nearest, saturated."""
+    return torch.round(x / scale).clamp(-128, 127).to(torch.int8)
+
+
 class QuantizedLinear(nn.Module):
-    """A linear layer whose weight is (q, scale): int8 per channel or int4 in groups of `group_size`."""
+    """A linear layer whose weight is (q, scale): int8 per channel or int4 in groups of `group_size`; with
+    `act`, int8 activations too (per token at run time, or with the calibrated `input_scale`)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, act: str | None = None,
+                 input_scale: torch.Tensor | None = None) -> None:
         super().__init__()
+        if act not in ACTIVATIONS or (act and (bits != 8 or scale.shape[1] != 1)):
+            raise LlmcycleError(f"quantize: int8 activations need int8 per-channel weights (got {bits} bits, act={act}).")
+        if (act == "static") != (input_scale is not None):
+            raise LlmcycleError("quantize: static activations need an input scale, and only they have one.")
+        self.act = act
+        if input_scale is not None:
+            self.register_buffer("input_scale", input_scale.float().reshape(1))
+        else:
+            self.input_scale = None
         self.out_features, self.in_features = q.shape
         self.bits = bits
         self.group_size = None if scale.shape[1] == 1 else self.in_features // scale.shape[1]
@@ -80,12 +103,21 @@ class QuantizedLinear(nn.Module):
         self._kernel, self._kernel_device = "", None  # chosen at the first forward on a device
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None) -> QuantizedLinear:
+    def from_linear(cls, layer: nn.Linear, bits: int, group_size: int | None, act: str | None = None,
+                    input_scale: torch.Tensor | None = None) -> QuantizedLinear:
         q, scale = quantize_weight(layer.weight, bits, group_size)
-        return cls(q.to(layer.weight.device), scale.to(layer.weight.device), bits, layer.bias, layer.weight.dtype)
+        dev = layer.weight.device
+        return cls(q.to(dev), scale.to(dev), bits, layer.bias, layer.weight.dtype, act,
+                   None if input_scale is None else input_scale.to(dev))
 
     def _prepare_kernel(self) -> str:
         """Which product `forward` runs, with its operands laid out once (int4 repacking)."""
+        if self.act:
+            if self.q.device.type == "cpu" and hasattr(torch, "_int_mm"):
+                self._q_t = self.q.T.contiguous()  # _int_mm multiplies [M, K] by [K, N]
+                return "int_mm"
+            _warn_once("w8a8", "no int8 x int8 kernel here; multiplying the dequantized int8 values instead.")
+            return "dequantize"
         if self.q.device.type != "cpu":
             return "dequantize"
         if self.bits == 8 and self.group_size is None and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
@@ -112,6 +144,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_device != self.q.device:
             self._kernel, self._kernel_device = self._prepare_kernel(), self.q.device
+        if self.act:
+            return self._forward_w8a8(x)
         if self._kernel == "dequantize":
             return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
@@ -123,9 +157,25 @@ class QuantizedLinear(nn.Module):
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.act == "dynamic":
+            x_scale = x2.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        else:
+            x_scale = self.input_scale
+        xq = quantize_rows(x2, x_scale)
+        if self._kernel == "int_mm":
+            acc = torch._int_mm(xq, self._q_t).float()
+        else:  # the same integers, multiplied in float (exact below 2^24 per sum)
+            acc = xq.float() @ self.q.float().T
+        y = (acc * x_scale * self.scale[:, 0]).to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def extra_repr(self) -> str:
         g = "per channel" if self.group_size is None else f"group {self.group_size}"
-        return f"{self.in_features}, {self.out_features}, int{self.bits} {g}, kernel={self._kernel}"
+        a = f", int8 activations ({self.act})" if self.act else ""
+        return f"{self.in_features}, {self.out_features}, int{self.bits} {g}{a}, kernel={self._kernel}"
 
 
 def linear_layers(model: nn.Module, ignore: tuple[str, ...] = ("lm_head",)) -> list[str]:
@@ -141,8 +191,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = None,
-                   ignore: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every linear layer (but `ignore`d ones) by a round-to-nearest QuantizedLinear, in place."""
+                   ignore: tuple[str, ...] = ("lm_head",), act: str | None = None,
+                   input_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every linear layer (but `ignore`d ones) by a round-to-nearest QuantizedLinear, in place.
+    `act`: int8 activations too; "static" takes each layer's scale from `input_scales` (by layer name)."""
     for name in linear_layers(model, ignore):
-        set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size))
+        scale = None if act != "static" else (input_scales or {}).get(name)
+        if act == "static" and scale is None:
+            raise LlmcycleError(f"quantize: no calibrated input scale for {name}.")
+        set_module(model, name, QuantizedLinear.from_linear(model.get_submodule(name), bits, group_size, act, scale))
     return model

@@ -1,14 +1,21 @@
-"""`llmcycle quantize MODEL_DIR --method int8|int4 --out DIR`: weight-only round-to-nearest quantization into
-compressed-tensors' pack-quantized directory (`optimize/compressed.py`), which `llmcycle serve`, `generate`
-and `eval` load, and so do vLLM and transformers (with the `compressed-tensors` package).
+"""`llmcycle quantize MODEL_DIR --method ... --out DIR`: a quantized model directory in compressed-tensors'
+format (`optimize/compressed.py`), which `llmcycle serve`, `generate` and `eval` load, and so do vLLM and
+transformers (with the `compressed-tensors` package).
 
-- `int8`: one scale per output channel; `int4`: one scale per `--group-size` inputs (128 by default).
-- `--gptq`: GPTQ instead of round-to-nearest (`optimize/gptq.py`), calibrated on `--calibration` token
-  shards: by default the training shards of the model's pre-training (found through its manifests), not
-  the held-out ones, so held-out bits per byte stays an honest measure of what quantization cost.
-- The output head (`lm_head`) stays in full precision (`--ignore` names the layers to leave alone).
-- The tokenizer and generation config are copied; the manifest names the source model by hash, and its
-  metrics give the weight bytes before and after, so lineage and the report see what quantization bought.
+Methods (vLLM / llm-compressor's scheme names in brackets):
+- `int8` [W8A16]: int8 weights, one scale per output channel; activations stay in floating point.
+- `int4` [W4A16]: int4 weights, one scale per `--group-size` inputs (128 by default).
+- `w8a8-dynamic` [W8A8, dynamic per token]: int8 weights, and each token's activations quantized to int8 at
+  run time with its own scale.
+- `w8a8-static` [W8A8, static per tensor]: activations quantized with one scale per layer calibrated
+  beforehand (the largest input magnitude seen on the calibration text).
+
+Options: `--gptq` quantizes the weights with GPTQ instead of round-to-nearest (`optimize/gptq.py`);
+`--smoothquant ALPHA` migrates activation outliers into the weights first (`optimize/smoothquant.py`,
+W8A8 methods). Both calibrate on `--calibration` token shards, by default the model's pre-training
+training shards (`optimize/calibration.py`). The output head stays in full precision (`--ignore`). The
+tokenizer and generation config are copied; the manifest names the source model (and the calibration
+shards) and records the weight bytes before and after.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from llmcycle.paths import check_model_dir
 
 log = logging.getLogger(__name__)
 
-METHODS = {"int8": (8, None), "int4": (4, 128)}
+# method -> (weight bits, default group size, activations)
+METHODS = {"int8": (8, None, None), "int4": (4, 128, None), "w8a8-dynamic": (8, None, "dynamic"),
+           "w8a8-static": (8, None, "static")}
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "README.md")
 
@@ -34,47 +43,51 @@ def weight_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def default_calibration(model_dir: Path) -> Path:
-    """The training shards of the model's pre-training, from its manifest chain."""
-    from llmcycle.eval.suite import lineage
-
-    shards = lineage(model_dir).train_shards
-    if shards is None:
-        raise LlmcycleError(f"{model_dir}: its manifests lead to no pre-training shards; pass --calibration DIR "
-                            "(a token shard set made with this model's tokenizer).")
-    return shards
-
-
 def quantize_dir(model_dir: str | Path, out: str | Path, method: str = "int8", group_size: int | None = None,
-                 ignore: tuple[str, ...] = ("lm_head",), gptq: bool = False, calibration: str | Path | None = None,
-                 num_samples: int = 128, seq_len: int = 256) -> dict:
+                 ignore: tuple[str, ...] = ("lm_head",), gptq: bool = False, smoothquant: float | None = None,
+                 calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 256) -> dict:
     """Quantize `model_dir` into `out` (published atomically); returns the manifest's metrics."""
     from llmcycle.model.transformer import Transformer
+    from llmcycle.optimize import calibration as calib
     from llmcycle.optimize.compressed import save_quantized
-    from llmcycle.optimize.gptq import calibration_batches, gptq_quantize_model
-    from llmcycle.optimize.quantize import quantize_model
+    from llmcycle.optimize.gptq import gptq_quantize_model
+    from llmcycle.optimize.quantize import linear_layers, quantize_model
+    from llmcycle.optimize.smoothquant import smooth_
     from llmcycle.train.core.inputs import model_input
 
     model_dir, out = check_model_dir(model_dir), Path(out)
-    bits, default_group = METHODS[method]
+    bits, default_group, act = METHODS[method]
     group_size = group_size if bits == 4 and group_size else default_group
+    if smoothquant is not None and not act:
+        raise LlmcycleError("--smoothquant helps int8 activations: use it with w8a8-dynamic or w8a8-static.")
+    if smoothquant is not None and not 0 < smoothquant < 1:
+        raise LlmcycleError(f"--smoothquant alpha must be in (0, 1), not {smoothquant}.")
     model = Transformer.from_pretrained(model_dir).eval()
     inputs = {"model": model_input(model_dir)}
-    if gptq:
-        calibration = Path(calibration) if calibration else default_calibration(model_dir)
+    config = {"method": method, "bits": bits, "group_size": group_size, "activations": act,
+              "ignore": list(ignore), "algorithm": "gptq" if gptq else "rtn", "smoothquant": smoothquant}
+    batches, input_scales = None, None
+    if gptq or smoothquant is not None or act == "static":
+        shards = Path(calibration) if calibration else calib.default_calibration(model_dir)
         seq_len = min(seq_len, model.config.max_position_embeddings)
-        gptq_quantize_model(model, calibration_batches(str(calibration), seq_len, num_samples), bits, group_size)
-        inputs["calibration"] = {"path": str(calibration)}
-    quantize_model(model, bits, group_size, ignore)  # what GPTQ left (the head only if not ignored)
+        batches = calib.calibration_batches(str(shards), seq_len, num_samples)
+        inputs["calibration"] = {"path": str(shards)}
+        config |= {"calibration_samples": num_samples, "calibration_seq_len": seq_len}
+    names = linear_layers(model, ignore)
+    if smoothquant is not None or act == "static":
+        absmax = calib.input_absmax(model, batches, names)
+        if smoothquant is not None:
+            absmax = smooth_(model, absmax, smoothquant)
+        input_scales = {n: a.max() / 127 for n, a in absmax.items()}
+    if gptq:
+        gptq_quantize_model(model, batches, bits, group_size, act=act, input_scales=input_scales)
+    quantize_model(model, bits, group_size, ignore, act, input_scales)  # what GPTQ left, or every layer
     tmp = staging_dir(out)
-    save_quantized(model, tmp, bits, group_size, list(ignore))
+    save_quantized(model, tmp, ignore=list(ignore))
     for name in SIDE_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
     metrics = {"weight_bytes": weight_bytes(tmp), "source_weight_bytes": weight_bytes(model_dir)}
-    config = {"method": method, "bits": bits, "group_size": group_size, "ignore": list(ignore),
-              "algorithm": "gptq" if gptq else "rtn", "format": "compressed-tensors pack-quantized",
-              **({"calibration_samples": num_samples, "calibration_seq_len": seq_len} if gptq else {})}
     write_manifest(tmp, stage="quantize", config=config, inputs=inputs, metrics=metrics)
     publish_dir(tmp, out)
     log.info(f"quantized {model_dir} ({method}{'' if group_size is None else f', group {group_size}'}): {out}, "
@@ -83,22 +96,25 @@ def quantize_dir(model_dir: str | Path, out: str | Path, method: str = "int8", g
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Quantize a model's linear layers to int8 (per channel) or int4 (group-wise), round to "
-                     "nearest; write a compressed-tensors (pack-quantized) model directory.")
+    p.description = ("Quantize a model's linear layers: int8 or int4 weights, optionally int8 activations "
+                     "(dynamic per token or static); round-to-nearest or GPTQ; write a compressed-tensors model "
+                     "directory that llmcycle, vLLM and transformers load.")
     p.add_argument("model_dir", help="model directory (Hugging Face layout)")
-    p.add_argument("--method", choices=sorted(METHODS), default="int8", help="weight format (default: int8)")
+    p.add_argument("--method", choices=list(METHODS), default="int8", help="what is quantized (default: int8)")
     p.add_argument("--group-size", type=int, default=None, help="int4: inputs per scale (default: 128)")
     p.add_argument("--ignore", nargs="+", default=["lm_head"], help="layers left unquantized (default: lm_head)")
     p.add_argument("--gptq", action="store_true", help="GPTQ with calibration data instead of round-to-nearest")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="w8a8 methods: migrate activation outliers into the weights first (0.5 is usual)")
     p.add_argument("--calibration", metavar="SHARDS", default=None,
-                   help="token shards to calibrate GPTQ on (default: the model's pre-training shards)")
-    p.add_argument("--calibration-samples", type=int, default=128, help="GPTQ: calibration sequences (default: 128)")
-    p.add_argument("--seq-len", type=int, default=256, help="GPTQ: tokens per calibration sequence (default: 256)")
+                   help="token shards to calibrate on (default: the model's pre-training shards)")
+    p.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default: 256)")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=quantize_main)
 
 
 def quantize_main(args: argparse.Namespace) -> int:
     quantize_dir(args.model_dir, args.out, args.method, args.group_size, tuple(args.ignore), args.gptq,
-                 args.calibration, args.calibration_samples, args.seq_len)
+                 args.smoothquant, args.calibration, args.calibration_samples, args.seq_len)
     return 0
