@@ -278,3 +278,28 @@ def test_static_w8a8_with_smoothquant_holds_outliers(tiny_data, tmp_path):
     from safetensors.torch import load_file
     saved = load_file(tmp_path / "smooth" / "model.safetensors")  # vLLM's name for the static scale
     assert saved["model.layers.1.mlp.up_proj.input_scale"].float().reshape(1) == layer.input_scale
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq"])
+def test_nf4_directory_loads_in_transformers_with_bitsandbytes(method, hf_models, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    from llmcycle.cli import main
+    from llmcycle.optimize.nf4 import Linear4bit
+    from llmcycle.serve.model_runner import ModelRunner
+
+    src, out = hf_models["Qwen2Config"], tmp_path / "q"
+    assert main(["quantize", str(src), "--method", method, "--out", str(out)]) == 0
+    ours = ModelRunner.load_weights(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and all(m.double_quant == (method == "nf4-dq") for _, m in layers)
+    for name, layer in layers:
+        p = theirs.get_submodule(name).weight
+        torch.testing.assert_close(bnb.functional.dequantize_4bit(p.data, p.quant_state).float(), layer.dequantize(),
+                                   rtol=0, atol=0)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # bitsandbytes' CPU 4-bit matmul itself is off x @ W.T by ~1% (bf16 inside)
+        logits, reference = ours(x), theirs(x).logits.float()
+    assert (logits - reference).norm() <= 0.02 * reference.norm()
+    assert main(["quantize", str(src), "--method", "nf4", "--gptq", "--out", str(tmp_path / "x")]) != 0

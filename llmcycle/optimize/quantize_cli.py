@@ -9,6 +9,9 @@ Methods (vLLM / llm-compressor's scheme names in brackets):
   run time with its own scale.
 - `w8a8-static` [W8A8, static per tensor]: activations quantized with one scale per layer calibrated
   beforehand (the largest input magnitude seen on the calibration text).
+- `nf4`, `nf4-dq` [bitsandbytes 4-bit]: QLoRA's NormalFloat codes in blocks of 64 (`nf4-dq`: with the block
+  maxima double-quantized), in bitsandbytes' serialization (`optimize/bnb_format.py`), which transformers
+  with bitsandbytes loads.
 
 Options: `--gptq` quantizes the weights with GPTQ instead of round-to-nearest (`optimize/gptq.py`);
 `--smoothquant ALPHA` migrates activation outliers into the weights first (`optimize/smoothquant.py`,
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # method -> (weight bits, default group size, activations)
 METHODS = {"int8": (8, None, None), "int4": (4, 128, None), "w8a8-dynamic": (8, None, "dynamic"),
-           "w8a8-static": (8, None, "static")}
+           "w8a8-static": (8, None, "static"), "nf4": (4, 64, None), "nf4-dq": (4, 64, None)}
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "README.md")
 
@@ -64,6 +67,11 @@ def quantize_dir(model_dir: str | Path, out: str | Path, method: str = "int8", g
         raise LlmcycleError(f"--smoothquant alpha must be in (0, 1), not {smoothquant}.")
     model = Transformer.from_pretrained(model_dir).eval()
     inputs = {"model": model_input(model_dir)}
+    if method.startswith("nf4"):
+        if gptq or smoothquant is not None:
+            raise LlmcycleError("nf4 is round-to-nearest on its codebook: --gptq and --smoothquant do not apply.")
+        return _publish(model_dir, out, inputs, {"method": method, "bits": 4, "blocksize": 64, "ignore": list(ignore)},
+                        lambda tmp: _save_nf4(model, tmp, method == "nf4-dq", ignore))
     config = {"method": method, "bits": bits, "group_size": group_size, "activations": act,
               "ignore": list(ignore), "algorithm": "gptq" if gptq else "rtn", "smoothquant": smoothquant}
     batches, input_scales = None, None
@@ -82,15 +90,28 @@ def quantize_dir(model_dir: str | Path, out: str | Path, method: str = "int8", g
     if gptq:
         gptq_quantize_model(model, batches, bits, group_size, act=act, input_scales=input_scales)
     quantize_model(model, bits, group_size, ignore, act, input_scales)  # what GPTQ left, or every layer
+    return _publish(model_dir, out, inputs, config, lambda tmp: save_quantized(model, tmp, ignore=list(ignore)))
+
+
+def _save_nf4(model, tmp: Path, double_quant: bool, ignore: tuple[str, ...]) -> None:
+    from llmcycle.optimize.bnb_format import save_nf4
+    from llmcycle.optimize.nf4 import quantize_model as quantize_nf4
+
+    quantize_nf4(model, exclude=ignore, double_quant=double_quant)
+    save_nf4(model, tmp, list(ignore))
+
+
+def _publish(model_dir: Path, out: Path, inputs: dict, config: dict, write) -> dict:
+    """Build the directory with `write(tmp)` plus side files and manifest; publish it atomically."""
     tmp = staging_dir(out)
-    save_quantized(model, tmp, ignore=list(ignore))
+    write(tmp)
     for name in SIDE_FILES:
         if (model_dir / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
     metrics = {"weight_bytes": weight_bytes(tmp), "source_weight_bytes": weight_bytes(model_dir)}
     write_manifest(tmp, stage="quantize", config=config, inputs=inputs, metrics=metrics)
     publish_dir(tmp, out)
-    log.info(f"quantized {model_dir} ({method}{'' if group_size is None else f', group {group_size}'}): {out}, "
+    log.info(f"quantized {model_dir} ({config['method']}): {out}, "
              f"weights {metrics['source_weight_bytes'] / 2**20:.1f} -> {metrics['weight_bytes'] / 2**20:.1f} MiB")
     return metrics
 

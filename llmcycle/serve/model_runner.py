@@ -23,7 +23,6 @@ import torch
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
-from llmcycle.paths import check_model_dir
 from llmcycle.serve.block_manager import num_blocks_for_budget
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
 from llmcycle.serve.lora import BASE_ID, LoRAAdapters
@@ -93,14 +92,12 @@ class ModelRunner:
     @staticmethod
     def load_weights(model_dir: str | Path, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None) -> Transformer:
-        """Load a model directory for inference (eval mode): plain, or quantized (compressed-tensors
-        pack-quantized, `optimize/compressed.py`). Every model the engine runs (target and draft) and
-        `llmcycle eval` reads goes through this door."""
-        from llmcycle.optimize.compressed import load_quantized, read_quantization
+        """Load a model directory for inference (eval mode): plain or quantized (`optimize/formats.py`:
+        compressed-tensors int8/int4/W8A8, bitsandbytes NF4). Every model the engine runs (target and
+        draft) and `llmcycle eval` reads goes through this door."""
+        from llmcycle.optimize.formats import load_model_dir
 
-        if read_quantization(check_model_dir(model_dir)) is not None:
-            return load_quantized(model_dir, device=device, dtype=dtype)
-        return Transformer.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        return load_model_dir(model_dir, device=device, dtype=dtype)
 
     @classmethod
     def for_model(cls, model: Transformer, block_size: int, num_blocks: int | None, kv_cache_bytes: int
