@@ -64,8 +64,11 @@ def test_kernels_compute_the_dequantized_product(bits, group, caplog):
     layer = torch.nn.Linear(256, 96, bias=True)
     x = torch.randn(3, 5, 256)
     ql = QuantizedLinear.from_linear(layer, bits, group)
+    codes = ql.q.clone()
     with caplog.at_level(logging.WARNING):
         y = ql(x)
+    assert torch.equal(ql.codes(), codes)  # int4 keeps only the kernel's layout: q comes back from it exactly
+    assert (ql.q is None) == (ql._kernel == "int4pack")
     expected = torch.nn.functional.linear(x, ql.dequantize(), ql.bias)
     if ql._kernel == "dequantize":  # int8 in groups: no kernel, the fallback says so and is exact
         assert (bits, group) == (8, 32) and "dequantizing instead" in caplog.text

@@ -267,6 +267,7 @@ def test_generate_runs_an_adapter_over_its_base_like_the_merged_model(tiny_data,
     base = make_serving_model(tiny_data["tokenizer"], tmp_path / "model")
     adapter = our_adapter(base, tmp_path / "adapter", 1)
     merge_adapter(adapter, tmp_path / "merged")
+    capsys.readouterr()  # its log line, when an earlier main() set logging up to print
     answers = {}
     for name in ("adapter", "merged", "model"):
         assert main(["generate", str(tmp_path / name), "--prompt", "def main", "--temperature", "0",

@@ -90,10 +90,10 @@ def compressed_state_dict(model: nn.Module, scheme: Scheme) -> dict[str, torch.T
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for name, m in quantized.items():
         if scheme.format == PACKED:
-            state[f"{name}.weight_packed"] = pack_int32(m.q.cpu(), m.bits)
+            state[f"{name}.weight_packed"] = pack_int32(m.codes().cpu(), m.bits)
             state[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
         else:
-            state[f"{name}.weight"] = m.q.cpu().contiguous()
+            state[f"{name}.weight"] = m.codes().cpu().contiguous()
         state[f"{name}.weight_scale"] = m.scale.cpu().to(m.dtype)
         if m.input_scale is not None:
             state[f"{name}.input_scale"] = m.input_scale.cpu().to(m.dtype)

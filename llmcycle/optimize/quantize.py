@@ -111,39 +111,56 @@ class QuantizedLinear(nn.Module):
                    None if input_scale is None else input_scale.to(dev))
 
     def _prepare_kernel(self) -> str:
-        """Which product `forward` runs, with its operands laid out once (int4 repacking)."""
+        """Which product `forward` runs, with its operands laid out once. The layouts replace the codes
+        rather than copy them: int4's repacked weight is all that stays (`codes()` recovers q from it),
+        and W8A8 keeps q as a view of its transposed copy."""
+        cpu = self.scale.device.type == "cpu"
         if self.act:
-            if self.q.device.type == "cpu" and hasattr(torch, "_int_mm"):
-                self._q_t = self.q.T.contiguous()  # _int_mm multiplies [M, K] by [K, N]
+            if cpu and hasattr(torch, "_int_mm"):
+                self._q_t = self.codes().T.contiguous()  # _int_mm multiplies [M, K] by [K, N]
+                self.q = self._q_t.T
                 return "int_mm"
             _warn_once("w8a8", "no int8 x int8 kernel here; multiplying the dequantized int8 values instead.")
             return "dequantize"
-        if self.q.device.type != "cpu":
+        if not cpu:
             return "dequantize"
         if self.bits == 8 and self.group_size is None and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scale_k = self.scale[:, 0].to(KERNEL_DTYPE)
             return "int8pack"
         if self.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             try:
-                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    (self.q.to(torch.int32) + 8), 1)
-            except RuntimeError as e:  # a shape the kernel refuses
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32) + 8, 1)
+            except RuntimeError as e:  # a shape the kernel refuses (out_features not a multiple of 16, ...)
                 _warn_once(f"int4:{e}", f"int4 kernel unavailable ({e}); dequantizing instead (slower).")
                 return "dequantize"
             # torch's int4 kernel computes (u - 8) * scale + zero with u = q + 8: zero 0 is symmetric.
             sz = torch.stack([self.scale.T, torch.zeros_like(self.scale.T)], dim=-1)
-            self._scales_zeros = sz.to(KERNEL_DTYPE).contiguous()
+            self._packed, self._scales_zeros = packed, sz.to(KERNEL_DTYPE).contiguous()
+            self.q = None  # half a byte per weight from here on, not one and a half
             return "int4pack"
         _warn_once(f"{self.bits}:{self.group_size}", f"no integer kernel for {self.bits}-bit weights with group size "
                    f"{self.group_size} here; dequantizing instead (slower, same numbers).")
         return "dequantize"
 
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """The integer codes q [out, in] (int8), recovered from the int4 kernel's layout when only it is kept:
+        the kernel applied to the identity with scale 1 and zero 0 returns (u - 8) = q, exactly."""
+        if self.q is not None:
+            return self.q
+        ones = torch.stack([torch.ones_like(self.scale.T), torch.zeros_like(self.scale.T)], dim=-1).contiguous()
+        rows = []
+        for start in range(0, self.in_features, 1024):  # identity in slices: memory stays bounded
+            eye = torch.eye(self.in_features, dtype=torch.float32)[start:start + 1024]
+            rows.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self._packed, self.group_size, ones))
+        return torch.cat(rows).T.round().to(torch.int8).to(self.scale.device)
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize_weight(self.q, self.scale, self.dtype)
+        return dequantize_weight(self.codes(), self.scale, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel_device != self.q.device:
-            self._kernel, self._kernel_device = self._prepare_kernel(), self.q.device
+        if self._kernel_device != self.scale.device:
+            self._kernel, self._kernel_device = self._prepare_kernel(), self.scale.device
         if self.act:
             return self._forward_w8a8(x)
         if self._kernel == "dequantize":
@@ -168,7 +185,7 @@ class QuantizedLinear(nn.Module):
         if self._kernel == "int_mm":
             acc = torch._int_mm(xq, self._q_t).float()
         else:  # the same integers, multiplied in float (exact below 2^24 per sum)
-            acc = xq.float() @ self.q.float().T
+            acc = xq.float() @ self.codes().float().T
         y = (acc * x_scale * self.scale[:, 0]).to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
