@@ -123,7 +123,7 @@ def test_the_dev_extras_are_blocked():
 
 @pytest.mark.parametrize("command", [
     [], ["run"], ["data"], ["tokenizer", "train"], ["pretrain"], ["sft"], ["reward"], ["dpo"], ["ppo"],
-    ["grpo"], ["generate"], ["serve"], ["eval"], ["lineage"], ["keys"]])
+    ["grpo"], ["generate"], ["serve"], ["eval"], ["lineage"], ["keys"], ["export"], ["export", "gguf"]])
 def test_every_command_help_from_the_base_install(command, tmp_path):
     code, out, imported = run_base_only([*command, "--help"], tmp_path)
     assert code == 0, out
