@@ -28,7 +28,7 @@ Q = gguf.GGMLQuantizationType
 LLAMA_CPP_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 TEXT = ("def f(x):\n    return x**2  # I'M here, it's 12345 O'Neil's\r\n\n\tcafé naïve 東京 🙂  end  \n"
-        "<|user|>hi<|end|> 3.14159 don'T")
+        "<|user|>hi<|end|> 3.14159 don'T re.compile(r'\\s+\\n')")
 
 
 def _model(tokenizer_dir: str, out: Path, model_type: str, tied: bool = True, hidden: int = 256) -> Path:
@@ -260,8 +260,9 @@ def test_missing_gguf_package_names_the_extra(tiny_data, tmp_path, monkeypatch, 
 # ---- llama.cpp itself (slow; needs LLMCYCLE_LLAMA_CPP=<llama.cpp build>/bin with llama-simple) -----------
 
 LLAMA_CPP = os.environ.get("LLMCYCLE_LLAMA_CPP")
-needs_llama_cpp = pytest.mark.skipif(not (LLAMA_CPP and (Path(LLAMA_CPP) / "llama-simple").exists()),
-                                     reason="set LLMCYCLE_LLAMA_CPP to a llama.cpp build's bin/ (llama-simple)")
+BINARIES = ("llama-simple", "llama-tokenize")
+needs_llama_cpp = pytest.mark.skipif(not (LLAMA_CPP and all((Path(LLAMA_CPP) / b).exists() for b in BINARIES)),
+                                     reason="set LLMCYCLE_LLAMA_CPP to a llama.cpp build's bin/ (llama-simple, llama-tokenize)")
 PROMPTS = ["def fibonacci(n):\n", "import os\nclass Config:", "for i in range(10):\n    print("]
 
 
@@ -273,8 +274,9 @@ def _token_bytes(tok, ids: list[int]) -> bytes:
 
 
 def _llama_cpp_tokens(gguf_file: Path, text: str) -> list[int]:
+    # --no-escape: llama-tokenize would otherwise read a backslash and an "n" in the text as a newline
     proc = subprocess.run([str(Path(LLAMA_CPP) / "llama-tokenize"), "-m", str(gguf_file), "-p", text, "--ids",
-                           "--log-disable"], capture_output=True, text=True, timeout=120)
+                           "--no-escape", "--log-disable"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -286,32 +288,67 @@ def _llama_cpp_greedy(gguf_file: Path, prompt: str, n: int) -> bytes:
     return proc.stdout
 
 
+CODE = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\n"
+        "class Config:\n    def __init__(self, path):\n        self.path = path\n        self.values = {}\n")
+
+
+def _engine(model_dir: Path):
+    from llmcycle.serve.engine import LLM
+    from llmcycle.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    return tok, LLM(model_dir, tokenizer=tok, max_num_seqs=8)
+
+
+def _greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from llmcycle.serve.sampling import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 @pytest.mark.slow
 @needs_llama_cpp
-def test_llama_cpp_generates_what_llmcycle_generates(tiny_data, tmp_path):
-    """f16: llama.cpp's greedy continuation is llmcycle's, byte for byte, on every prompt; q8_0 on most.
-    The prompt's token ids from llama.cpp's tokenizer are ours."""
-    from llmcycle.serve.engine import LLM
-    from llmcycle.serve.sampling import SamplingParams
-    from llmcycle.tokenizer import Tokenizer
+def test_llama_cpp_tokenizes_and_continues_as_llmcycle_f16(tiny_data, tmp_path):
+    """f16: llama.cpp's tokenizer gives our ids for the test text and for documents of the embedded corpus,
+    and its greedy continuation (llama-simple) is llmcycle's engine's, byte for byte, on every prompt."""
+    from llmcycle.data.sources import load_documents
 
     n = 24
     model_dir = Path(make_serving_model(tiny_data["tokenizer"], tmp_path / "model"))
-    tok = Tokenizer.from_pretrained(model_dir)
-    llm = LLM(model_dir, tokenizer=tok, max_num_seqs=1)
-    files = {kind: tmp_path / f"m-{kind}.gguf" for kind in ("f16", "q8_0")}
-    for kind, f in files.items():
-        export_gguf(model_dir, f, kind)
-    assert _llama_cpp_tokens(files["f16"], TEXT) == tok.encode(TEXT, add_special_tokens=True)
-    agree = {kind: 0 for kind in files}
+    tok, llm = _engine(model_dir)
+    f16 = tmp_path / "m-f16.gguf"
+    export_gguf(model_dir, f16, "f16")
+    for text in [TEXT, *(d.text for d in load_documents("python", 60000)[:8])]:
+        assert _llama_cpp_tokens(f16, text) == tok.encode(text, add_special_tokens=True)
     for prompt in PROMPTS:
         ids = tok.encode(prompt, add_special_tokens=True)
-        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0].outputs[0]
-        gen = list(out.token_ids)
+        gen = _greedy(llm, [ids], n)[0]
         stops = [i for i, t in enumerate(gen) if t in tok.end_of_turn_ids]  # llama.cpp's end-of-generation ids
         gen = gen[: stops[0]] if stops else gen
-        want = _token_bytes(tok, ids) + _token_bytes(tok, gen) + b"\n"
-        for kind, f in files.items():
-            agree[kind] += _llama_cpp_greedy(f, prompt, n) == want
-    assert agree["f16"] == len(PROMPTS)
-    assert agree["q8_0"] >= len(PROMPTS) - 1
+        assert _llama_cpp_greedy(f16, prompt, n) == _token_bytes(tok, ids) + _token_bytes(tok, gen) + b"\n"
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_q8_0_next_tokens_close_to_llmcycle(tiny_data, tmp_path):
+    """q8_0 (weights and, in llama.cpp's CPU kernels, activations in 8 bits): llama.cpp's next token after each
+    prefix of a code text is llmcycle's (full precision) for most prefixes. A random model has near-ties
+    that 8-bit rounding flips, and a free-running continuation drifts apart after the first, so agreement
+    is measured a step at a time."""
+    model_dir = Path(make_serving_model(tiny_data["tokenizer"], tmp_path / "model"))
+    tok, llm = _engine(model_dir)
+    q8 = tmp_path / "m-q8_0.gguf"
+    export_gguf(model_dir, q8, "q8_0")
+    ids = tok.encode(CODE, add_special_tokens=True)
+    # prefixes whose text tokenizes back to the same ids, so both runtimes see the same tokens
+    prefixes = [ids[:k] for k in range(2, len(ids)) if tok.encode(tok.decode(ids[1:k]), add_special_tokens=True)
+                == ids[:k]]
+    ours = [g[0] for g in _greedy(llm, prefixes, 1)]
+    agree = 0
+    for prefix, want in zip(prefixes, ours):
+        got = _llama_cpp_greedy(q8, tok.decode(prefix[1:]), 1)
+        agree += got == _token_bytes(tok, prefix) + _token_bytes(tok, [want]) * (want not in tok.end_of_turn_ids) + b"\n"
+    # measured: 77-78 of 87 on this text (random models at two widths); 35-39 for q4_0, whose llama.cpp run
+    # agrees with llmcycle running its dequantized weights on 83 of 87
+    assert agree >= 0.8 * len(prefixes), f"{agree}/{len(prefixes)}"

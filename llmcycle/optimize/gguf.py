@@ -153,7 +153,7 @@ def write_metadata(gguf, writer, cfg, name: str, kind: str) -> None:
     """The `general.*` and `<arch>.*` keys llama.cpp reads the hyperparameters from."""
     writer.add_name(name)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M}[kind])
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[kind])
     if kind != "f16":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)
