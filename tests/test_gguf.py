@@ -309,13 +309,17 @@ def _greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 @pytest.mark.slow
 @needs_llama_cpp
-def test_llama_cpp_tokenizes_and_continues_as_llmcycle_f16(tiny_data, tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_llama_cpp_tokenizes_and_continues_as_llmcycle_f16(tiny_data, tmp_path, model_type):
     """f16: llama.cpp's tokenizer gives our ids for the test text and for documents of the embedded corpus,
     and its greedy continuation (llama-simple) is llmcycle's engine's, byte for byte, on every prompt."""
     from llmcycle.data.sources import load_documents
 
     n = 24
-    model_dir = Path(make_serving_model(tiny_data["tokenizer"], tmp_path / "model"))
+    if model_type == "llama":  # tied head, as llmcycle pre-trains
+        model_dir = Path(make_serving_model(tiny_data["tokenizer"], tmp_path / "model"))
+    else:  # q/k/v biases, untied head
+        model_dir = _model(tiny_data["tokenizer"], tmp_path / "model", "qwen2", tied=False, hidden=128)
     tok, llm = _engine(model_dir)
     f16 = tmp_path / "m-f16.gguf"
     export_gguf(model_dir, f16, "f16")

@@ -139,6 +139,9 @@ def check_config(cfg) -> None:
     """LlmcycleError for what llama.cpp would run differently from us."""
     if cfg.model_type not in ARCHS:
         raise LlmcycleError(f"GGUF export supports {', '.join(ARCHS)}; this model is {cfg.model_type}.")
+    if "quantization_config" in cfg.extra:
+        raise LlmcycleError("this directory holds quantized weights; export the model it was quantized from "
+                            "and pick --type here.")
     if not cfg.is_causal:
         raise LlmcycleError("GGUF export is for causal LMs; this model is a bidirectional (masked LM) encoder.")
     kind = (cfg.rope_scaling or {}).get("rope_type")
