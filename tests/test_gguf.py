@@ -309,7 +309,7 @@ def _greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "llama-rope-scaled"])
 def test_llama_cpp_tokenizes_and_continues_as_llmcycle_f16(tiny_data, tmp_path, model_type):
     """f16: llama.cpp's tokenizer gives our ids for the test text and for documents of the embedded corpus,
     and its greedy continuation (llama-simple) is llmcycle's engine's, byte for byte, on every prompt."""
@@ -318,8 +318,14 @@ def test_llama_cpp_tokenizes_and_continues_as_llmcycle_f16(tiny_data, tmp_path, 
     n = 24
     if model_type == "llama":  # tied head, as llmcycle pre-trains
         model_dir = Path(make_serving_model(tiny_data["tokenizer"], tmp_path / "model"))
-    else:  # q/k/v biases, untied head
+    elif model_type == "qwen2":  # q/k/v biases, untied head
         model_dir = _model(tiny_data["tokenizer"], tmp_path / "model", "qwen2", tied=False, hidden=128)
+    else:  # Llama 3.1's RoPE scaling, with a short original context so that it changes most frequencies
+        model_dir = _model(tiny_data["tokenizer"], tmp_path / "model", "llama", tied=False, hidden=128)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        (model_dir / "config.json").write_text(json.dumps(cfg))
     tok, llm = _engine(model_dir)
     f16 = tmp_path / "m-f16.gguf"
     export_gguf(model_dir, f16, "f16")
