@@ -499,8 +499,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # arguments: checked here, before dispatch, so they get the same "not a model directory" wording.
 CHECKED_DIRS = {
     "eval": (lambda a: [a.model, *(a.compare or []), a.judge], {}),
-    "lineage": (lambda a: [a.model_dir], {"what": "artifact", "marker": "manifest.json"}),
+    "lineage": (lambda a: [] if _file_artifact(a.model_dir) else [a.model_dir],
+                {"what": "artifact", "marker": "manifest.json"}),
 }
+
+
+def _file_artifact(path: str) -> bool:
+    """A one-file artifact (a GGUF export with FILE.manifest.json): lineage reads it, not a directory."""
+    from llmcycle.artifacts.lineage import file_artifact
+
+    return file_artifact(path) is not None
 
 
 def check_dirs(args: argparse.Namespace) -> None:

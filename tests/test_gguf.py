@@ -247,6 +247,25 @@ def test_cli_writes_the_file_and_a_manifest(tiny_data, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf", "m.gguf" + MANIFEST_SUFFIX]
 
 
+def test_lineage_follows_the_sidecar_manifest_and_catches_changes(tiny_data, tmp_path, capsys):
+    from llmcycle.cli import main
+
+    model_dir = _model(tiny_data["tokenizer"], tmp_path / "model", "llama", hidden=64)
+    out = tmp_path / "m.gguf"
+    export_gguf(model_dir, out, "q8_0")
+    assert main(["lineage", str(out)]) == 0
+    assert "export" in capsys.readouterr().out
+    tok = model_dir / "tokenizer.json"
+    tok.write_text(tok.read_text().replace("<|pad|>", "<|pad2|>"))  # the source tokenizer changed since
+    assert main(["lineage", str(out)]) == 1
+    assert "tokenizer.json: changed" in capsys.readouterr().err
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 1
+    out.write_bytes(bytes(data))
+    assert main(["lineage", str(out)]) == 1
+    assert "m.gguf: changed" in capsys.readouterr().err
+
+
 def test_missing_gguf_package_names_the_extra(tiny_data, tmp_path, monkeypatch, capsys):
     import sys
 
