@@ -131,6 +131,12 @@ def test_every_command_help_from_the_base_install(command, tmp_path):
     assert "torch" not in imported
 
 
+def test_gguf_export_without_its_extra_names_the_extra(tmp_path):
+    code, out, imported = run_base_only(["export", "gguf", str(tmp_path), "--out", str(tmp_path / "m.gguf")], tmp_path)
+    assert code == 2 and "pip install 'llmcycle[edge]'" in out, out
+    assert "gguf" not in imported
+
+
 def test_data_stage_does_not_import_torch(tmp_path):
     """The data stage tokenizes and shards with `tokenizers` and numpy; it never needs torch."""
     code, out, imported = run_base_only(
