@@ -24,9 +24,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcycle.errors import LlmcycleError
+
+if TYPE_CHECKING:
+    from llmcycle.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ LAYER_NAMES = {
 }
 
 
-def import_gguf():
+def import_gguf() -> Any:
     """The `gguf` package, or LlmcycleError naming the extra that installs it."""
     try:
         import gguf
@@ -69,13 +72,13 @@ def gguf_name(hf_name: str) -> str | None:
     return None
 
 
-def rope_permute(w, n_head: int):
+def rope_permute(w: Any, n_head: int) -> Any:
     """Rows of a q/k projection (or bias) from rotate-half to llama.cpp's interleaved-pair order, per head:
     row j of each half of a head goes to position 2j (first half) or 2j+1 (second half)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tensor_type(gguf, name: str, shape: tuple[int, ...], kind: str):
+def tensor_type(gguf: Any, name: str, shape: tuple[int, ...], kind: str) -> Any:
     """The GGMLQuantizationType a tensor is stored in for `--type kind` (see the module docstring)."""
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1:
@@ -90,7 +93,7 @@ def tensor_type(gguf, name: str, shape: tuple[int, ...], kind: str):
     return want
 
 
-def encode(gguf, data, qtype):
+def encode(gguf: Any, data: Any, qtype: Any) -> Any:
     """`data` (float32 numpy) in GGML type `qtype`: the array gguf.GGUFWriter.add_tensor takes."""
     import numpy as np
 
@@ -106,7 +109,7 @@ def encode(gguf, data, qtype):
     return gguf.quants.quantize(data, qtype)
 
 
-def gguf_tensors(model_dir: Path, cfg) -> dict[str, Any]:
+def gguf_tensors(model_dir: Path, cfg: ModelConfig) -> dict[str, Any]:
     """GGUF name -> float32 numpy array of every weight llama.cpp needs, q/k permuted for "llama"."""
     import torch
 
@@ -135,7 +138,7 @@ def gguf_tensors(model_dir: Path, cfg) -> dict[str, Any]:
     return out
 
 
-def check_config(cfg) -> None:
+def check_config(cfg: ModelConfig) -> None:
     """LlmcycleError for what llama.cpp would run differently from us."""
     if cfg.model_type not in ARCHS:
         raise LlmcycleError(f"GGUF export supports {', '.join(ARCHS)}; this model is {cfg.model_type}.")
@@ -152,7 +155,7 @@ def check_config(cfg) -> None:
                     f"context, so outputs agree only while a sequence is within {cfg.sliding_window} tokens")
 
 
-def write_metadata(gguf, writer, cfg, name: str, kind: str) -> None:
+def write_metadata(gguf: Any, writer: Any, cfg: ModelConfig, name: str, kind: str) -> None:
     """The `general.*` and `<arch>.*` keys llama.cpp reads the hyperparameters from."""
     writer.add_name(name)
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
