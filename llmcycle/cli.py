@@ -413,6 +413,12 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
     add_merge_arguments(p)
 
 
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from llmcycle.optimize.gguf import add_export_arguments
+
+    add_export_arguments(p)
+
+
 def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
@@ -434,6 +440,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
     ("merge", "fold a LoRA adapter into its base model: a plain Hugging Face model directory", _add_merge),
     ("quantize", "int8 / int4 weight-only quantization into a compressed-tensors model directory", _add_quantize),
+    ("export", "write a model for another runtime: GGUF for llama.cpp (edge devices)", _add_export),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
 )
@@ -492,8 +499,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # arguments: checked here, before dispatch, so they get the same "not a model directory" wording.
 CHECKED_DIRS = {
     "eval": (lambda a: [a.model, *(a.compare or []), a.judge], {}),
-    "lineage": (lambda a: [a.model_dir], {"what": "artifact", "marker": "manifest.json"}),
+    "lineage": (lambda a: [] if _file_artifact(a.model_dir) else [a.model_dir],
+                {"what": "artifact", "marker": "manifest.json"}),
 }
+
+
+def _file_artifact(path: str) -> bool:
+    """A one-file artifact (a GGUF export with FILE.manifest.json): lineage reads it, not a directory."""
+    from llmcycle.artifacts.lineage import file_artifact
+
+    return file_artifact(path) is not None
 
 
 def check_dirs(args: argparse.Namespace) -> None:

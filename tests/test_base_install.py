@@ -123,12 +123,18 @@ def test_the_dev_extras_are_blocked():
 
 @pytest.mark.parametrize("command", [
     [], ["run"], ["data"], ["tokenizer", "train"], ["pretrain"], ["sft"], ["reward"], ["dpo"], ["ppo"],
-    ["grpo"], ["generate"], ["serve"], ["eval"], ["lineage"], ["keys"]])
+    ["grpo"], ["generate"], ["serve"], ["eval"], ["lineage"], ["keys"], ["export"], ["export", "gguf"]])
 def test_every_command_help_from_the_base_install(command, tmp_path):
     code, out, imported = run_base_only([*command, "--help"], tmp_path)
     assert code == 0, out
     assert "usage: llmcycle" in out
     assert "torch" not in imported
+
+
+def test_gguf_export_without_its_extra_names_the_extra(tmp_path):
+    code, out, imported = run_base_only(["export", "gguf", str(tmp_path), "--out", str(tmp_path / "m.gguf")], tmp_path)
+    assert code == 2 and "pip install 'llmcycle[edge]'" in out, out
+    assert "gguf" not in imported
 
 
 def test_data_stage_does_not_import_torch(tmp_path):

@@ -38,6 +38,13 @@ SHA = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_KEYS = ("model", "ref_model", "reward_model", "init_from", "data.corpus", "data.train", "model.size",
                "train.max_steps", "train.lr", "train.batch_size", "train.seed", "tokenizer.vocab_size")
 SKIP = {"data": ("work",)}  # top-level entries a stage leaves out of `outputs` (write_manifest's skip)
+SIDECAR = ".manifest.json"  # a one-file artifact (a GGUF export) keeps its manifest in FILE.manifest.json
+
+
+def file_artifact(path: str | Path) -> Path | None:
+    """The sidecar manifest of a one-file artifact at `path`, or None when `path` is no such file."""
+    side = Path(str(path) + SIDECAR)
+    return side if Path(path).is_file() and side.is_file() else None
 
 
 @dataclass
@@ -173,6 +180,22 @@ class _Tracer:
                     self.missing(link, name, _get(cfg, name))
                 else:
                     self.artifact(p, _get(cfg, name), link, name)
+        self.finish(link)
+
+    def one_file(self, f: Path, shown: str) -> None:
+        """A one-file artifact: its sidecar manifest hashes the file itself and names the inputs it was made from."""
+        try:
+            m = json.loads(Path(str(f) + SIDECAR).read_text())
+            stage, outputs, inputs, cfg = m["stage"], m["outputs"], m["inputs"], m["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise LlmcycleError(f"{f}{SIDECAR}: not a readable llmcycle manifest ({e}).") from None
+        link = self.add(Link(str(f.resolve()), stage, shown, m.get("created"), config=_scalars(cfg),
+                             metrics=_scalars(m.get("metrics") or {}), hashes=dict(outputs)), None, "")
+        for rel, h in outputs.items():
+            link.problems += filter(None, [self.check(f.parent / rel, h, "file")])
+        for name, val in inputs.items():
+            if isinstance(val, dict) and "path" in val:
+                self.model_ref(link, f.parent, name, val)
         self.finish(link)
 
     def finish(self, link: Link) -> None:
@@ -330,9 +353,12 @@ def _reroot(recorded: str, old_tree: str, new_tree: Path) -> Path | None:
 def trace(model_dir: str | Path, verify: bool = True) -> list[Link]:
     """Every artifact and raw source `model_dir` was made from, depth first, each once; re-hashed unless told not."""
     d = Path(model_dir)
+    t = _Tracer(verify)
+    if file_artifact(d) is not None:
+        t.one_file(d, str(model_dir))
+        return list(t.links.values())
     if not d.is_dir():
         raise LlmcycleError(f"{d}: no such directory.")
-    t = _Tracer(verify)
     t.artifact(d, str(model_dir))
     return list(t.links.values())
 
@@ -365,7 +391,9 @@ def render(links: list[Link]) -> str:
 
 
 def add_lineage_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an artifact directory, e.g. runs/default/dpo/model")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="an artifact directory, e.g. runs/default/dpo/model, or a file with FILE.manifest.json "
+                             "beside it (llmcycle export gguf)")
     parser.add_argument("--json", action="store_true", help="print the whole chain as JSON")
     parser.add_argument("--no-verify", action="store_true", help="follow the records without re-hashing files")
     parser.add_argument("--allow-missing", action="store_true",
