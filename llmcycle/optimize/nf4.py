@@ -339,18 +339,18 @@ def quantize_model(model: nn.Module, include=None, exclude=("lm_head",), blocksi
     another module (tied embeddings) is refused: quantizing it would untie the two.
     """
     params = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or (include is not None and not _matches(name, include)):
-            continue
-        if _matches(name, exclude):
-            continue
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (include is None or _matches(name, include)) and not _matches(name, exclude)]
+    for name in names:
+        # By name, not from a list of the modules: each full-precision weight is freed as soon as its layer
+        # is swapped, so the peak holds one layer in fp32 beside the 4-bit model, not the whole fp32 base.
+        module = model.get_submodule(name)
         if id(module.weight) in params:
             raise ValueError(f"{name}.weight is tied to another module's parameter; exclude it")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module, blocksize, double_quant))
-        swapped.append(name)
-    return swapped
+        del module
+    return names
 
 
 def quantized_weight_nbytes(model: nn.Module) -> int:
