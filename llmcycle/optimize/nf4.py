@@ -12,11 +12,12 @@ approximately and puts ~0.2% of them a step or two from the nearest; ours are th
 
 Because the bytes are bitsandbytes', dequantization can run on either side: the torch code here (a table
 lookup per packed byte, the default), or bitsandbytes' own op (`kernel="bitsandbytes"`, or `"auto"`: it
-where installed). Both give the same bits; bitsandbytes' C++ kernel is 2-7x faster at dequantizing on CPU,
-1.1-1.3x end to end (benchmarks/nf4.py). It is not the default because importing bitsandbytes takes ~5 s
-here and, with the `kernels` package installed, tries to look a kernel up on the Hugging Face hub (no
-network at run time is a rule of this project); ask for it where that is fine. Quantizing, a one-time
-cost, is always ours.
+where installed). Both give the same bits; bitsandbytes' C++ kernel was 2-7x faster at dequantizing on CPU,
+1.1-1.3x end to end (benchmarks/nf4.py), before the per-byte lookup here made ours 1.4-4.7x faster (it is
+still about 2-5x faster at dequantizing: one thread, loaded machine; rerun benchmarks/nf4.py). It is not
+the default because importing bitsandbytes takes ~5 s here and, with the `kernels` package installed,
+tries to look a kernel up on the Hugging Face hub (no network at run time is a rule of this project); ask
+for it where that is fine. Quantizing, a one-time cost, is always ours.
 
 `Linear4bit` is a frozen `nn.Linear` replacement holding the quantized weight as buffers; its forward
 dequantizes on the fly, and so does its backward (the dequantized weight is never kept for backward).
@@ -198,8 +199,8 @@ def _bitsandbytes_kernel():
 def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: str = "torch") -> torch.Tensor:
     """NF4State -> a tensor of `state.shape` in `dtype`, computed in fp32 and rounded once (as bitsandbytes).
 
-    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, 2-7x faster
-    on CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
+    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, faster on
+    CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
     """
     if kernel not in ("auto", "torch", "bitsandbytes"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'bitsandbytes', not {kernel!r}")
