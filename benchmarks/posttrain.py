@@ -223,6 +223,11 @@ class Clock:
         self._tok = self._pos = 0
 
 
+def task_lr(task: str, a: argparse.Namespace) -> float:
+    """The peak lr of a task on both sides: --lora-lr for the adapter tasks where given, else --lr."""
+    return a.lora_lr if task in LORA_TASKS and a.lora_lr is not None else a.lr
+
+
 def lora_overrides(task: str, a: argparse.Namespace) -> list[str]:
     """llmcycle's `lora:` keys for a task: none for full fine-tuning; QLoRA adds the 4-bit base (which turns
     on gradient checkpointing)."""
@@ -282,7 +287,7 @@ def run_llmcycle(task: str, a: argparse.Namespace, inputs: dict, out: Path, cloc
                 else ["data.eval=null", "eval.every=0"])
     common = [f"out_dir={out}", f"model={inputs['model']}", f"data.max_length={a.max_length}",
               f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}", "train.grad_accum=1",
-              f"train.lr={a.lr}", f"train.warmup_steps={a.warmup_steps}", "train.dtype=fp32",
+              f"train.lr={task_lr(task, a)}", f"train.warmup_steps={a.warmup_steps}", "train.dtype=fp32",
               f"train.device={a.device}", f"train.threads={a.threads}", f"train.seed={SEED}",
               "eval.generate=0", "checkpoint.every=0", "checkpoint.keep=1"]
     if task == "dpo":
@@ -356,7 +361,8 @@ def run_trl(task: str, a: argparse.Namespace, inputs: dict, out: Path, clock: Cl
                   gradient_checkpointing=checkpointing,
                   gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
                   per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=a.batch_size,
-                  gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=a.lr, warmup_steps=a.warmup_steps,
+                  gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=task_lr(task, a),
+                  warmup_steps=a.warmup_steps,
                   lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
                   weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
                   optim="adamw_torch_fused", save_strategy="no", logging_steps=1,
@@ -466,6 +472,7 @@ def spawn(a: argparse.Namespace, work: Path, side: str, task: str, run: str) -> 
            "--result", str(result), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--threads", str(a.threads),
            "--device", a.device, "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
+           *(["--lora-lr", str(a.lora_lr)] if a.lora_lr is not None else []),
            "--lora-r", str(a.lora_r), "--lora-alpha", str(a.lora_alpha), *(["--eval"] if a.eval else [])]
     threads = str(a.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
@@ -512,6 +519,8 @@ def make_parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="the random Llama: tiny (~5M parameters) or 150m (~144M)")
     p.add_argument("--lora-r", type=int, default=16, help="sft_lora / sft_qlora: adapter rank")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="sft_lora / sft_qlora: adapter alpha")
+    p.add_argument("--lora-lr", type=float, help="sft_lora / sft_qlora: peak lr (default: --lr); adapters "
+                   "usually train at a higher lr than the full model")
     p.add_argument("--eval", action="store_true",
                    help="SFT tasks: held-out loss on the embedded sft_eval split after the last step (not timed; "
                         "llmcycle also evaluates before training, inside its setup time)")
