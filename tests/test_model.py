@@ -221,6 +221,29 @@ def test_corrupt_safetensors_header(tmp_path):
     _assert_clean_error(e, str(f))
 
 
+def test_weights_read_into_memory_of_their_own(tmp_path):
+    # Not views of an mmap of the file (which would keep the whole file resident while any tensor lives):
+    # the same tensors as safetensors' load_file, every dtype, scalars and empty tensors included.
+    from safetensors.torch import load_file, save_file
+
+    from llmcycle.model.hf_io import _read_safetensors
+
+    state = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).bfloat16(), "f16": torch.randn(7).half(),
+             "i64": torch.arange(6).view(2, 3), "u8": torch.arange(9, dtype=torch.uint8), "b": torch.tensor([True, False]),
+             "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    save_file(state, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ours, theirs = _read_safetensors(tmp_path / "t.safetensors"), load_file(tmp_path / "t.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+    model = make()
+    model.save_pretrained(tmp_path / "m")
+    loaded = Transformer.from_pretrained(tmp_path / "m")
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
 def test_missing_shard(tmp_path):
     make().save_pretrained(tmp_path, max_shard_size=10_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]

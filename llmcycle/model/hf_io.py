@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llmcycle.artifacts import atomic_write_json
@@ -147,9 +147,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if not f.exists():
             raise LlmcycleError(f"{f}: listed in {INDEX_FILE} but missing.")
         try:
-            state.update(load_file(f))
-        except (SafetensorError, OSError, ValueError) as e:
+            state.update(_read_safetensors(f))
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise LlmcycleError(f"{f}: corrupt or truncated safetensors file ({e}).") from None
+    return state
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, each read into memory of its own.
+
+    safetensors' `load_file` returns views of one private mmap of the whole file, mapped until the last of
+    its tensors is freed: every page read stays in the process's RSS, so a model whose weights are copied
+    or quantized keeps the file's full size resident beside them (QLoRA: the fp32 base next to its 4-bit
+    copy). Plain reads leave those pages to the page cache. safetensors still validates the file (its
+    header, the offsets against the file's size) first; a dtype not in `_DTYPES` (fp8) goes through it.
+    """
+    with safe_open(f, "pt"):  # raises SafetensorError on a bad header or a truncated file
+        pass
+    with open(f, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        if any(info["dtype"] not in _DTYPES for info in header.values()):
+            return load_file(f)
+        state = {}
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            buf = bytearray(end - start)
+            fh.seek(8 + size + start)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError(f"{name}: the file ends inside its data")
+            # frombuffer shares the bytearray's memory (no copy); an empty tensor cannot come from a buffer.
+            t = torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=_DTYPES[info["dtype"]])
+            state[name] = t.reshape(info["shape"])
     return state
 
 
@@ -208,7 +243,10 @@ def model_from_state(
             raise LlmcycleError(
                 f"{source}: tensor {k} has shape {tuple(state[k].shape)}, config.json implies {tuple(shape)}."
             )
-    model.load_state_dict(state, strict=False)
+    # The loaded tensors become the parameters (assign), converted one at a time: a copy into the model's
+    # own storage would hold the weights twice at the peak of loading (2x the model in RSS).
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(dtype=dtype)

@@ -11,12 +11,13 @@ to the bit. One exception: bitsandbytes' CPU kernel for the 8-bit codes of doubl
 approximately and puts ~0.2% of them a step or two from the nearest; ours are the nearest.
 
 Because the bytes are bitsandbytes', dequantization can run on either side: the torch code here (a table
-lookup per byte pair, the default), or bitsandbytes' own op (`kernel="bitsandbytes"`, or `"auto"`: it
-where installed). Both give the same bits; bitsandbytes' C++ kernel is 2-7x faster at dequantizing on CPU,
-1.1-1.3x end to end (benchmarks/nf4.py). It is not the default because importing bitsandbytes takes ~5 s
-here and, with the `kernels` package installed, tries to look a kernel up on the Hugging Face hub (no
-network at run time is a rule of this project); ask for it where that is fine. Quantizing, a one-time
-cost, is always ours.
+lookup per packed byte, the default), or bitsandbytes' own op (`kernel="bitsandbytes"`, or `"auto"`: it
+where installed). Both give the same bits; bitsandbytes' C++ kernel was 2-7x faster at dequantizing on CPU,
+1.1-1.3x end to end (benchmarks/nf4.py), before the per-byte lookup here made ours 1.4-4.7x faster (it is
+still about 2-5x faster at dequantizing: one thread, loaded machine; rerun benchmarks/nf4.py). It is not
+the default because importing bitsandbytes takes ~5 s here and, with the `kernels` package installed,
+tries to look a kernel up on the Hugging Face hub (no network at run time is a rule of this project); ask
+for it where that is fine. Quantizing, a one-time cost, is always ours.
 
 `Linear4bit` is a frozen `nn.Linear` replacement holding the quantized weight as buffers; its forward
 dequantizes on the fly, and so does its backward (the dequantized weight is never kept for backward).
@@ -162,19 +163,27 @@ def _missing():
     raise ImportError("kernel='bitsandbytes' needs bitsandbytes: pip install 'llmcycle[quant]'")
 
 
-_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
 _CHUNK = 1 << 20  # values per pass of dequantize_nf4 to a 16-bit dtype: a 4 MB fp32 tile
 
 
-def _pair_table(device: torch.device) -> torch.Tensor:
-    """[65536, 4] fp32: the four codebook values of every little-endian pair of packed bytes. One lookup
-    per 16 bits is where the time goes, and a table this size (1 MB) stays in cache."""
-    if device not in _PAIR_TABLES:
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256] int64: the two fp32 codebook values of every packed byte (high nibble first), their bits
+    viewed as one int64. A 1-D gather of 8-byte scalars is torch's vectorized path; a gather of rows of a
+    2-D fp32 table copies row by row and took twice as long (and int64, unlike a float view, copies bits
+    unchanged, whatever they are)."""
+    if device not in _BYTE_TABLES:
         b = torch.arange(256)
-        byte = torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 0xF]), dim=1)  # high nibble first
-        i = torch.arange(65536)
-        _PAIR_TABLES[device] = torch.cat((byte[i & 0xFF], byte[i >> 8]), dim=1).to(device)
-    return _PAIR_TABLES[device]
+        pairs = torch.stack((NF4_CODE[b >> 4], NF4_CODE[b & 0xF]), dim=1)  # [256, 2] fp32
+        _BYTE_TABLES[device] = pairs.view(torch.int64).reshape(256).to(device)
+    return _BYTE_TABLES[device]
+
+
+def _lookup(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write the codebook values of `packed` (uint8 [m]) into `out` (fp32, contiguous, 2m values); return it."""
+    table = _byte_table(packed.device)
+    torch.index_select(table, 0, packed.to(torch.int32), out=out.view(torch.int64).view(-1))
+    return out
 
 
 @functools.cache
@@ -190,8 +199,8 @@ def _bitsandbytes_kernel():
 def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: str = "torch") -> torch.Tensor:
     """NF4State -> a tensor of `state.shape` in `dtype`, computed in fp32 and rounded once (as bitsandbytes).
 
-    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, 2-7x faster
-    on CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
+    kernel: "torch" (below), "bitsandbytes" (its C++/CUDA op on the same bytes: the same bits, faster on
+    CPU, see benchmarks/nf4.py), or "auto": bitsandbytes where it is installed, else torch.
     """
     if kernel not in ("auto", "torch", "bitsandbytes"):
         raise ValueError(f"kernel must be 'auto', 'torch' or 'bitsandbytes', not {kernel!r}")
@@ -207,17 +216,16 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype = torch.float32, kernel: 
     if not regular:  # a ragged last block or odd rows: the plain path
         idx = torch.stack((state.packed >> 4, state.packed & 0xF), dim=1).reshape(-1)[:n]
         return _dequantize_blocks(idx, absmax, NF4_CODE, bs).view(state.shape).to(dtype)
-    pairs = state.packed.view(torch.uint16).to(torch.int32)
-    table = _pair_table(pairs.device)
+    packed, device = state.packed, state.packed.device
     if dtype == torch.float32:  # one lookup and one scaling pass: few parallel regions, steady under load
-        out = torch.empty(n // bs, bs, device=pairs.device)
-        torch.index_select(table, 0, pairs, out=out.view(-1, 4))
+        out = _lookup(packed, torch.empty(n // bs, bs, device=device))
         return out.mul_(absmax[:, None]).view(state.shape)
-    out = torch.empty(n // bs, bs, dtype=dtype, device=pairs.device)
+    out = torch.empty(n // bs, bs, dtype=dtype, device=device)
     step = max(1, _CHUNK // bs)  # blocks per pass: look up, scale and round one cache-sized tile at a time
     for b in range(0, n // bs, step):
-        rows = pairs[b * bs // 4:(b + step) * bs // 4]
-        out[b:b + step] = table.index_select(0, rows).view(-1, bs).mul_(absmax[b:b + step, None])
+        rows = packed[b * bs // 2:(b + step) * bs // 2]
+        tile = _lookup(rows, torch.empty(rows.numel() // (bs // 2), bs, device=device))
+        out[b:b + step] = tile.mul_(absmax[b:b + step, None])
     return out.view(state.shape)
 
 
@@ -332,18 +340,18 @@ def quantize_model(model: nn.Module, include=None, exclude=("lm_head",), blocksi
     another module (tied embeddings) is refused: quantizing it would untie the two.
     """
     params = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(False)}
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or (include is not None and not _matches(name, include)):
-            continue
-        if _matches(name, exclude):
-            continue
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (include is None or _matches(name, include)) and not _matches(name, exclude)]
+    for name in names:
+        # By name, not from a list of the modules: each full-precision weight is freed as soon as its layer
+        # is swapped, so the peak holds one layer in fp32 beside the 4-bit model, not the whole fp32 base.
+        module = model.get_submodule(name)
         if id(module.weight) in params:
             raise ValueError(f"{name}.weight is tied to another module's parameter; exclude it")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module, blocksize, double_quant))
-        swapped.append(name)
-    return swapped
+        del module
+    return names
 
 
 def quantized_weight_nbytes(model: nn.Module) -> int:
