@@ -4,9 +4,10 @@ still training from sft's model, skipped when nothing changed and rerun alone wh
 
 import json
 
+from test_lifecycle import miniature
+
 from llmcycle.cli import main
 from llmcycle.lifecycle import read_record
-from test_lifecycle import miniature
 
 USED = ("trainable_parameters", "parameters", "trainable_share", "mean_step_seconds", "train_peak_rss_mb", "steps")
 

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUITE = ("mc_accuracy", "exact_match", "heldout_bpb")  # the eval suite's numbers compared, higher better but bpb
+TASKS = ("mc_accuracy", "exact_match")  # quality on the embedded tasks, what the 10% target is about (bpb, on
+#                                          pre-training's held-out text, says how much each forgot instead)
 TRAINER = ("eval_loss", "eval_exact_match")  # the SFT trainer's own held-out numbers (the same split for both)
 QUALITY_TARGET = 0.10  # issue 15: LoRA's quality within 10% of the full fine-tune's
 
@@ -114,7 +116,7 @@ def _trained(model_dir: Path) -> dict:
 
 def quality_ratio(m: dict) -> dict[str, float]:
     """LoRA's suite numbers over the full fine-tune's (bits per byte: full over LoRA, so that above 1 is
-    better for every one): 0.9 or more meets the 10% target."""
+    better for every one). 0.9 or more on the TASKS meets the 10% target."""
     full, lora = m["full"]["suite"], m["lora"]["suite"]
     out = {}
     for k in SUITE:
@@ -190,10 +192,11 @@ def report(run: Records) -> list[Section]:
     row("seconds per optimizer step", full.get("mean_step_seconds"), lora.get("mean_step_seconds"))
     row("optimizer steps", full.get("steps"), lora.get("steps"), ratio=False)
     row("training seconds", full.get("train_seconds"), lora.get("train_seconds"))
-    ratio = m.get("quality_ratio") or {}
+    ratio = {k: v for k, v in (m.get("quality_ratio") or {}).items() if k in TASKS}
     worst = min(ratio.values()) if ratio else None
     verdict = ("" if worst is None else
-               f" The lowest LoRA/full quality ratio of the suite is {worst:.3f}: "
+               f" On the tasks LoRA reaches {worst:.3f} of the full fine-tune's quality at worst "
+               f"({', '.join(f'{k} {v:.3f}' for k, v in ratio.items())}): "
                f"{'within' if worst >= 1 - QUALITY_TARGET else 'NOT within'} the 10% target.")
     blocks: list[Block] = [
         ("p", f"The run's SFT again with LoRA adapters (r {lc.get('r')}, alpha {lc.get('alpha')} on "
