@@ -182,13 +182,12 @@ def report(run: Records) -> list[Section]:
     for k in TRAINER:
         row(f"trainer held-out: {k}", full.get(k), lora.get(k))
     row("trainable parameters", full.get("trainable_parameters"), lora.get("trainable_parameters"))
-    row("trainable share", full.get("trainable_share"), lora.get("trainable_share"), ratio=False)
-    row("peak RSS of training (MB)", full.get("train_peak_rss_mb"), lora.get("train_peak_rss_mb"))
-    if "train_start_rss_mb" in full and "train_start_rss_mb" in lora:
-        row("RSS growth over training (MB)", full["train_peak_rss_mb"] - full["train_start_rss_mb"],
-            lora["train_peak_rss_mb"] - lora["train_start_rss_mb"])
-    if "train_peak_cuda_mb" in lora:
-        row("peak CUDA memory (MB)", full.get("train_peak_cuda_mb"), lora.get("train_peak_cuda_mb"))
+    row("trainable share", *(_percent(x.get("trainable_share")) for x in (full, lora)), ratio=False)
+    for key, label in (("train_peak_rss_mb", "peak RSS of training (MB)"),
+                       ("train_start_rss_mb", "RSS when training started (MB)"),
+                       ("train_peak_cuda_mb", "peak CUDA memory of training (MB)")):
+        if key in full or key in lora:
+            row(label, *(_mb(x.get(key)) for x in (full, lora)))
     row("seconds per optimizer step", full.get("mean_step_seconds"), lora.get("mean_step_seconds"))
     row("optimizer steps", full.get("steps"), lora.get("steps"), ratio=False)
     row("training seconds", full.get("train_seconds"), lora.get("train_seconds"))
@@ -214,6 +213,14 @@ def report(run: Records) -> list[Section]:
                                                               "LoRA": [lora["suite"][k] for k in shown]},
                                                       title="Full fine-tuning vs LoRA")))
     return [("Efficiency: LoRA vs full fine-tuning", blocks)]
+
+
+def _percent(share: float | None) -> str | None:
+    return None if share is None else f"{100 * share:.2f}%"
+
+
+def _mb(value: float | None) -> int | None:
+    return None if value is None else round(value)
 
 
 STAGE = Stage("optimize", run, config=OptimizeConfig, configure=configure, inputs=("pretrain", "sft"),
