@@ -23,7 +23,7 @@ def test_optimize_stage_trains_lora_beside_sft_and_compares(tiny_data, tmp_path,
     assert rec["status"] == "done"
     assert set(rec["inputs"]) == {"pretrain", "sft"}  # not dpo: a new dpo model does not redo LoRA
     assert rec["config"]["lora_sft"]["model"] == str(root / "pretrain" / "model")  # sft's starting model
-    assert rec["config"]["lora_sft"]["train"]["lr"] == 10 * read_record(root / "sft")["config"]["train"]["lr"]
+    assert rec["config"]["lora_sft"]["train"]["lr"] == 5 * read_record(root / "sft")["config"]["train"]["lr"]
 
     # the adapter: PEFT's files, a manifest naming its base, and lineage walks through it to the base
     adapter = root / "optimize" / "lora" / "model"
