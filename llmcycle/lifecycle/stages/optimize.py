@@ -148,8 +148,10 @@ def comparison(m: dict) -> list[str]:
     if "trainable_parameters" in lora:
         parts.append(f"trainable {lora['trainable_parameters']:,} ({100 * lora['trainable_share']:.2f}%) vs "
                      f"{full.get('trainable_parameters', 0):,}")
-    if "train_peak_rss_mb" in lora and "train_peak_rss_mb" in full:
-        parts.append(f"peak RSS {lora['train_peak_rss_mb']:.0f} vs {full['train_peak_rss_mb']:.0f} MB")
+    growth = [_growth(x) for x in (lora, full)]
+    if None not in growth:  # what training added; the peak itself carries what earlier stages left live
+        parts.append(f"training RSS +{growth[0]:.0f} vs +{growth[1]:.0f} MB (peak {lora['train_peak_rss_mb']:.0f} "
+                     f"vs {full['train_peak_rss_mb']:.0f})")
     if "mean_step_seconds" in lora and "mean_step_seconds" in full:
         parts.append(f"step {lora['mean_step_seconds']:.3f} vs {full['mean_step_seconds']:.3f} s")
     return parts
@@ -191,6 +193,7 @@ def report(run: Records) -> list[Section]:
         row(f"trainer held-out: {k}", full.get(k), lora.get(k))
     row("trainable parameters", full.get("trainable_parameters"), lora.get("trainable_parameters"))
     row("trainable share", *(_percent(x.get("trainable_share")) for x in (full, lora)), ratio=False)
+    row("RSS growth over training (MB)", *(_mb(_growth(x)) for x in (full, lora)))
     for key, label in (("train_peak_rss_mb", "peak RSS of training (MB)"),
                        ("train_start_rss_mb", "RSS when training started (MB)"),
                        ("train_peak_cuda_mb", "peak CUDA memory of training (MB)")):
@@ -210,9 +213,11 @@ def report(run: Records) -> list[Section]:
               f"{', '.join(lc.get('target_modules') or [])}; learning rate {lr}), from the model sft started from, "
               f"on the same data and schedule; both evaluated by suite v1 with the eval stage's limit (the LoRA "
               f"model merged into its base). Adapter: `{m.get('adapter')}`; per-model results: "
-              f"`{run.dir('optimize')}/eval/`. Peak RSS is this process's high-water mark during training "
-              f"(from the start of its stage, freed memory handed back first); the ratio column is LoRA over "
-              f"full." + verdict),
+              f"`{run.dir('optimize')}/eval/`. Memory: the process's resident set (one process runs every stage). "
+              f"Its high-water mark is reset at each stage's start after freed heap is handed back, but what "
+              f"earlier stages left live stays, and it differs between sft's turn and this one's: compare the "
+              f"growth over training, peak minus the RSS training started from. The ratio column is LoRA "
+              f"over full." + verdict),
         ("table", ["", "full SFT", "LoRA", "LoRA / full"], rows),
     ]
     shown = [k for k in ("mc_accuracy", "exact_match") if k in full.get("suite", {}) and k in lora.get("suite", {})]
@@ -221,6 +226,13 @@ def report(run: Records) -> list[Section]:
                                                               "LoRA": [lora["suite"][k] for k in shown]},
                                                       title="Full fine-tuning vs LoRA")))
     return [("Efficiency: LoRA vs full fine-tuning", blocks)]
+
+
+def _growth(m: dict) -> float | None:
+    """Peak RSS of training over the RSS it started from: the memory training itself took."""
+    if "train_peak_rss_mb" not in m or "train_start_rss_mb" not in m:
+        return None
+    return m["train_peak_rss_mb"] - m["train_start_rss_mb"]
 
 
 def _percent(share: float | None) -> str | None:
