@@ -251,31 +251,31 @@ def test_peak_memory_is_each_stages_own():
 
 
 @dataclass
-class _OptimizeConfig:
-    model: str = field_help("", "the model to optimize when no model stage precedes this one")
+class _DistillConfig:
+    model: str = field_help("", "the model to distill when no model stage precedes this one")
     factor: int = field_help(2, "a setting, to show it reaches the key and the recipe")
 
 
-def _optimize(lc, resume: bool) -> dict:
-    """A stand-in for an optimizing stage: publishes a copy of the previous model and records a metric."""
+def _distill(lc, resume: bool) -> dict:
+    """A stand-in for a distilling stage: publishes a copy of the previous model and records a metric."""
     import shutil
 
     from llmcycle.artifacts import publish_dir, staging_dir
 
-    src, final = lc.previous_model("optimize"), lc.dir("optimize") / "model"
+    src, final = lc.previous_model("distill"), lc.dir("distill") / "model"
     tmp = staging_dir(final)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("README.md"), dirs_exist_ok=True)
     publish_dir(tmp, final)  # over the model a previous run left, as a model stage does
-    return {"files": len(list(src.iterdir())), "factor": lc.stage_config("optimize").factor}
+    return {"files": len(list(src.iterdir())), "factor": lc.stage_config("distill").factor}
 
 
-def _optimize_report(run) -> list:
-    m = run.metrics("optimize")
-    return [("Optimization", [("p", f"Copied {m['files']} files with factor {m['factor']}.")])] if m else []
+def _distill_report(run) -> list:
+    m = run.metrics("distill")
+    return [("Distillation", [("p", f"Copied {m['files']} files with factor {m['factor']}.")])] if m else []
 
 
-OPTIMIZE = Stage("optimize", _optimize, config=_OptimizeConfig, inputs=PREVIOUS_MODEL, produces_model=True,
-                 headline=metrics_named("files"), report=_optimize_report)
+DISTILL = Stage("distill", _distill, config=_DistillConfig, inputs=PREVIOUS_MODEL, produces_model=True,
+                 headline=metrics_named("files"), report=_distill_report)
 
 
 def test_a_new_stage_is_one_module_and_one_registry_entry(tiny_data, tmp_path, capsys, monkeypatch):
@@ -287,41 +287,41 @@ def test_a_new_stage_is_one_module_and_one_registry_entry(tiny_data, tmp_path, c
     from llmcycle.report import write_report
 
     graph = list(stages.STAGES)
-    graph.insert(stages.names().index("dpo") + 1, OPTIMIZE)  # the one line (in stages/__init__.py: STAGES)
+    graph.insert(stages.names().index("dpo") + 1, DISTILL)  # the one line (in stages/__init__.py: STAGES)
     monkeypatch.setattr(stages, "STAGES", graph)
     monkeypatch.setattr(lifecycle, "LifecycleConfig", lifecycle_config(graph))  # what the import did
 
     runs = tmp_path / "runs"
-    args = [*miniature(tiny_data, runs, "[pretrain,sft,dpo,optimize,report]"), "optimize.factor=3"]
+    args = [*miniature(tiny_data, runs, "[pretrain,sft,dpo,distill,report]"), "distill.factor=3"]
     assert main(["run", *args, "--print-config"]) == 0
-    assert "optimize:\n  model: ''\n  factor: 3" in capsys.readouterr().out
+    assert "distill:\n  model: ''\n  factor: 3" in capsys.readouterr().out
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
-    order = [out.index(f"[{s}] running") for s in ("pretrain", "sft", "dpo", "optimize", "report")]
+    order = [out.index(f"[{s}] running") for s in ("pretrain", "sft", "dpo", "distill", "report")]
     assert order == sorted(order)
     root = runs / "mini"
-    rec = read_record(root / "optimize")
+    rec = read_record(root / "distill")
     assert rec["status"] == "done" and rec["metrics"]["factor"] == 3 and rec["config"]["factor"] == 3
     assert rec["inputs"] == {"dpo": read_record(root / "dpo")["outputs"]}
     assert rec["outputs"] == stage_outputs("dpo", root / "dpo")  # the copy hashes as the model it copied
-    assert "optimize (" in out and f"files {rec['metrics']['files']}" in out
-    assert f"{root / 'optimize' / 'model'} (model card: README.md)" in out  # the final model now
+    assert "distill (" in out and f"files {rec['metrics']['files']}" in out
+    assert f"{root / 'distill' / 'model'} (model card: README.md)" in out  # the final model now
     report = (root / "report.md").read_text()
-    assert "## Optimization" in report and "Copied" in report and "| optimize | done |" in report
+    assert "## Distillation" in report and "Copied" in report and "| distill | done |" in report
     assert "| metric | value |" in report  # the other stages' sections are still there
-    assert (root / "optimize" / "model" / "README.md").read_text().startswith("---\nlibrary_name")
+    assert (root / "distill" / "model" / "README.md").read_text().startswith("---\nlibrary_name")
 
     assert main(["run", *args]) == 0  # nothing changed: all five skipped
     out = capsys.readouterr().out
     assert out.count("up to date") == 5 and "running" not in out
 
-    assert main(["run", *args, "--from", "optimize"]) == 0
+    assert main(["run", *args, "--from", "distill"]) == 0
     out = capsys.readouterr().out
-    assert "[dpo] up to date" in out and "[optimize] running" in out and "[report] running" in out
+    assert "[dpo] up to date" in out and "[distill] running" in out and "[report] running" in out
 
     # the report from runs/mini/*/stage.json alone (no Lifecycle): the same page but for its timestamp
     written = (root / "report.md").read_text()
     (root / "report.md").unlink()
     write_report(Records(root))
     rebuilt = (root / "report.md").read_text()
-    assert rebuilt.splitlines()[3:] == written.splitlines()[3:] and "## Optimization" in rebuilt
+    assert rebuilt.splitlines()[3:] == written.splitlines()[3:] and "## Distillation" in rebuilt

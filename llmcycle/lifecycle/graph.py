@@ -15,12 +15,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import resource
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from llmcycle import memory
 from llmcycle.artifacts import is_temporary, recover
 from llmcycle.artifacts.manifest import MANIFEST, UNHASHED, file_hashes, versions
 from llmcycle.config import to_dict
@@ -77,16 +77,14 @@ def up_to_date(stage: str, stage_dir: Path, key: str) -> bool:
 class PeakMemory:
     """Peak memory of one stage: the process's resident-set high-water mark, reset when the stage starts.
 
-    Linux resets VmHWM on `echo 5 > /proc/self/clear_refs`; elsewhere the number is the process's peak so
-    far (`ru_maxrss`), an upper bound that says so. CUDA reports the allocator's peak. (Worker processes
-    are not children of this one, forkserver or Ray starts them: the data stage has them report their own.)"""
+    Freed heap is handed back to the OS first (llmcycle/memory.py), so a stage's peak is its own and not what
+    the stage before it freed but kept. Linux resets VmHWM; elsewhere the number is the process's peak so far
+    (`ru_maxrss`), an upper bound that says so. CUDA reports the allocator's peak. (Worker processes are not
+    children of this one, forkserver or Ray starts them: the data stage has them report their own.)"""
 
     def __init__(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.per_stage = True
-        except OSError:
-            self.per_stage = False
+        memory.release_free_memory()
+        self.per_stage = memory.reset_peak()
         import torch
 
         self.cuda = torch.cuda.is_available()
@@ -94,13 +92,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
 
     def read(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        out: dict[str, Any] = {"peak_rss_mb": memory.peak_rss_mb(),
                                "peak_rss_scope": "stage" if self.per_stage else "process"}
-        if self.per_stage:
-            status = Path("/proc/self/status").read_text()
-            hwm = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
-            if hwm is not None:
-                out["peak_rss_mb"] = int(hwm) / 1024
         if self.cuda:
             import torch
 

@@ -69,6 +69,7 @@ from llmcycle.train.core.distributed import (
 from llmcycle.train.core.loader import EpochLoader, total_steps
 from llmcycle.train.core.metrics import MetricsLog
 from llmcycle.train.core.schedule import lr_at
+from llmcycle.train.core.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class Session:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.dist.is_main,
                                   self.step_count if self.state else None, tensorboard)
+        self.usage = Usage(self.device, (self.state or {}).get("usage"))  # step time, memory: `usage_metrics`
         self.modules: dict[str, nn.Module] = {}
         self.wrapped: dict[str, nn.Module] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -395,6 +397,7 @@ class Session:
         sum is divided by the units of the whole step on all processes, count(mb) summed and all-reduced.
         Returns {"loss", "grad_norm", metrics...} averaged over the step's units.
         """
+        started = self.usage.step_started()
         n = float(all_reduce_sum(torch.tensor(float(sum(count(mb) for mb in micro_batches))), self.dist))
         n = max(n, 1.0)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
@@ -425,9 +428,15 @@ class Session:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        self.usage.step_done(started)
         out = {"loss": loss_value, "grad_norm": float(grad_norm)}
         out.update({k: float(v) / n for k, v in zip(keys, packed[1:].tolist())})
         return out
+
+    def usage_metrics(self) -> dict[str, float | int]:
+        """What this run used, the same keys for full and LoRA training (core/usage.py): trainable and total
+        parameters, mean seconds per optimizer step, peak memory."""
+        return self.usage.metrics(self.modules.values())
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -455,7 +464,7 @@ class Session:
                 self._write_model_dir(tmp, weights)
                 (tmp / MODULES_FILE).write_text(json.dumps({k: module_kind(m) for k, m in self.modules.items()}))
                 state = {"step": self.step_count, "optimizer": optim_state, "loader": loader_state,
-                         "rng": torch.get_rng_state(), "extra": extra or {},
+                         "rng": torch.get_rng_state(), "extra": extra or {}, "usage": self.usage.state_dict(),
                          "recipe": json.dumps(asdict(self.cfg))}
                 torch.save(state, tmp / TRAINER_STATE)
             ckpt.save_checkpoint(self.ckpt_root, self.step_count, write, self.cfg.checkpoint.keep)

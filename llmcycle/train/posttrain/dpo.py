@@ -238,6 +238,7 @@ def _dpo(cfg: DPOConfig, s: Session) -> dict:
     inputs = {"model": model_input(cfg.model), "data": file_inputs(loaded.paths)}
     if cfg.ref_model:
         inputs["ref_model"] = model_input(cfg.ref_model)
+    result.update(s.usage_metrics())  # parameters trained, step time, peak memory (core/usage.py)
     final = s.publish(inputs, result)
     log.info(f"done: tuned model in {final}")
     return result

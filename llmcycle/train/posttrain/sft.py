@@ -118,6 +118,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     result = {"train_examples": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
+    result.update(s.usage_metrics())  # parameters trained, step time, peak memory (core/usage.py)
     final = s.publish({"model": model_input(cfg.model), "data": file_inputs(sets.paths)}, result)
     log.info(f"done: fine-tuned model in {final}")
     return result
