@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,4 +58,11 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Gloo's worker threads free a finished collective's tensors after it returns, and freeing a tensor
+        # Python also knows takes the GIL; ProcessGroupGloo's destructor joins those threads while holding
+        # it (pytorch/pytorch#56297), so destroying right after a collective can deadlock (it hung one
+        # two-process test here). Waiting with the GIL released (the barrier, then a short sleep for the
+        # barrier's own work) lets the threads finish first.
+        dist.barrier()
+        time.sleep(0.05)
         dist.destroy_process_group()
