@@ -179,6 +179,8 @@ class Lifecycle:
         if from_stage is not None and from_stage not in self.stages:
             raise LlmcycleError(f"--from {from_stage}: not a stage of this recipe ({', '.join(self.stages)}).")
         forced = set(self.stages[self.stages.index(from_stage):]) if from_stage else set()
+        for stage in self.stages:  # every section resolved and checked before any work starts
+            self.stage_config(stage)
         t_run = time.time()
         for stage in self.stages:
             d = self.dir(stage)

@@ -5,7 +5,7 @@ A new stage is a module here (or anywhere) and one entry in STAGES, at its place
 from __future__ import annotations
 
 from llmcycle.lifecycle.stage import Stage
-from llmcycle.lifecycle.stages import data, dpo, optimize, pretrain, report, serve, sft
+from llmcycle.lifecycle.stages import data, dpo, optimize, pretrain, quantize, report, serve, sft
 from llmcycle.lifecycle.stages import eval as evaluation
 
 STAGES: list[Stage] = [
@@ -14,6 +14,7 @@ STAGES: list[Stage] = [
     sft.STAGE,
     dpo.STAGE,
     optimize.STAGE,  # after sft, whose run it repeats with LoRA; after dpo, as its coming parts take the final model
+    quantize.STAGE,  # the final model (the last model stage before it) quantized, evaluated, probed
     evaluation.STAGE,
     serve.STAGE,
     report.STAGE,
