@@ -19,7 +19,7 @@ For every variant and thread count (1 and 2 by default), in a child process of i
 
 The llama.cpp side needs `llmcycle export gguf` (the GGUF of the same weights) and the binaries
 `llama-bench` and `llama-server` in the given folder. Quality (held-out bits per byte of a trained model
-per variant) is measured by `llmcycle run`'s optimize stage, not here: a random model's quality means nothing.
+per variant) is measured by `llmcycle run`'s quantize stage, not here: a random model's quality means nothing.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ TOLERANCE = {Q.F32: 0, Q.F16: 1e-3, Q.Q8_0: 0.01, Q.Q4_0: 0.15, Q.Q4_K: 0.15}
 
 @pytest.mark.parametrize("model_type,tied,kind", [
     ("llama", True, "f16"), ("llama", False, "q8_0"), ("qwen2", False, "q4_0"), ("qwen2", True, "q4_k"),
-    ("mistral", True, "q8_0")])
+    ("mistral", True, "q8_0"), ("llama", False, "f32")])
 def test_tensors_read_back_as_the_source_weights(tiny_data, tmp_path, model_type, tied, kind):
     model_dir = _model(tiny_data["tokenizer"], tmp_path / "model", model_type, tied)
     out = tmp_path / "m.gguf"
@@ -109,7 +109,7 @@ def test_tensors_read_back_as_the_source_weights(tiny_data, tmp_path, model_type
         elif kind in ("q4_0", "q4_k") and t.name in ("token_embd.weight", "output.weight"):
             assert t.tensor_type == Q.Q8_0
         else:
-            assert t.tensor_type == {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K}[kind]
+            assert t.tensor_type == {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K}[kind]
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err <= TOLERANCE[t.tensor_type], (t.name, t.tensor_type.name, err)
     assert manifest["config"]["architecture"] == ("qwen2" if model_type == "qwen2" else "llama")

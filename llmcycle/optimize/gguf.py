@@ -1,4 +1,4 @@
-"""`llmcycle export gguf MODEL_DIR --type f16|q8_0|q4_0|q4_k --out FILE`: one GGUF file that llama.cpp runs
+"""`llmcycle export gguf MODEL_DIR --type f32|f16|q8_0|q4_0|q4_k --out FILE`: one GGUF file that llama.cpp runs
 (phones, Raspberry Pi class boards, laptops without a GPU), with the weights, the hyperparameters and the
 tokenizer under the names llama.cpp reads.
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TYPES = ("f16", "q8_0", "q4_0", "q4_k")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # our model_type -> GGUF architecture
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -83,7 +83,7 @@ def tensor_type(gguf: Any, name: str, shape: tuple[int, ...], kind: str) -> Any:
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return Q.F32
-    want = {"f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K}[kind]
+    want = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_k": Q.Q4_K}[kind]
     if want in (Q.Q4_0, Q.Q4_K) and name in ("token_embd.weight", "output.weight"):
         want = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[want][0]
@@ -158,9 +158,10 @@ def check_config(cfg: ModelConfig) -> None:
 def write_metadata(gguf: Any, writer: Any, cfg: ModelConfig, name: str, kind: str) -> None:
     """The `general.*` and `<arch>.*` keys llama.cpp reads the hyperparameters from."""
     writer.add_name(name)
-    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[kind])
-    if kind != "f16":
+    F = gguf.LlamaFileType
+    writer.add_file_type({"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0,
+                          "q4_k": F.MOSTLY_Q4_K_S}[kind])
+    if kind not in ("f32", "f16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -257,13 +258,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """`llmcycle export FORMAT ...`: one subcommand per format (only gguf today)."""
     p.description = "Write a model for another runtime. gguf: one file for llama.cpp (edge devices)."
     sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    g = sub.add_parser("gguf", help="a GGUF file for llama.cpp (f16, q8_0, q4_0, q4_k)",
+    g = sub.add_parser("gguf", help="a GGUF file for llama.cpp (f32, f16, q8_0, q4_0, q4_k)",
                        description="Write MODEL_DIR (Llama, Mistral or Qwen2 with a byte-level BPE tokenizer) "
                                    "as one GGUF file that llama.cpp loads, and FILE.manifest.json beside it. "
                                    "Needs: pip install 'llmcycle[edge]'. See docs/optimize.md.")
     g.add_argument("model_dir", help="model directory (Hugging Face layout, with tokenizer.json)")
     g.add_argument("--type", dest="gguf_type", choices=TYPES, default="f16",
-                   help="weight format: f16, q8_0 (8-bit blocks of 32), q4_0 (4-bit blocks of 32), "
+                   help="weight format: f32 (unquantized, the largest), f16, q8_0 (8-bit blocks of 32), q4_0 (4-bit blocks of 32), "
                         "q4_k (4-bit super-blocks of 256); default f16")
     g.add_argument("--out", required=True, help="output .gguf file")
     g.set_defaults(func=export_main)
