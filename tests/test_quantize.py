@@ -153,6 +153,24 @@ def test_quantize_refuses_what_it_cannot_do(hf_models, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_group_as_wide_as_a_layer_keeps_the_models_scheme(hf_models, tmp_path):
+    """Group size 128 over 128 inputs (q, k, v, gate, up) and 256 (down): one scale per row is still the group
+    scheme, not per-channel int8's (the default run's model broke on this: 'holds one scheme; this has 2')."""
+    from llmcycle.cli import main
+    from llmcycle.optimize.formats import load_model_dir
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(hf_models["LlamaConfig"]), "--method", "int4", "--group-size", "128",
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    model = load_model_dir(out)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14 and {m.group_size for m in layers} == {128}
+    with pytest.raises(LlmcycleError, match="group size"):
+        QuantizedLinear(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 2), 4)
+
+
 def test_gptq_equals_round_to_nearest_without_correlations_and_beats_it_with_them():
     from llmcycle.optimize.gptq import gptq_weight
 

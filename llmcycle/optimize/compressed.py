@@ -167,7 +167,7 @@ def load_quantized(model_dir: str | Path, device: str | torch.device | None = No
             scale = state.pop(f"{name}.weight_scale").float()
             in_scale = state.pop(f"{name}.input_scale", None)
             layers[name] = QuantizedLinear(q, scale, scheme.bits, state.pop(f"{name}.bias", None), dtype,
-                                           scheme.act, in_scale)
+                                           scheme.act, in_scale, scheme.group_size)
         except (KeyError, RuntimeError, LlmcycleError) as e:
             raise LlmcycleError(f"{model_dir}: the quantized tensors of {name} are incomplete or misshapen ({e}).") from None
     return model_from_state(config, state, str(model_dir), device=device, dtype=dtype, modules=layers).eval()

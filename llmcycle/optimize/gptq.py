@@ -129,7 +129,7 @@ def gptq_quantize_model(model: nn.Module, batches: list[torch.Tensor], bits: int
             dev = layer.weight.device
             in_scale = None if act != "static" else input_scales[full].to(dev)
             set_module(block, name, QuantizedLinear(q.to(dev), scale.to(dev), bits, layer.bias, layer.weight.dtype,
-                                                    act, in_scale))
+                                                    act, in_scale, group_size))
         # the next block is calibrated on what this one, quantized, gives
         inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
         log.info(f"gptq: block {index + 1}/{len(model.model.layers)} quantized ({len(names)} layers)")

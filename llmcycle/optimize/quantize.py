@@ -82,7 +82,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32, act: str | None = None,
-                 input_scale: torch.Tensor | None = None) -> None:
+                 input_scale: torch.Tensor | None = None, group_size: int | None = None) -> None:
         super().__init__()
         if act not in ACTIVATIONS or (act and (bits != 8 or scale.shape[1] != 1)):
             raise LlmcycleError(f"quantize: int8 activations need int8 per-channel weights (got {bits} bits, act={act}).")
@@ -95,7 +95,14 @@ class QuantizedLinear(nn.Module):
             self.input_scale = None
         self.out_features, self.in_features = q.shape
         self.bits = bits
-        self.group_size = None if scale.shape[1] == 1 else self.in_features // scale.shape[1]
+        # Said, not inferred: a layer whose inputs make one group of `group_size` has one scale per row, as
+        # per-channel int8 has, yet belongs to the model's group-wise scheme (and int4's kernel needs the size).
+        if group_size is not None and self.in_features != group_size * scale.shape[1]:
+            raise LlmcycleError(f"quantize: {scale.shape[1]} scale(s) per row do not make groups of {group_size} "
+                                f"over {self.in_features} inputs.")
+        if group_size is None and scale.shape[1] != 1:
+            raise LlmcycleError("quantize: scales per group need the group size.")
+        self.group_size = group_size
         self.dtype = dtype  # the model's dtype: what the layer returns
         self.register_buffer("q", q.to(torch.int8))
         self.register_buffer("scale", scale.float())
@@ -108,7 +115,7 @@ class QuantizedLinear(nn.Module):
         q, scale = quantize_weight(layer.weight, bits, group_size)
         dev = layer.weight.device
         return cls(q.to(dev), scale.to(dev), bits, layer.bias, layer.weight.dtype, act,
-                   None if input_scale is None else input_scale.to(dev))
+                   None if input_scale is None else input_scale.to(dev), group_size)
 
     def _prepare_kernel(self) -> str:
         """Which product `forward` runs, with its operands laid out once. The layouts replace the codes
