@@ -187,6 +187,11 @@ def build(workdir: Path, size: str, args: argparse.Namespace) -> tuple[Path, dic
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.save_pretrained(base)
+    if args.llama_cpp:  # a GGUF file carries its tokenizer: one of the model's vocabulary, from the stdlib
+        from llmcycle.tokenizer.train import train_tokenizer
+
+        texts = [f.read_text(errors="replace") for f in sorted(Path(os.__file__).parent.glob("*.py"))[:150]]
+        train_tokenizer(texts, vocab_size=cfg.vocab_size).save_pretrained(base)
     dirs = {}
     for name, method in LLMCYCLE.items():
         dirs[name] = base if method is None else workdir / name
