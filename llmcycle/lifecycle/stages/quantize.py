@@ -150,8 +150,8 @@ def report(run: Records) -> list[Section]:
         s, dv = v["suite"], d.get(name, {})
         rows.append([name, s.get("heldout_bpb"), _pct(dv.get("heldout_bpb")), s.get("mc_accuracy"),
                      _diff(dv.get("mc_accuracy")), s.get("exact_match"), _diff(dv.get("exact_match")),
-                     round(v["weight_bytes"] / 2**20, 2), round(v["peak_rss_mb"]), round(v["batch1_tok_s"], 1),
-                     round(v["concurrent_tok_s"], 1)])
+                     f"{v['weight_bytes'] / 2**20:.2f}", f"{v['peak_rss_mb']:.0f}", f"{v['batch1_tok_s']:.1f}",
+                     f"{v['concurrent_tok_s']:.1f}"])
     names = list(variants)
     conc = next(iter(variants.values())).get("concurrency", 16)
     blocks: list[Block] = [
