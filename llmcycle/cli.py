@@ -439,7 +439,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("serve", "serve model directories behind an OpenAI-compatible HTTP API", _add_serve),
     ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
     ("merge", "fold a LoRA adapter into its base model: a plain Hugging Face model directory", _add_merge),
-    ("quantize", "int8 / int4 weight-only quantization into a compressed-tensors model directory", _add_quantize),
+    ("quantize", "quantize a model: int8, int4 (RTN or GPTQ), W8A8, NF4 (compressed-tensors / bitsandbytes formats)", _add_quantize),
     ("export", "write a model for another runtime: GGUF for llama.cpp (edge devices)", _add_export),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
