@@ -55,10 +55,9 @@ def copy_bandwidth() -> float:
 
 
 def prompts(vocab: int, n: int) -> list[list[int]]:
-    import random
+    from llmcycle.optimize.probe import random_prompts
 
-    rng = random.Random(0)
-    return [[rng.randrange(3, vocab) for _ in range(PROMPT_LEN)] for _ in range(n)]
+    return random_prompts(vocab, n, PROMPT_LEN)
 
 
 def step_bytes(model) -> int:
@@ -84,28 +83,13 @@ def step_bytes(model) -> int:
 def child_llmcycle(model_dir: Path, variant: str, tokens: int, repeats: int) -> dict:
     import torch
 
-    from llmcycle.serve.engine import LLMEngine
+    from llmcycle.optimize.probe import decode_speed
     from llmcycle.serve.model_runner import ModelRunner
-    from llmcycle.serve.sampling import SamplingParams
 
     torch.set_flush_denormal(True)
     model = ModelRunner.load_weights(model_dir, dtype=torch.bfloat16 if variant == "bf16" else None)
-    engine = LLMEngine(None, model=model, num_blocks=CONCURRENT * (PROMPT_LEN + tokens) // 16 + 16, block_size=16,
-                       max_num_seqs=CONCURRENT)
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    ps = prompts(model.config.vocab_size, CONCURRENT)
-
-    def run(batch: list[list[int]]) -> float:
-        for p in batch:
-            engine.add_request(p, params)
-        t = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        return len(batch) * tokens / (time.perf_counter() - t)
-
-    run(ps[:1])  # warm-up
-    single = statistics.median(run(ps[:1]) for _ in range(repeats))
-    return {"batch1_tok_s": single, "concurrent_tok_s": run(ps), "step_bytes": step_bytes(model)}
+    single, together = decode_speed(model, tokens, CONCURRENT, PROMPT_LEN, repeats)
+    return {"batch1_tok_s": single, "concurrent_tok_s": together, "step_bytes": step_bytes(model)}
 
 
 def child_transformers(model_dir: Path, tokens: int, repeats: int) -> dict:

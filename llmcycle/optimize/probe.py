@@ -1,6 +1,6 @@
 """What serving a model directory costs here: `python -m llmcycle.optimize.probe MODEL_DIR` loads it the way
 the engine does and prints one JSON line: batch-1 decode tokens/s, tokens/s with `--concurrency` requests at
-once, the resident memory after loading and its peak, and the bytes its tensors hold.
+once, the resident memory after loading and its peak.
 
 It runs in a process of its own so that the peak resident set is this model's alone (the `quantize` stage of
 `llmcycle run` probes the final model and each quantized variant this way). Prompts are fixed random token
@@ -14,25 +14,26 @@ import json
 import random
 import statistics
 import time
+from typing import Any
 
 
-def probe(model_dir: str, tokens: int = 32, concurrency: int = 16, prompt_len: int = 16, repeats: int = 3) -> dict:
-    import torch
+def random_prompts(vocab: int, n: int, length: int = 16) -> list[list[int]]:
+    """`n` prompts of `length` token ids drawn from a fixed seed, above the special ids."""
+    rng = random.Random(0)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
-    from llmcycle import memory
+
+def decode_speed(model: Any, tokens: int, concurrency: int, prompt_len: int = 16,
+                 repeats: int = 3) -> tuple[float, float]:
+    """(batch-1 tokens/s, the median of `repeats` after a warm-up; tokens/s of `concurrency` requests at once)
+    of greedy decoding through the engine, `tokens` new tokens a request."""
     from llmcycle.serve.engine import LLMEngine
-    from llmcycle.serve.model_runner import ModelRunner
     from llmcycle.serve.sampling import SamplingParams
 
-    torch.set_flush_denormal(True)
-    model = ModelRunner.load_weights(model_dir)
-    loaded_mb = memory.rss_mb()
     per_seq = -(-(prompt_len + tokens) // 16)
     engine = LLMEngine(None, model=model, block_size=16, num_blocks=concurrency * per_seq + 1,
                        max_num_seqs=concurrency)
-    rng = random.Random(0)
-    vocab = model.config.vocab_size
-    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(concurrency)]
+    prompts = random_prompts(model.config.vocab_size, concurrency, prompt_len)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
     def run(batch: list[list[int]]) -> float:
@@ -45,12 +46,21 @@ def probe(model_dir: str, tokens: int = 32, concurrency: int = 16, prompt_len: i
 
     run(prompts[:1])  # warm-up: first calls pick kernels and lay weights out
     single = statistics.median(run(prompts[:1]) for _ in range(repeats))
-    together = run(prompts)
-    tensors = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    packed = sum(m._packed.numel() for m in model.modules() if getattr(m, "_packed", None) is not None)
+    return single, run(prompts)
+
+
+def probe(model_dir: str, tokens: int = 32, concurrency: int = 16) -> dict:
+    import torch
+
+    from llmcycle import memory
+    from llmcycle.serve.model_runner import ModelRunner
+
+    torch.set_flush_denormal(True)
+    model = ModelRunner.load_weights(model_dir)
+    loaded_mb = memory.rss_mb()
+    single, together = decode_speed(model, tokens, concurrency)
     return {"batch1_tok_s": single, "concurrent_tok_s": together, "concurrency": concurrency,
-            "loaded_rss_mb": loaded_mb, "peak_rss_mb": memory.peak_rss_mb(),
-            "tensor_bytes": sum(tensors.values()) + packed}
+            "loaded_rss_mb": loaded_mb, "peak_rss_mb": memory.peak_rss_mb()}
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, act: str | None = None,
                  input_scale: torch.Tensor | None = None, group_size: int | None = None) -> None:
         super().__init__()
-        if act not in ACTIVATIONS or (act and (bits != 8 or scale.shape[1] != 1)):
+        if act not in ACTIVATIONS or (act and (bits != 8 or group_size is not None)):
             raise LlmcycleError(f"quantize: int8 activations need int8 per-channel weights (got {bits} bits, act={act}).")
         if (act == "static") != (input_scale is not None):
             raise LlmcycleError("quantize: static activations need an input scale, and only they have one.")
