@@ -13,6 +13,10 @@ With int8 activations too (W8A8, `act`): each row of x is quantized at run time 
 (`dynamic`, per token) or with one scale calibrated beforehand (`static`, per tensor, `input_scale`), and
 `torch._int_mm` multiplies int8 by int8 into int32 (VNNI on this CPU), rescaled by both scales.
 
+Int8 products of a few rows (batch-1 decode) go instead to llmcycle's own GEMV (`optimize/gemv.c`, via
+`gemv.py`), which streams the weights at memory speed where torch's kernels are compute-bound at one row:
+W8A8 with the same integers as `_int_mm`, weight-only int8 with 15-bit activations per block of 128.
+
 The weight-only kernels run with bf16 activations: with fp32 activations these kernels are several times slower than an
 fp32 matmul on the machines measured (docs/benchmarks.md), with bf16 several times faster. Where a
 kernel is missing (another device, an int4 shape it refuses) the layer dequantizes then multiplies,
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.optimize import gemv
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +124,28 @@ class QuantizedLinear(nn.Module):
 
     def _prepare_kernel(self) -> str:
         """Which product `forward` runs, with its operands laid out once. The layouts replace the codes
-        rather than copy them: int4's repacked weight is all that stays (`codes()` recovers q from it),
-        and W8A8 keeps q as a view of its transposed copy."""
+        rather than copy them: int4's repacked weight is all that stays (`codes()` recovers q from it).
+        Int8 layers (weight-only and W8A8) also take gemv.c's kernels when a product has few rows."""
         cpu = self.scale.device.type == "cpu"
         if self.act:
             if cpu and hasattr(torch, "_int_mm"):
-                self._q_t = self.codes().T.contiguous()  # _int_mm multiplies [M, K] by [K, N]
-                self.q = self._q_t.T
+                self._wsum = self.q.sum(1, dtype=torch.int32)  # the one-row GEMV's offset term (gemv.c)
                 return "int_mm"
             _warn_once("w8a8", "no int8 x int8 kernel here; multiplying the dequantized int8 values instead.")
             return "dequantize"
         if not cpu:
             return "dequantize"
         if self.bits == 8 and self.group_size is None and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            self._scale_k = self.scale[:, 0].to(KERNEL_DTYPE)
-            return "int8pack"
-        if self.bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            # torch's int8 kernel reads past the row when in_features is not a multiple of 16: wrong numbers
+            # or a crash (tests/test_gemv.py). Such layers take the GEMV for few rows, the fallback for more.
+            if self.in_features % 16 == 0:
+                self._scale_k = self.scale[:, 0].to(KERNEL_DTYPE)
+                return "int8pack"
+            _warn_once("int8:k", f"torch's int8 kernel mishandles {self.in_features} inputs (not a multiple of "
+                       "16); dequantizing for products of many rows instead (slower, same numbers).")
+            return "dequantize"
+        if self.bits == 4 and self.group_size in (32, 64, 128, 256) and hasattr(torch.ops.aten,
+                                                                              "_weight_int4pack_mm_for_cpu"):
             try:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32) + 8, 1)
             except RuntimeError as e:  # a shape the kernel refuses (out_features not a multiple of 16, ...)
@@ -170,30 +181,36 @@ class QuantizedLinear(nn.Module):
             self._kernel, self._kernel_device = self._prepare_kernel(), self.scale.device
         if self.act:
             return self._forward_w8a8(x)
-        if self._kernel == "dequantize":
-            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
-        if self._kernel == "int8pack":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self._scale_k)
+        x2 = x.reshape(-1, self.in_features)
+        if self.bits == 8 and self.group_size is None and gemv.usable(x2, self.q, gemv.W8A16_MAX_ROWS):
+            y = gemv.w8a16(x2, self.q, self.scale[:, 0].contiguous())  # batch-1 decode: memory-bound
+        elif self._kernel == "int8pack":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.q, self._scale_k)
+        elif self._kernel == "int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self._packed, self.group_size,
+                                                           self._scales_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._finish(y, x)
 
     def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
+        if self._kernel == "int_mm" and gemv.usable(x2, self.q, gemv.W8A8_MAX_ROWS):  # few rows: same integers
+            return self._finish(gemv.w8a8(x2, self.q, self.scale[:, 0].contiguous(), self._wsum, self.input_scale), x)
         if self.act == "dynamic":
             x_scale = x2.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
         else:
             x_scale = self.input_scale
         xq = quantize_rows(x2, x_scale)
         if self._kernel == "int_mm":
-            acc = torch._int_mm(xq, self._q_t).float()
+            acc = torch._int_mm(xq, self.q.T).float()  # [M, K] by [K, N]: a transposed view is as fast
         else:  # the same integers, multiplied in float (exact below 2^24 per sum)
             acc = xq.float() @ self.codes().float().T
-        y = (acc * x_scale * self.scale[:, 0]).to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return self._finish(acc * x_scale * self.scale[:, 0], x)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [rows, out] back to x's dtype and shape, plus the bias."""
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
