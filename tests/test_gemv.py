@@ -95,6 +95,7 @@ def test_non_finite_activations_give_nan_rows_not_garbage(builds):
 
 
 def test_quantized_layers_take_the_gemv_for_few_rows_only(monkeypatch):
+    torch.manual_seed(0)
     layer = torch.nn.Linear(256, 96, bias=True)
     for act, max_rows in ((None, gemv.W8A16_MAX_ROWS), ("dynamic", gemv.W8A8_MAX_ROWS)):
         ql = QuantizedLinear.from_linear(layer, 8, None, act)
@@ -106,7 +107,9 @@ def test_quantized_layers_take_the_gemv_for_few_rows_only(monkeypatch):
         y_few, y_many = ql(few), ql(many)
         assert len(calls) == 1 and y_few.shape == (1, max_rows, 96) and y_many.shape == (1, max_rows + 1, 96)
         expected = torch.nn.functional.linear(few, ql.dequantize(), ql.bias)
-        assert (y_few - expected).abs().max() <= 1e-2 * expected.abs().max()
+        # weight-only: 15-bit activations; W8A8: int8 activations, a step of 1/127 of the row's largest
+        tolerance = 1e-3 if act is None else 3e-2
+        assert (y_few - expected).abs().max() <= tolerance * expected.abs().max()
         if act:  # the same integers as the _int_mm path, exactly
             ql._kernel = "dequantize"
             torch.testing.assert_close(ql(few), y_few, rtol=1e-6, atol=1e-6)
