@@ -348,6 +348,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=none, help=f"port (default: {S.port})")
     p.add_argument("--keys", metavar="DB", default=none,
                    help="API key database (llmcycle keys create ...): keys required")
+    p.add_argument("--request-log", metavar="DB|auto|off", default=none,
+                   help="SQLite request log (default: auto, beside --keys or in ~/.local/state/llmcycle)")
     p.add_argument("--kv-cache-mb", type=int, default=none,
                    help=f"KV cache budget per model in MiB (default: {S.kv_cache_mb})")
     p.add_argument("--block-size", type=int, default=none, help=f"tokens per KV block (default: {S.block_size})")
@@ -419,6 +421,12 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     add_export_arguments(p)
 
 
+def _add_monitor(p: argparse.ArgumentParser) -> None:
+    from llmcycle.monitor.cli import add_monitor_arguments
+
+    add_monitor_arguments(p)
+
+
 def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
@@ -443,6 +451,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("export", "write a model for another runtime: GGUF for llama.cpp (edge devices)", _add_export),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
+    ("monitor", "read serve's request log: usage (tokens, cost, latency) by key, model, route, day; export", _add_monitor),
 )
 
 
@@ -568,7 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     setup_logging()  # progress to stdout, warnings to stderr (llmcycle/logs.py)
     try:
-        args = build_parser(_chosen_command(argv) or "").parse_args(argv)
+        parser = build_parser(_chosen_command(argv) or "")
+        args, extra = parser.parse_known_args(argv)
+        # argparse takes a command's positional items in one run: `serve DIR --port 1 key=value` leaves
+        # key=value over. Words (not options) after the flags belong with the items given before them.
+        if extra and isinstance(getattr(args, "items", None), list) and not any(x.startswith("-") for x in extra):
+            args.items.extend(extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         check_dirs(args)
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, while we can still handle it

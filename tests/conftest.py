@@ -8,6 +8,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_dir(tmp_path_factory):
+    """Servers started by tests keep their request logs (`request_log: auto`) in a temporary directory,
+    not in the user's ~/.local/state."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg_state"))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """A small slice of the embedded corpus, a 512-token BPE tokenizer and train/val shards, built once."""

@@ -7,7 +7,9 @@ are these values (`LLMEngine`'s keyword defaults, `RequestLimits`), so a default
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from llmcycle.config import field_help as F
@@ -52,6 +54,15 @@ class ServeConfig:
     max_stop: int = F(16, "most stop strings per request")
     max_body_mb: float = F(4.0, "largest request body in MiB; larger ones get 413")
     drain_timeout: float = F(30.0, "seconds SIGTERM waits for running requests before exiting 2")
+    # monitoring (docs/monitor.md)
+    request_log: str = F("auto", "SQLite file of one row per request; auto: requests.sqlite beside the keys "
+                                 "database, else in $XDG_STATE_HOME/llmcycle (~/.local/state/llmcycle); off: none")
+    store_text: bool = F(False, "also log prompts and completions (PII-redacted first)")
+    prices: dict[str, dict[str, float]] = F({}, "price per model name (\"*\": any other): {input, cached_input, "
+                                                "output} per 1M tokens, or {per_second}")
+    log_flush_interval: float = F(1.0, "seconds between request-log writes (what a kill can lose)")
+    log_queue_size: int = F(10000, "request-log rows waiting to be written; beyond, rows are dropped and counted")
+    log_retention_days: float | None = F(None, "delete request-log rows older than this (null: keep all)")
 
     def validate(self) -> ServeConfig:
         """Raise ConfigError naming the first bad value; returns self."""
@@ -59,13 +70,27 @@ class ServeConfig:
             raise ConfigError("serve: no model to serve; give a model directory (or models: [...] in the recipe).")
         for key in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "chunk_size",
                     "num_speculative_tokens", "threads", "max_waiting", "max_n", "max_prompts", "max_stop",
-                    "max_body_mb", "drain_timeout"):
+                    "max_body_mb", "drain_timeout", "log_flush_interval", "log_queue_size", "log_retention_days"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"serve: {key} must be positive, not {value}.")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: port must be in [0, 65535], not {self.port}.")
+        from llmcycle.monitor.pricing import PriceTable
+
+        PriceTable(self.prices)  # a bad price table fails here, naming the key
         return self
+
+    def request_log_path(self) -> Path | None:
+        """Where the request log goes (None: off)."""
+        if self.request_log == "off":
+            return None
+        if self.request_log != "auto":
+            return Path(self.request_log)
+        if self.keys:
+            return Path(self.keys).parent / "requests.sqlite"
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        return Path(state) / "llmcycle" / "requests.sqlite"
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of `LLMEngine` (imports torch for the dtype)."""

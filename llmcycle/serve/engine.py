@@ -198,7 +198,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if len(batch) == 0:
             return []
-        self.output_processor.mark_scheduled((s.seq.seq_id for s in batch), time.monotonic())
+        self.output_processor.mark_scheduled(batch, time.monotonic())
         out = self.runner.execute(batch, self.block_manager.block_table)
         self.scheduler.update(batch, out.sampled)
         self.runner.after_update(batch, out)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from llmcycle.serve.detokenizer import IncrementalDetokenizer
 from llmcycle.serve.sampling import SamplingParams, find_stop, stop_holdback
-from llmcycle.serve.scheduler import Sequence
+from llmcycle.serve.scheduler import ScheduledSeq, Sequence
 from llmcycle.tokenizer import Tokenizer
 
 
@@ -41,6 +41,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held when the request was first scheduled
 
 
 @dataclass
@@ -108,11 +109,14 @@ class OutputProcessor:
             self._forget(st.seq.seq_id)
         return req
 
-    def mark_scheduled(self, seq_ids: Iterable[str], now: float) -> None:
-        for sid in seq_ids:
-            m = self._owner[sid].metrics
+    def mark_scheduled(self, batch: Iterable[ScheduledSeq], now: float) -> None:
+        """Note when each request was first scheduled, and how many of its prompt tokens the prefix cache
+        held then (where its first chunk starts)."""
+        for s in batch:
+            m = self._owner[s.seq.seq_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
+                m.num_cached_tokens = s.start
 
     def process(self, sampled: Iterable[str], logprobs: dict[str, dict[int, float]]) -> list[RequestOutput]:
         """After the scheduler recorded a step: extend the text of every sequence in `sampled` (ids of those

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.sampling import SamplingParams
@@ -56,6 +56,8 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's request metadata: up to 16 string pairs, kept with the request in the request log
+    metadata: dict[str, str] | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extras
     top_k: int | None = None
@@ -63,6 +65,14 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata holds at most 16 pairs, keys of at most 64 characters and values of "
+                             "at most 512")
+        return v
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         extra_stop_token_ids: list[int] | None = None) -> SamplingParams:

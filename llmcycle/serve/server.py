@@ -24,7 +24,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,6 +39,9 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.monitor.pricing import PriceTable
+from llmcycle.monitor.request_log import RequestLog
+from llmcycle.monitor.tracker import CLIENT_CLOSED, RequestMonitor, Trace, model_version
 from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
@@ -81,7 +84,8 @@ class ServerState:
     (`draining`, and `in_flight`: admitted HTTP requests not yet answered in full)."""
 
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
-                 limits: RequestLimits | None = None) -> None:
+                 limits: RequestLimits | None = None, request_log: RequestLog | None = None,
+                 prices: PriceTable | None = None, store_text: bool = False) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
@@ -96,6 +100,9 @@ class ServerState:
         self.bytes_per_token = {name: max_bytes_per_token(e.engine.tokenizer) for name, e in engines.items()}
         self.limiter = RateLimiter()
         self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
+        # the one monitoring hook: every API request begins a trace and ends it once (monitor/tracker.py)
+        self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
+                                      {name: model_version(e.engine.model_dir) for name, e in engines.items()})
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
@@ -448,53 +455,101 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         return FileResponse(page, media_type="text/html")
 
     @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        _authorize(state, request)
-        # root is the name, not the directory: a client has no business knowing the server's paths.
-        # An adapter names its base in `parent`, as vLLM lists LoRA modules.
-        names = [(name, name, None) for name in state.engines] + [(a, b, b) for a, b in state.adapters.items()]
-        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
-                 "root": name, "parent": parent, "max_model_len": state.engines[base].engine.max_model_len}
-                for name, base, parent in names]
-        return JSONResponse({"object": "list", "data": data})
+    async def models(request: Request) -> Response:
+        return await _monitored(state, "/v1/models", lambda trace: _models(state, request, trace))
 
     @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
-        key = _authorize(state, request)
-        req: CompletionRequest = await _request(request, CompletionRequest, state.limits)
-        base, engine, lora = state.route(req.model)
-        prompts = req.prompts()
-        if not prompts:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        for p in prompts:
-            if isinstance(p, str):
-                _check_prompt_bytes(state, base, [p], "prompt")
-        ids_list, params_list = await asyncio.to_thread(
-            _check_params, engine, prompts,
-            lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
-        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False, lora=lora)
+        return await _monitored(state, "/v1/completions", lambda trace: _completions(state, request, trace))
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
-        key = _authorize(state, request)
-        req: ChatCompletionRequest = await _request(request, ChatCompletionRequest, state.limits)
-        base, engine, lora = state.route(req.model)
-        tok = engine.engine.tokenizer
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
-        ids = await asyncio.to_thread(_encode_chat, tok, messages)
-        k = req.top_logprobs if req.logprobs else None
-        if req.logprobs and k is None:
-            k = 0
-        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        ids_list, params_list = await asyncio.to_thread(
-            _check_params, engine, [ids],
-            lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
-        return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora)
+        return await _monitored(state, "/v1/chat/completions", lambda trace: _chat(state, request, trace))
 
     app.openapi = lambda: _openapi(app)
     return app
+
+
+async def _monitored(state: ServerState, route: str, handler: Callable[[Trace], Awaitable[Response]]) -> Response:
+    """Run a route's handler inside a monitor trace, which ends with the answer's status: here for a whole
+    answer or an error, and at the stream's end for a streamed one (`_respond`)."""
+    trace = state.monitor.begin(route)
+    try:
+        response = await handler(trace)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            trace.end(CLIENT_CLOSED, "ClientDisconnected")
+        else:
+            status = exc.status if isinstance(exc, APIError) else 503 if isinstance(
+                exc, (QueueFull, EngineUnavailable)) else 500
+            trace.end(status, APIError.TYPES.get(status, "Error"))
+        raise
+    if not isinstance(response, StreamingResponse):
+        trace.end(response.status_code)
+    return response
+
+
+async def _admit(state: ServerState, request: Request, model: type[_SamplingFields],
+                 trace: Trace) -> tuple[KeyRecord | None, Any, str, AsyncLLMEngine, str | None]:
+    """Key, parsed body and route of a generation request, each noted on its trace as it is known:
+    (key, request, base model name, its engine, LoRA adapter name)."""
+    key = _authorize(state, request)
+    trace.key_id = key.id if key is not None else None
+    req = await _request(request, model, state.limits)
+    trace.model, trace.stream, trace.user, trace.metadata = req.model, bool(req.stream), req.user, req.metadata
+    base, engine, lora = state.route(req.model)
+    trace.base_model, trace.adapter = base, lora
+    return key, req, base, engine, lora
+
+
+async def _models(state: ServerState, request: Request, trace: Trace) -> Response:
+    key = _authorize(state, request)
+    trace.key_id = key.id if key is not None else None
+    # root is the name, not the directory: a client has no business knowing the server's paths.
+    # An adapter names its base in `parent`, as vLLM lists LoRA modules.
+    names = [(name, name, None) for name in state.engines] + [(a, b, b) for a, b in state.adapters.items()]
+    data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
+             "root": name, "parent": parent, "max_model_len": state.engines[base].engine.max_model_len}
+            for name, base, parent in names]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def _completions(state: ServerState, request: Request, trace: Trace) -> Response:
+    key, req, base, engine, lora = await _admit(state, request, CompletionRequest, trace)
+    prompts = req.prompts()
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    for p in prompts:
+        if isinstance(p, str):
+            _check_prompt_bytes(state, base, [p], "prompt")
+    ids_list, params_list = await asyncio.to_thread(
+        _check_params, engine, prompts,
+        lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
+    if state.monitor.store_text:
+        tok = engine.engine.tokenizer
+        trace.prompt_text = "\n\n".join(p if isinstance(p, str) else tok.decode(p) for p in prompts)
+    return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False, lora=lora,
+                          trace=trace)
+
+
+async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
+    key, req, base, engine, lora = await _admit(state, request, ChatCompletionRequest, trace)
+    tok = engine.engine.tokenizer
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages]
+    _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
+    ids = await asyncio.to_thread(_encode_chat, tok, messages)
+    k = req.top_logprobs if req.logprobs else None
+    if req.logprobs and k is None:
+        k = 0
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    ids_list, params_list = await asyncio.to_thread(
+        _check_params, engine, [ids],
+        lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
+    if state.monitor.store_text:
+        trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora,
+                          trace=trace)
 
 
 def _encode_chat(tok: Any, messages: list[dict]) -> list[int]:
@@ -540,6 +595,7 @@ class _DrainGate:
             err = APIError(503, "The server is shutting down and takes no new requests.",
                            headers={"Connection": "close"})
             await err.response()(scope, receive, send)
+            self.state.monitor.begin(scope["path"]).end(503, APIError.TYPES[503])
             return
         self.state.in_flight += 1
         try:
@@ -599,7 +655,7 @@ class DrainingServer(uvicorn.Server):
 
 async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine, req: Any,
                    key: KeyRecord | None, ids_list: list[list[int]], params_list: list[SamplingParams],
-                   chat: bool, lora: str | None = None) -> Response:
+                   chat: bool, lora: str | None, trace: Trace) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     n = req.n
@@ -609,6 +665,7 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
     k = params_list[0].logprobs
     prompt_lens = [len(i) for i in ids_list]
     finals: dict[int, RequestOutput] = {}
+    trace.request_id, trace.prompt_lens, trace.outputs = rid, prompt_lens, finals  # the monitor reads finals
 
     def record_tokens() -> None:
         if key is not None:
@@ -653,6 +710,7 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
+        status, error_type = CLIENT_CLOSED, "ClientDisconnected"  # until the stream ends otherwise
         sent_text: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         done: set[tuple[int, int]] = set()
@@ -704,16 +762,20 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
                             "usage": _usage(prompt_lens, finals)})
+            status, error_type = 200, None
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             raise  # the client went away: closing `merged` below aborts the engine requests
         except BaseException as exc:  # noqa: BLE001 - an error mid-stream is sent as a last event
-            yield _sse(_engine_error(exc).body())
+            err = _engine_error(exc)
+            status, error_type = err.status, APIError.TYPES.get(err.status, "Error")
+            yield _sse(err.body())
             yield "data: [DONE]\n\n"
         finally:
             with contextlib.suppress(Exception):
                 await merged.aclose()
             record_tokens()
+            trace.end(status, error_type)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -833,7 +895,10 @@ def run_server(cfg: ServeConfig) -> None:
                for name, path in dirs.items()}
     limits = RequestLimits(max_n=cfg.max_n, max_prompts=cfg.max_prompts, max_stop=cfg.max_stop,
                            max_body_bytes=cfg.max_body_bytes)
-    state = ServerState(engines, store, limits)
+    log_path = cfg.request_log_path()
+    request_log = None if log_path is None else RequestLog(
+        log_path, cfg.log_flush_interval, cfg.log_queue_size, retention_days=cfg.log_retention_days)
+    state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
@@ -843,11 +908,16 @@ def run_server(cfg: ServeConfig) -> None:
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
     if store is not None:
         print(f"API keys required ({len(store)} active in {cfg.keys})", flush=True)
+    print(f"request log: {log_path or 'off'}" + (" (prompts and completions too, PII-redacted)"
+                                                 if log_path and cfg.store_text else ""), flush=True)
     # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
     config = uvicorn.Config(build_app(state, cfg.drain_timeout), host=cfg.host, port=cfg.port,
                             log_level=cfg.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(config, state, cfg.drain_timeout)
-    server.run()
+    try:
+        server.run()
+    finally:
+        state.monitor.close()  # the rows still queued are written before the process ends
     if server.forced:
         raise LlmcycleError("stopped by a second signal while draining; requests in flight were cut off.")
     if server.drained_cleanly is False:

@@ -1,0 +1,153 @@
+"""`llmcycle monitor usage|export`: the request log read back.
+
+`usage --by key|model|route|day|hour|user|status` prints one line per group: requests, errors (status >= 400),
+tokens (prompt, of which cached, completion), cost, and latency (median and p95 of the request time, mean
+time to first token); `--json` prints the same as JSON. `export --format jsonl|parquet` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.monitor.request_log import NAMES, connect
+
+GROUPS = {
+    "key": "key_id",
+    "model": "model",
+    "route": "route",
+    "day": "date(time, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%d %H:00', time, 'unixepoch')",
+    "user": "user",
+    "status": "status",
+}
+
+
+def default_log() -> Path:
+    from llmcycle.serve.config import ServeConfig
+
+    return ServeConfig().request_log_path()
+
+
+def _open(path: Path):
+    if not path.exists():
+        raise LlmcycleError(f"no request log at {path} (serve writes one; give --log FILE for another).")
+    return connect(path)
+
+
+def _where(since_days: float | None) -> tuple[str, tuple]:
+    return ("WHERE time >= ?", (time.time() - since_days * 86400,)) if since_days else ("", ())
+
+
+def usage(path: Path, by: str, since_days: float | None = None) -> list[dict[str, Any]]:
+    """One dict per group, busiest first."""
+    con = _open(path)
+    where, args = _where(since_days)
+    rows = con.execute(f"SELECT {GROUPS[by]} AS grp, status, prompt_tokens, cached_tokens, completion_tokens, "
+                       f"cost, total_s, ttft_s FROM requests {where}", args).fetchall()
+    con.close()
+    groups: dict[Any, list] = {}
+    for r in rows:
+        groups.setdefault(r["grp"], []).append(r)
+    out = []
+    for grp, rs in groups.items():
+        totals = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
+        ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
+        costs = [r["cost"] for r in rs if r["cost"] is not None]
+        out.append({
+            by: grp, "requests": len(rs), "errors": sum(1 for r in rs if (r["status"] or 0) >= 400),
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rs),
+            "cached_tokens": sum(r["cached_tokens"] or 0 for r in rs),
+            "completion_tokens": sum(r["completion_tokens"] or 0 for r in rs),
+            "cost": sum(costs) if costs else None,
+            "latency_p50_s": statistics.median(totals) if totals else None,
+            "latency_p95_s": totals[min(len(totals) - 1, int(0.95 * len(totals)))] if totals else None,
+            "ttft_mean_s": statistics.fmean(ttfts) if ttfts else None,
+        })
+    out.sort(key=lambda d: (-d["requests"], str(d[by])))
+    return out
+
+
+def export(path: Path, out: Path, fmt: str, since_days: float | None = None) -> int:
+    """Write the rows (oldest first) to `out` as JSON lines or Parquet; returns how many."""
+    con = _open(path)
+    where, args = _where(since_days)
+    rows = [dict(r) for r in con.execute(f"SELECT {', '.join(NAMES)} FROM requests {where} ORDER BY time, id", args)]
+    con.close()
+    for r in rows:
+        for k in ("finish_reasons", "metadata"):
+            if r[k] is not None:
+                r[k] = json.loads(r[k])
+        r["stream"] = None if r["stream"] is None else bool(r["stream"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        with open(out, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for r in rows:  # nested values as JSON text: one column type whatever the rows hold
+            for k in ("finish_reasons", "metadata"):
+                r[k] = None if r[k] is None else json.dumps(r[k], ensure_ascii=False)
+        pq.write_table(pa.Table.from_pylist(rows, schema=_arrow_schema(pa)), out)
+    return len(rows)
+
+
+def _arrow_schema(pa):
+    from llmcycle.monitor.request_log import COLUMNS
+
+    types = {"REAL": pa.float64(), "INTEGER": pa.int64(), "TEXT": pa.string()}
+    return pa.schema([(c, pa.bool_() if c == "stream" else types[t]) for c, t in COLUMNS])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Read the request log that `llmcycle serve` writes: usage tables and exports. "
+                     "See docs/monitor.md.")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    u = sub.add_parser("usage", help="requests, errors, tokens, cost and latency by key, model, route, day ...")
+    u.add_argument("--by", choices=list(GROUPS), default="model", help="group rows by (default: model)")
+    e = sub.add_parser("export", help="write the request log's rows as JSON lines or Parquet")
+    e.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="default: jsonl")
+    e.add_argument("--out", required=True, type=Path, help="file to write")
+    for q in (u, e):
+        q.add_argument("--log", type=Path, default=None,
+                       help="the request log (default: serve's, in $XDG_STATE_HOME/llmcycle/requests.sqlite)")
+        q.add_argument("--since", type=float, default=None, metavar="DAYS", help="only the last DAYS days")
+    u.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=monitor_main)
+
+
+def monitor_main(args: argparse.Namespace) -> int:
+    path = args.log or default_log()
+    if args.action == "export":
+        n = export(path, args.out, args.format, args.since)
+        print(f"wrote {n} request(s) to {args.out}")
+        return 0
+    table = usage(path, args.by, args.since)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    cols = [args.by, "requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens", "cost",
+            "latency_p50_s", "latency_p95_s", "ttft_mean_s"]
+    cells = [cols] + [[_fmt(r[c]) for c in cols] for r in table]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    if not table:
+        print("(no requests logged" + (f" in the last {args.since:g} days)" if args.since else ")"))
+    return 0

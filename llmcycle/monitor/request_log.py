@@ -1,0 +1,157 @@
+"""The request log: one row per request, written to SQLite off the event loop.
+
+`RequestLog(path)` opens (or creates) the database in WAL mode and starts one writer thread. `submit(row)`
+never blocks and never raises: the row goes on a bounded queue, and when the queue is full (the disk is
+slower than the traffic) the row is dropped and counted (`dropped`), so a slow disk can cost log rows but
+never a request's latency or its success. The writer inserts whatever has queued, in one transaction, every
+`flush_interval` seconds (or sooner when `batch_size` rows wait): a killed server loses at most the rows of
+the last interval, and SQLite's journal keeps the file consistent whatever the moment of the kill.
+`retention_days` deletes older rows as the writer goes (hourly). `close()` writes what is queued and stops.
+
+Readers (`llmcycle monitor`, tests) open the file with `connect(path)`; WAL lets them read while the server
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# (column, SQLite type). The order is the insert order; every row is a dict with some of these keys.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("time", "REAL"),              # unix time the request arrived
+    ("request_id", "TEXT"),
+    ("key_id", "TEXT"),            # the API key's id, never the key (null when keys are off)
+    ("route", "TEXT"),             # /v1/chat/completions ...
+    ("model", "TEXT"),             # the name the client asked for
+    ("base_model", "TEXT"),        # the served model that ran it
+    ("adapter", "TEXT"),           # the LoRA adapter, if any
+    ("model_version", "TEXT"),     # the served directory's manifest hash (lineage)
+    ("status", "INTEGER"),         # HTTP status; 499 when the client went away first
+    ("error_type", "TEXT"),
+    ("stream", "INTEGER"),
+    ("num_prompts", "INTEGER"),
+    ("prompt_tokens", "INTEGER"),
+    ("cached_tokens", "INTEGER"),  # prompt tokens served from the prefix cache
+    ("completion_tokens", "INTEGER"),
+    ("queue_s", "REAL"),           # arrival at the engine -> first scheduled
+    ("ttft_s", "REAL"),            # arrival at the server -> first token
+    ("itl_mean_s", "REAL"),        # mean time between output tokens
+    ("total_s", "REAL"),           # arrival at the server -> last byte produced
+    ("finish_reason", "TEXT"),     # of the first sequence; `finish_reasons` has them all
+    ("finish_reasons", "TEXT"),    # JSON list
+    ("cost", "REAL"),              # in the price table's currency; null when the model has no price
+    ("user", "TEXT"),              # the client's `user` field
+    ("metadata", "TEXT"),          # the client's `metadata` object, JSON
+    ("prompt", "TEXT"),            # only with store_text, PII-redacted
+    ("completion", "TEXT"),        # only with store_text, PII-redacted
+)
+NAMES = tuple(c for c, _ in COLUMNS)
+_INSERT = f"INSERT INTO requests ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection to a request log, the table created if missing (rows come back as sqlite3.Row)."""
+    con = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+    con.row_factory = sqlite3.Row
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+    cols = ", ".join(f"{c} {t}" for c, t in COLUMNS)
+    with con:
+        con.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {cols})")
+        con.execute("CREATE INDEX IF NOT EXISTS requests_time ON requests (time)")
+    return con
+
+
+class RequestLog:
+    """Writes request rows to SQLite from a thread of its own; see the module docstring."""
+
+    def __init__(self, path: str | Path, flush_interval: float = 1.0, queue_size: int = 10000,
+                 batch_size: int = 512, retention_days: float | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connect(self.path).close()  # a bad path fails here, at startup, not in the thread
+        self.flush_interval, self.batch_size, self.retention_days = flush_interval, batch_size, retention_days
+        self.dropped = 0   # rows lost to a full queue
+        self.written = 0   # rows committed
+        self.failed = 0    # rows lost to a database error
+        self._queue: queue.Queue[dict | None] = queue.Queue(maxsize=queue_size)
+        self._last_retention = 0.0
+        self._thread = threading.Thread(target=self._run, name="llmcycle-request-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: dict[str, Any]) -> None:
+        """Queue one row (a dict keyed by `NAMES`); never blocks, never raises."""
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write every queued row, then stop the writer."""
+        if self._thread.is_alive():
+            while True:  # the stop mark must get in even when the queue is full
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    if not self._thread.is_alive():
+                        break
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        con = connect(self.path)
+        stop = False
+        while not stop:
+            rows: list[dict] = []
+            deadline = time.monotonic() + self.flush_interval
+            while len(rows) < self.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                rows.append(item)
+            if rows:
+                self._write(con, rows)
+            self._apply_retention(con)
+        con.close()
+
+    def _write(self, con: sqlite3.Connection, rows: list[dict]) -> None:
+        values = [tuple(_column_value(r.get(c)) for c in NAMES) for r in rows]
+        try:
+            with con:
+                con.executemany(_INSERT, values)
+            self.written += len(rows)
+        except sqlite3.Error as e:  # a full or locked disk: count the loss, keep serving
+            self.failed += len(rows)
+            log.warning("request log: %d row(s) not written: %s", len(rows), e)
+
+    def _apply_retention(self, con: sqlite3.Connection) -> None:
+        now = time.time()
+        if self.retention_days is None or now - self._last_retention < 3600:
+            return
+        self._last_retention = now
+        try:
+            with con:
+                con.execute("DELETE FROM requests WHERE time < ?", (now - self.retention_days * 86400,))
+        except sqlite3.Error as e:
+            log.warning("request log: retention delete failed: %s", e)
+
+
+def _column_value(v: Any) -> Any:
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, bool):
+        return int(v)
+    return v

@@ -1,0 +1,168 @@
+"""The server's one monitoring hook: `RequestMonitor.begin(route)` when a request arrives, and the `Trace`
+it returns filled in as the request goes and ended exactly once, whatever happens: an answer, a 4xx before
+the engine saw it, an error mid-stream, or the client leaving (499).
+
+Ending a trace turns it into one request-log row (monitor/request_log.py), with the latency breakdown from
+the engine's `RequestMetrics`, the cost from the price table (monitor/pricing.py), and the request's
+counters on /metrics. Streamed and non-streamed requests are counted from the same engine outputs, so a
+stream's tokens and cost are recorded whether or not the client asked for `stream_options.include_usage`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+
+from llmcycle.monitor.pricing import PriceTable
+from llmcycle.monitor.request_log import RequestLog
+
+if TYPE_CHECKING:
+    from llmcycle.serve.output_processor import RequestOutput
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the answer was whole
+
+
+def model_version(model_dir: str | Path) -> str | None:
+    """A served directory's version: the first 16 hex digits of its manifest's sha256 (the manifest
+    hashes every file of the model, so equal versions are equal models), or None without a manifest."""
+    manifest = Path(model_dir) / "manifest.json"
+    try:
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+class Trace:
+    """One request as the monitor sees it. Handlers set the fields they learn; `end()` records it once."""
+
+    def __init__(self, monitor: RequestMonitor, route: str) -> None:
+        self.monitor, self.route = monitor, route
+        self.time, self.start = time.time(), time.monotonic()
+        self.request_id: str | None = None
+        self.key_id: str | None = None
+        self.model: str | None = None
+        self.base_model: str | None = None
+        self.adapter: str | None = None
+        self.stream = False
+        self.user: str | None = None
+        self.metadata: dict | None = None
+        self.prompt_text: str | None = None
+        self.prompt_lens: list[int] = []
+        self.outputs: dict[int, RequestOutput] = {}  # the latest output of each prompt
+        self.ended = False
+
+    def observe(self, index: int, out: RequestOutput) -> None:
+        self.outputs[index] = out
+
+    def end(self, status: int, error_type: str | None = None) -> dict | None:
+        """Record the request (the first call only); returns the row, or None when already ended."""
+        if self.ended:
+            return None
+        self.ended = True
+        return self.monitor.record(self, status, error_type)
+
+
+class RequestMonitor:
+    """Request log + prices + the request counters of /metrics, for one server."""
+
+    def __init__(self, log: RequestLog | None, prices: PriceTable | None = None, store_text: bool = False,
+                 registry: CollectorRegistry | None = None,
+                 versions: dict[str, str | None] | None = None) -> None:
+        self.log, self.prices, self.store_text = log, prices or PriceTable(None), store_text
+        self.versions = versions or {}
+        self._redact: Callable[[str], str] | None = None
+        if store_text:
+            from llmcycle.data.filters.pii import Pii
+
+            pii = Pii()
+            self._redact = lambda text: pii.redact(text)[0]
+        registry = registry or CollectorRegistry()
+        self.requests = Counter("llmcycle:requests", "Requests answered, by route and HTTP status.",
+                                ["model_name", "route", "status"], registry=registry)
+        self.cost = Counter("llmcycle:request_cost", "Cost of the requests answered, in the price table's "
+                            "currency.", ["model_name"], registry=registry)
+        registry.register(_LogCollector(lambda: self.log))
+
+    def begin(self, route: str) -> Trace:
+        return Trace(self, route)
+
+    def record(self, trace: Trace, status: int, error_type: str | None) -> dict:
+        end = time.monotonic()
+        outs = [trace.outputs[i] for i in sorted(trace.outputs)]
+        prompt = sum(trace.prompt_lens)
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics)
+        finishes = [c.finish_reason or "abort" for o in outs for c in o.outputs]
+        total = end - trace.start
+        row: dict[str, Any] = {
+            "time": trace.time, "request_id": trace.request_id, "key_id": trace.key_id, "route": trace.route,
+            "model": trace.model, "base_model": trace.base_model, "adapter": trace.adapter,
+            "model_version": self.versions.get(trace.base_model or ""), "status": status,
+            "error_type": error_type, "stream": trace.stream, "num_prompts": len(trace.prompt_lens) or None,
+            "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+            "total_s": total, "finish_reason": finishes[0] if finishes else None,
+            "finish_reasons": finishes or None, "user": trace.user, "metadata": trace.metadata,
+            **_latencies(outs, trace.start),
+        }
+        if trace.model is not None and trace.prompt_lens:
+            row["cost"] = self.prices.cost(trace.model, prompt, cached, completion, total)
+        if self._redact is not None:
+            if trace.prompt_text is not None:
+                row["prompt"] = self._redact(trace.prompt_text)
+            texts = [c.text for o in outs for c in o.outputs]
+            row["completion"] = self._redact(texts[0] if len(texts) == 1 else "\n\n".join(texts)) if texts else None
+        model_label = trace.model or ""
+        self.requests.labels(model_label, trace.route, str(status)).inc()
+        if row.get("cost"):
+            self.cost.labels(model_label).inc(row["cost"])
+        if self.log is not None:
+            self.log.submit(row)
+        return row
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def _latencies(outs: list[RequestOutput], start: float) -> dict[str, float | None]:
+    """Queue time (engine arrival -> first scheduled, the longest over the prompts), time to first token
+    from the server's arrival, and the mean gap between output tokens over every sequence."""
+    ms = [o.metrics for o in outs if o.metrics is not None]
+    queued = [m.first_scheduled_time - m.arrival_time for m in ms if m.first_scheduled_time is not None]
+    firsts = [m.first_token_time for m in ms if m.first_token_time is not None]
+    gaps, spans = 0, 0.0
+    for o in outs:
+        m = o.metrics
+        n = max((len(c.token_ids) for c in o.outputs), default=0)
+        if m is not None and m.first_token_time is not None and m.last_token_time is not None and n > 1:
+            spans += m.last_token_time - m.first_token_time
+            gaps += n - 1
+    return {"queue_s": max(queued) if queued else None, "ttft_s": min(firsts) - start if firsts else None,
+            "itl_mean_s": spans / gaps if gaps else None}
+
+
+class _LogCollector:
+    """The request log's own counters, read at scrape time."""
+
+    def __init__(self, log: Callable[[], RequestLog | None]) -> None:
+        self.log = log
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        log = self.log()
+        if log is None:
+            return
+        for name, doc, value in (("request_log_rows_written", "Request-log rows committed.", log.written),
+                                 ("request_log_rows_dropped", "Request-log rows dropped: the queue was full "
+                                  "(the disk slower than the traffic).", log.dropped),
+                                 ("request_log_rows_failed", "Request-log rows lost to a database error.",
+                                  log.failed)):
+            yield CounterMetricFamily(f"llmcycle:{name}", doc, value=value)

@@ -1,0 +1,278 @@
+"""Monitoring: prices, the request log (batched, bounded, never in a request's way, whole after a kill), and
+a real server on loopback whose log agrees with what the official `openai` client received and with
+/metrics, streamed or not, with keys, errors and disconnects; `llmcycle monitor usage|export` read it back."""
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from conftest import make_serving_model
+from llmcycle.errors import ConfigError
+from llmcycle.monitor.cli import export, usage
+from llmcycle.monitor.pricing import PriceTable
+from llmcycle.monitor.request_log import RequestLog, connect
+from llmcycle.serve.async_engine import AsyncLLMEngine
+from llmcycle.serve.auth import KeyStore
+from llmcycle.serve.engine import LLMEngine
+from llmcycle.serve.server import ServerState
+from llmcycle.serve.smoke import serve_in_thread
+
+openai = pytest.importorskip("openai")
+
+PRICES = {"m": {"input": 3.0, "cached_input": 1.0, "output": 15.0}, "*": {"per_second": 0.5}}
+
+
+def test_price_table():
+    t = PriceTable(PRICES | {"plain": {"input": 2, "output": 4}})
+    assert t.cost("m", 1000, 200, 500, 9.0) == pytest.approx((800 * 3 + 200 * 1 + 500 * 15) / 1e6)
+    assert t.cost("plain", 1000, 200, 10, 0) == pytest.approx((1000 * 2 + 10 * 4) / 1e6)  # cached as input
+    assert t.cost("other", 5, 0, 5, 2.0) == pytest.approx(1.0)  # "*": per second
+    assert PriceTable({"m": {"input": 1}}).cost("unpriced", 10, 0, 10, 1) is None
+    for bad, match in (({"m": {"inptu": 1}}, "unknown key 'inptu'"), ({"m": {"input": -1}}, "number >= 0"),
+                       ({"m": 3}, "per 1M tokens"), ({"m": {"output": "cheap"}}, "number >= 0")):
+        with pytest.raises(ConfigError, match=match):
+            PriceTable(bad)
+
+
+def test_a_slow_disk_drops_rows_and_counts_them_but_never_blocks(tmp_path):
+    path = tmp_path / "log.sqlite"
+    log = RequestLog(path, flush_interval=0.02, queue_size=5)
+    blocker = sqlite3.connect(path, timeout=30)
+    blocker.execute("BEGIN EXCLUSIVE")  # the disk is "slow": the writer waits on the lock
+    time.sleep(0.1)
+    start = time.perf_counter()
+    for i in range(200):
+        log.submit({"request_id": str(i), "time": time.time(), "status": 200})
+    assert time.perf_counter() - start < 0.5  # submit never waited for the disk
+    assert log.dropped > 150
+    blocker.rollback()
+    blocker.close()
+    log.close()
+    assert log.written + log.dropped + log.failed == 200 and log.failed == 0
+    con = connect(path)
+    assert con.execute("SELECT count(*) FROM requests").fetchone()[0] == log.written
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_data, tmp_path_factory) -> str:
+    torch.set_num_threads(1)
+    return make_serving_model(tiny_data["tokenizer"], tmp_path_factory.mktemp("monitor") / "model")
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    """A server with two keys, prices, prompts stored (PII-redacted), logging to a real SQLite file."""
+    d = tmp_path_factory.mktemp("served")
+    store = KeyStore(d / "keys.sqlite")
+    keys = {name: store.create(name) for name in ("alice", "bob")}
+    log = RequestLog(d / "requests.sqlite", flush_interval=0.05)
+    engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=512, max_num_seqs=64))
+    state = ServerState({"m": engine}, store, request_log=log, prices=PriceTable(PRICES), store_text=True)
+    with serve_in_thread(state) as url:
+        yield {"url": url, "state": state, "log": log, "keys": keys}
+
+
+def _rows(served, wait_for: int) -> list[dict]:
+    """The log's rows once `wait_for` of them are written (the writer flushes every 50 ms)."""
+    deadline = time.monotonic() + 30
+    while served["log"].written < wait_for and time.monotonic() < deadline:
+        time.sleep(0.02)
+    con = connect(served["log"].path)
+    return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
+
+
+def _metric_sum(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_every_request_is_logged_as_the_client_saw_it(served):
+    """64 concurrent clients, two keys, completions and chat, streamed (with and without usage) and not:
+    rows == requests, token sums == the usage the clients got == /metrics, cost per key exact."""
+    url, state = served["url"], served["state"]
+    before = len(_rows(served, 0))
+    prompt_before = _metric_sum(url, "llmcycle:prompt_tokens_total")
+    gen_before = _metric_sum(url, "llmcycle:generation_tokens_total")
+    clients = {name: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+               for name, (key, _) in served["keys"].items()}
+
+    def one(i: int) -> tuple[str, str, int | None, int]:
+        """(key name, response id, prompt tokens the client was told or None, completion tokens)"""
+        name = "alice" if i % 2 else "bob"
+        c = clients[name]
+        kw = dict(model="m", max_tokens=4 + i % 5, temperature=0, extra_body={"ignore_eos": True},
+                  user=f"user-{i % 3}")
+        chat, stream = i % 4 >= 2, i % 3 == 0
+        if stream:
+            opts = {"stream_options": {"include_usage": True}} if i % 2 == 0 else {}
+            if chat:
+                it = c.chat.completions.create(messages=[{"role": "user", "content": f"hi {i}"}], stream=True,
+                                               **opts, **kw)
+            else:
+                it = c.completions.create(prompt=f"the {i}", stream=True, **opts, **kw)
+            rid, usage = "", None
+            for ev in it:
+                rid, usage = ev.id, ev.usage or usage
+            if usage is None:  # no usage asked for: ignore_eos makes the count the one asked for
+                return name, rid, None, kw["max_tokens"]
+            return name, rid, usage.prompt_tokens, usage.completion_tokens
+        if chat:
+            r = c.chat.completions.create(messages=[{"role": "user", "content": f"hi {i}"}], **kw)
+        else:
+            r = c.completions.create(prompt=f"the {i}", **kw)
+        return name, r.id, r.usage.prompt_tokens, r.usage.completion_tokens
+
+    with ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(one, range(64)))
+    rows = _rows(served, before + 64)[before:]
+    assert len(rows) == 64 and all(r["status"] == 200 for r in rows)
+    key_ids = {name: rec.id for name, (_, rec) in served["keys"].items()}
+    by_id = {r["request_id"]: r for r in rows}
+    assert len(by_id) == 64 and sum(r["stream"] for r in rows) == sum(1 for i in range(64) if i % 3 == 0)
+    for name, rid, prompt, completion in got:
+        r = by_id[rid]
+        assert (r["key_id"], r["completion_tokens"]) == (key_ids[name], completion)
+        if prompt is not None:
+            assert r["prompt_tokens"] == prompt
+    assert _metric_sum(url, "llmcycle:prompt_tokens_total") - prompt_before == sum(r["prompt_tokens"] for r in rows)
+    assert _metric_sum(url, "llmcycle:generation_tokens_total") - gen_before == sum(
+        r["completion_tokens"] for r in rows)
+    price = PriceTable(PRICES)
+    for r in rows:
+        assert r["cost"] == pytest.approx(price.cost("m", r["prompt_tokens"], r["cached_tokens"],
+                                                     r["completion_tokens"], r["total_s"]), rel=1e-12)
+        assert r["route"] in ("/v1/completions", "/v1/chat/completions") and r["model_version"] is None
+        assert r["ttft_s"] > 0 and r["total_s"] >= r["ttft_s"] and r["queue_s"] >= 0
+        assert r["user"].startswith("user-") and r["finish_reason"] == "length"
+    per_key = {k: sum(r["cost"] for r in rows if r["key_id"] == k) for k in key_ids.values()}
+    table = {t["key"]: t for t in usage(served["log"].path, "key")}
+    for k, cost in per_key.items():
+        assert table[k]["cost"] >= cost  # the table holds earlier tests' rows too
+    assert state.monitor.log.dropped == 0
+
+
+def test_errors_disconnects_and_redaction_are_logged(served):
+    url = served["url"]
+    key = served["keys"]["alice"][0]
+    hdr = {"Authorization": f"Bearer {key}"}
+    before = len(_rows(served, 0))
+    assert httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "a"}).status_code == 401
+    assert httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "a"}, headers=hdr).status_code == 404
+    r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "a", "temperature": -1}, headers=hdr)
+    assert r.status_code == 400
+    body = {"model": "m", "messages": [{"role": "user", "content": "mail me at jane.doe@example.com"}],
+            "max_tokens": 3, "metadata": {"team": "search"}}
+    assert httpx.post(url + "/v1/chat/completions", json=body, headers=hdr).status_code == 200
+    assert httpx.post(url + "/v1/chat/completions", json={**body, "metadata": {f"k{i}": "v" for i in range(17)}},
+                      headers=hdr).status_code == 422
+
+    async def leave_mid_stream() -> None:
+        async with httpx.AsyncClient() as c:
+            long = {"model": "m", "prompt": "go", "max_tokens": 100, "stream": True, "ignore_eos": True}
+            async with c.stream("POST", url + "/v1/completions", json=long, headers=hdr) as resp:
+                async for _ in resp.aiter_lines():
+                    break  # one event, then the client is gone
+
+    asyncio.run(leave_mid_stream())
+    rows = _rows(served, before + 6)[before:]
+    deadline = time.monotonic() + 10
+    while len(rows) < 6 and time.monotonic() < deadline:
+        rows = _rows(served, 0)[before:]
+    got = [(r["status"], r["error_type"]) for r in rows]
+    assert got[:5] == [(401, "AuthenticationError"), (404, "NotFoundError"), (400, "BadRequestError"),
+                       (200, None), (422, "UnprocessableEntityError")]
+    assert got[5] == (499, "ClientDisconnected") and 0 < rows[5]["completion_tokens"] < 100
+    ok = rows[3]
+    assert "<EMAIL>" in ok["prompt"] and "jane.doe" not in ok["prompt"] and ok["completion"] is not None
+    assert json.loads(ok["metadata"]) == {"team": "search"} and rows[0]["key_id"] is None
+    text = httpx.get(url + "/metrics").text
+    assert 'llmcycle:requests_total{model_name="nope",route="/v1/completions",status="404"} 1.0' in text
+    assert "llmcycle:request_log_rows_dropped_total 0.0" in text
+
+
+def test_monitor_usage_and_export(served, tmp_path):
+    rows = _rows(served, 1)
+    by_route = {t["route"]: t for t in usage(served["log"].path, "route")}
+    assert sum(t["requests"] for t in by_route.values()) == len(rows)
+    assert by_route["/v1/chat/completions"]["completion_tokens"] == sum(
+        r["completion_tokens"] for r in rows if r["route"] == "/v1/chat/completions")
+    n = export(served["log"].path, tmp_path / "rows.jsonl", "jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert n == len(lines) == len(rows) and {r["request_id"] for r in lines} == {r["request_id"] for r in rows}
+    import pyarrow.parquet as pq
+
+    export(served["log"].path, tmp_path / "rows.parquet", "parquet")
+    table = pq.read_table(tmp_path / "rows.parquet")
+    assert table.num_rows == len(rows) and table.column("completion_tokens").to_pylist() == [
+        r["completion_tokens"] for r in lines]
+    out = subprocess.run([sys.executable, "-m", "llmcycle", "monitor", "usage", "--by", "key", "--log",
+                          str(served["log"].path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "completion_tokens" in out.stdout
+    assert served["keys"]["alice"][1].id in out.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_server_keeps_its_log_whole(model_dir, tmp_path):
+    """SIGKILL mid-load loses at most the last flush interval's rows and never corrupts the database."""
+    log_file = tmp_path / "log.sqlite"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmcycle", "serve", model_dir, "log_flush_interval=0.2",
+                             "--port", str(port), "--request-log", str(log_file), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        done = [httpx.post(url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2},
+                           timeout=60).status_code for _ in range(10)]
+        assert done == [200] * 10
+        time.sleep(0.6)  # three flush intervals: those ten are on disk
+        stop = threading.Event()
+
+        def load() -> None:  # requests still arriving when the kill comes
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    try:
+                        c.post(url + "/v1/completions", json={"model": name, "prompt": "y", "max_tokens": 8})
+                    except httpx.HTTPError:
+                        return
+
+        t = threading.Thread(target=load)
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        stop.set()
+        t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    con = connect(log_file)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    n = con.execute("SELECT count(*) FROM requests WHERE status = 200").fetchone()[0]
+    assert n >= 10
