@@ -276,3 +276,54 @@ def test_a_killed_server_keeps_its_log_whole(model_dir, tmp_path):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     n = con.execute("SELECT count(*) FROM requests WHERE status = 200").fetchone()[0]
     assert n >= 10
+
+
+def test_period_starts():
+    from llmcycle.monitor.budgets import period_start
+
+    t = 1_765_000_000.0  # 2025-12-06 05:46:40 UTC
+    assert period_start("day", t) == 1_764_979_200.0 and period_start("month", t) == 1_764_547_200.0
+    assert period_start("total", t) == 0.0
+
+
+def test_budgets_hold_under_64_concurrent_requests_and_a_restart(model_dir, tmp_path):
+    """Each request reserves its most expensive outcome before dispatch: with a budget of 10.5 requests,
+    exactly 10 of 64 concurrent ones run, the rest get 429 insufficient_quota, and a restarted server
+    remembers the spend from its log."""
+    store = KeyStore(tmp_path / "keys.sqlite")
+    key, rec = store.create("capped", budget=0.126, budget_period="day")  # 10.5 x (8 + 4) x 0.001
+    free, _ = store.create("uncapped")
+    prices = PriceTable({"m": {"input": 1000.0, "output": 1000.0}})  # 0.001 a token either way
+    body = {"model": "m", "prompt": [5] * 8, "max_tokens": 4, "ignore_eos": True}
+
+    def serve(log: RequestLog):
+        engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=512, max_num_seqs=64))
+        return serve_in_thread(ServerState({"m": engine}, store, request_log=log, prices=prices))
+
+    log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
+    with serve(log) as url:
+        async def all_at_once() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*(c.post(url + "/v1/completions", json=body,
+                                                     headers={"Authorization": f"Bearer {key}"})
+                                              for _ in range(64)))
+
+        responses = asyncio.run(all_at_once())
+        codes = [r.status_code for r in responses]
+        assert codes.count(200) == 10 and codes.count(429) == 54, codes
+        refused = next(r for r in responses if r.status_code == 429).json()["error"]
+        assert refused["code"] == "insufficient_quota" and "Budget exhausted" in refused["message"]
+        assert "next day" in refused["message"]
+        ok = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {free}"})
+        assert ok.status_code == 200  # another key's budget is its own
+    log.close()
+    con = connect(log.path)
+    spent = con.execute("SELECT SUM(cost) FROM requests WHERE key_id = ? AND status = 200", (rec.id,)).fetchone()[0]
+    assert spent == pytest.approx(0.12) and spent <= 0.126
+    assert con.execute("SELECT COUNT(*) FROM requests WHERE key_id = ? AND status = 429 AND cost IS NULL",
+                       (rec.id,)).fetchone()[0] == 54
+    log2 = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
+    with serve(log2) as url:
+        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 429  # 0.12 spent before the restart
+    log2.close()

@@ -163,8 +163,8 @@ def test_cli_create_list_revoke(tmp_path, capsys):
     out = _run(["list", "--db", db], capsys)
     assert plain not in out and plain[12:20] not in out
     header, row = out.splitlines()
-    assert header.split() == ["ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM"]
-    assert row.split() == [rec.id, "bob", rec.prefix + "...", rec.created_at, "-", "30", "-"]
+    assert header.split() == ["ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET"]
+    assert row.split() == [rec.id, "bob", rec.prefix + "...", rec.created_at, "-", "30", "-", "-"]
 
     out = _run(["revoke", "bob", "--db", db], capsys)
     assert f"id {rec.id}" in out and "Revoked" in out
@@ -179,3 +179,25 @@ def test_cli_create_list_revoke(tmp_path, capsys):
     with pytest.raises(LlmcycleError, match="does not exist"):
         keys_main(parser.parse_args(["list", "--db", str(tmp_path / "none.sqlite")]))
     assert parser.parse_args(["list"]).db == "runs/keys.sqlite"
+
+
+def test_budgets_on_keys_and_an_older_database(tmp_path, capsys):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as con:  # the schema before budgets existed, with a key in it
+        con.executescript("""CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL, revoked_at TEXT,
+            requests_per_minute INTEGER, tokens_per_minute INTEGER);""")
+        con.execute("INSERT INTO api_keys VALUES ('ab12cd34', 'old', 'llm-xxxxxxxx', ?, '2026-01-01', NULL, NULL, NULL)",
+                    (hash_key("llm-old-key"),))
+    store = KeyStore(db)
+    assert store.verify("llm-old-key").budget is None
+    out = _run(["create", "capped", "--budget", "2.5", "--budget-period", "day", "--db", str(db)], capsys)
+    assert "budget 2.5/day" in out
+    rec = next(r for r in store.list() if r.name == "capped")
+    assert (rec.budget, rec.budget_period) == (2.5, "day")
+    assert "2.5/day" in _run(["list", "--db", str(db)], capsys)
+    for bad in ({"budget": -1}, {"budget": 1, "budget_period": "week"}):
+        with pytest.raises(LlmcycleError, match="budget"):
+            store.create("x", **bad)

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 
+from llmcycle.monitor.budgets import Budgets, Reservation
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
 
 if TYPE_CHECKING:
+    from llmcycle.serve.auth import KeyRecord
     from llmcycle.serve.output_processor import RequestOutput
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before the answer was whole
@@ -55,6 +57,7 @@ class Trace:
         self.prompt_text: str | None = None
         self.prompt_lens: list[int] = []
         self.outputs: dict[int, RequestOutput] = {}  # the latest output of each prompt
+        self.reservation: Reservation | None = None  # what the key's budget holds for this request
         self.ended = False
 
     def observe(self, index: int, out: RequestOutput) -> None:
@@ -76,6 +79,7 @@ class RequestMonitor:
                  versions: dict[str, str | None] | None = None) -> None:
         self.log, self.prices, self.store_text = log, prices or PriceTable(None), store_text
         self.versions = versions or {}
+        self.budgets = Budgets(None if log is None else log.path)
         self._redact: Callable[[str], str] | None = None
         if store_text:
             from llmcycle.data.filters.pii import Pii
@@ -92,10 +96,21 @@ class RequestMonitor:
     def begin(self, route: str) -> Trace:
         return Trace(self, route)
 
+    def admit(self, trace: Trace, key: KeyRecord | None, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Before dispatch: reserve the request's most expensive outcome against its key's budget. Raises
+        BudgetExceeded (the server answers 429). Models without a token price reserve nothing."""
+        if key is None or key.budget is None or trace.model is None:
+            return
+        estimate = self.prices.cost(trace.model, prompt_tokens, 0, max_new_tokens, 0.0)
+        if estimate is not None:
+            trace.reservation = self.budgets.reserve(key, estimate)
+
     def record(self, trace: Trace, status: int, error_type: str | None) -> dict:
         end = time.monotonic()
         outs = [trace.outputs[i] for i in sorted(trace.outputs)]
-        prompt = sum(trace.prompt_lens)
+        # tokens the engine processed: prompts that produced output (a refused or abandoned request
+        # costs none, and the log then agrees with /metrics' token counters)
+        prompt = sum(trace.prompt_lens[i] for i in trace.outputs)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
         cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics)
         finishes = [c.finish_reason or "abort" for o in outs for c in o.outputs]
@@ -110,7 +125,7 @@ class RequestMonitor:
             "finish_reasons": finishes or None, "user": trace.user, "metadata": trace.metadata,
             **_latencies(outs, trace.start),
         }
-        if trace.model is not None and trace.prompt_lens:
+        if trace.model is not None and outs:
             row["cost"] = self.prices.cost(trace.model, prompt, cached, completion, total)
         if self._redact is not None:
             if trace.prompt_text is not None:
@@ -121,6 +136,8 @@ class RequestMonitor:
         self.requests.labels(model_label, trace.route, str(status)).inc()
         if row.get("cost"):
             self.cost.labels(model_label).inc(row["cost"])
+        if trace.reservation is not None:
+            self.budgets.settle(trace.reservation, row.get("cost"))
         if self.log is not None:
             self.log.submit(row)
         return row

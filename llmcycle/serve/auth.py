@@ -34,10 +34,14 @@ DEFAULT_DB = "runs/keys.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
-    created_at TEXT NOT NULL, revoked_at TEXT, requests_per_minute INTEGER, tokens_per_minute INTEGER);
+    created_at TEXT NOT NULL, revoked_at TEXT, requests_per_minute INTEGER, tokens_per_minute INTEGER,
+    budget REAL, budget_period TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
 """
-_COLUMNS = "id, name, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute"
+# Columns added after the first release, added to older databases when they are opened.
+_ADDED = {"budget": "REAL", "budget_period": "TEXT"}
+_COLUMNS = "id, name, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute, budget, budget_period"
+BUDGET_PERIODS = ("day", "month", "total")
 
 
 @dataclass
@@ -51,6 +55,8 @@ class KeyRecord:
     revoked_at: str | None
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    budget: float | None = None  # spend allowed per `budget_period`, in the price table's currency
+    budget_period: str | None = None  # day, month (UTC calendar) or total
 
 
 def hash_key(plain_key: str) -> str:
@@ -81,6 +87,10 @@ class KeyStore:
             self.path.touch(mode=0o600)  # hashes only, but no reason to let other users read them
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {kind}")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -97,21 +107,27 @@ class KeyStore:
         except sqlite3.Error as e:
             raise LlmcycleError(f"{self.path} is not a usable API key database (SQLite said: {e}).") from e
 
-    def create(self, name: str, requests_per_minute: int | None = None,
-               tokens_per_minute: int | None = None) -> tuple[str, KeyRecord]:
+    def create(self, name: str, requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+               budget: float | None = None, budget_period: str = "month") -> tuple[str, KeyRecord]:
         """A new key: returns the plain key (the only time it exists outside the caller) and its record."""
         name = name.strip() if isinstance(name, str) else ""
         if not name:
             raise LlmcycleError("A key needs a non-empty name.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
+            raise LlmcycleError(f"budget must be a number >= 0 or unset, got {budget!r}.")
+        if budget_period not in BUDGET_PERIODS:
+            raise LlmcycleError(f"budget period must be one of {', '.join(BUDGET_PERIODS)}, not {budget_period!r}.")
         plain = KEY_PREFIX + secrets.token_urlsafe(32)
         rec = KeyRecord(secrets.token_hex(4), name, plain[:PREFIX_CHARS], _now_iso(), None,
                         _check_limit(requests_per_minute, "requests_per_minute"),
-                        _check_limit(tokens_per_minute, "tokens_per_minute"))
+                        _check_limit(tokens_per_minute, "tokens_per_minute"),
+                        None if budget is None else float(budget), None if budget is None else budget_period)
         try:
             with self._connect() as db:
-                db.execute(f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (rec.id, rec.name, rec.prefix, rec.created_at, rec.revoked_at,
-                            rec.requests_per_minute, rec.tokens_per_minute, hash_key(plain)))
+                            rec.requests_per_minute, rec.tokens_per_minute, rec.budget, rec.budget_period,
+                            hash_key(plain)))
         except sqlite3.IntegrityError as e:  # the partial unique index: one active key per name
             if "api_keys.name" not in str(e):
                 raise LlmcycleError(f"Could not store the new key in {self.path} ({e}); try again.") from e
@@ -203,6 +219,10 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="a unique name for the key (e.g. who uses it)")
     p.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
     p.add_argument("--tpm", type=int, default=None, help="prompt+completion tokens per minute (default: unlimited)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="spend allowed per --budget-period, priced by serve's price table (default: unlimited)")
+    p.add_argument("--budget-period", choices=BUDGET_PERIODS, default="month",
+                   help="day or month (UTC calendar), or total (default: month)")
     p2 = sub.add_parser("list", help="list keys (never the keys themselves)")
     p2.add_argument("--all", action="store_true", help="include revoked keys")
     p3 = sub.add_parser("revoke", help="revoke a key by id or name")
@@ -215,21 +235,25 @@ def _limit(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
+def _budget(rec: KeyRecord) -> str:
+    return "-" if rec.budget is None else f"{rec.budget:g}/{rec.budget_period}"
+
+
 def keys_main(args: argparse.Namespace) -> int:
     """Run one `llmcycle keys` subcommand; returns the exit status."""
     cmd = args.keys_command
     if cmd == "create":
-        plain, rec = KeyStore(args.db).create(args.name, args.rpm, args.tpm)
+        plain, rec = KeyStore(args.db).create(args.name, args.rpm, args.tpm, args.budget, args.budget_period)
         print(f"Created key {rec.name!r} (id {rec.id}, rpm {_limit(rec.requests_per_minute)}, "
-              f"tpm {_limit(rec.tokens_per_minute)}) in {args.db}:")
+              f"tpm {_limit(rec.tokens_per_minute)}, budget {_budget(rec)}) in {args.db}:")
         print(plain)
         print("Copy it now: it is stored only as a hash and will not be shown again.")
     elif cmd == "list":
         if not os.path.exists(args.db):
             raise LlmcycleError(f"API key database {args.db} does not exist; create a key first.")
-        rows = [("ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM")]
+        rows = [("ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET")]
         rows += [(r.id, r.name, r.prefix + "...", r.created_at, r.revoked_at or "-",
-                  _limit(r.requests_per_minute), _limit(r.tokens_per_minute))
+                  _limit(r.requests_per_minute), _limit(r.tokens_per_minute), _budget(r))
                  for r in KeyStore(args.db).list(include_revoked=args.all)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:

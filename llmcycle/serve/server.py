@@ -39,6 +39,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
 from llmcycle.monitor.tracker import CLIENT_CLOSED, RequestMonitor, Trace, model_version
@@ -659,13 +660,17 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     n = req.n
-    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}", lora_name=lora)
-            for i, (ids, p) in enumerate(zip(ids_list, params_list))]
     lp = _Logprobs(engine.engine.tokenizer)
     k = params_list[0].logprobs
     prompt_lens = [len(i) for i in ids_list]
     finals: dict[int, RequestOutput] = {}
     trace.request_id, trace.prompt_lens, trace.outputs = rid, prompt_lens, finals  # the monitor reads finals
+    try:
+        state.monitor.admit(trace, key, sum(prompt_lens), sum(p.max_tokens * p.n for p in params_list))
+    except BudgetExceeded as e:
+        raise APIError(429, str(e), code="insufficient_quota") from None
+    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}", lora_name=lora)
+            for i, (ids, p) in enumerate(zip(ids_list, params_list))]
 
     def record_tokens() -> None:
         if key is not None:
