@@ -427,6 +427,12 @@ def _add_monitor(p: argparse.ArgumentParser) -> None:
     add_monitor_arguments(p)
 
 
+def _add_audit(p: argparse.ArgumentParser) -> None:
+    from llmcycle.monitor.audit import add_audit_arguments
+
+    add_audit_arguments(p)
+
+
 def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
@@ -451,6 +457,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("export", "write a model for another runtime: GGUF for llama.cpp (edge devices)", _add_export),
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
+    ("audit", "verify or list the hash-chained audit trail of keys, servers and (optionally) requests", _add_audit),
     ("monitor", "read serve's request log: usage (tokens, cost, latency) by key, model, route, day; export", _add_monitor),
 )
 

@@ -233,6 +233,7 @@ def test_a_killed_server_keeps_its_log_whole(model_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "llmcycle", "serve", model_dir, "log_flush_interval=0.2",
+                             "audit_requests=true",
                              "--port", str(port), "--request-log", str(log_file), "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -276,6 +277,15 @@ def test_a_killed_server_keeps_its_log_whole(model_dir, tmp_path):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     n = con.execute("SELECT count(*) FROM requests WHERE status = 200").fetchone()[0]
     assert n >= 10
+    from llmcycle.monitor.audit import AuditLog
+
+    trail = AuditLog(log_file.parent / "audit.sqlite")  # beside the request log (no keys here)
+    records = trail.records()
+    assert records[0]["action"] == "server_start" and trail.verify() == []
+    assert json.loads(records[0]["details"])["config"]["audit_requests"] is True
+    audited = {r["target"] for r in records if r["action"] == "request"}
+    logged = {r[0] for r in con.execute("SELECT request_id FROM requests")}
+    assert len(audited) >= 10 and audited <= logged
 
 
 def test_period_starts():
@@ -327,3 +337,55 @@ def test_budgets_hold_under_64_concurrent_requests_and_a_restart(model_dir, tmp_
         r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 429  # 0.12 spent before the restart
     log2.close()
+
+
+def _tamper(path, sql: str, params: tuple = ()) -> None:
+    con = sqlite3.connect(path)
+    with con:
+        con.execute(sql, params)
+    con.close()
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    ("UPDATE audit SET details = '{\"name\": \"mallory\"}' WHERE seq = 3", "record 3: contents do not match"),
+    ("DELETE FROM audit WHERE seq = 2", "record 3: expected record 2"),
+    ("DELETE FROM audit WHERE seq = 5", "records were deleted from the end"),
+    ("swap", "predecessor's hash does not match"),
+])
+def test_the_audit_trail_shows_edits_deletions_and_reordering(tmp_path, tamper, expected):
+    from llmcycle.monitor.audit import AuditLog
+
+    trail = AuditLog(tmp_path / "audit.sqlite")
+    for i in range(5):
+        trail.append("key_create", f"id{i}", {"name": f"k{i}"})
+    assert trail.verify() == []
+    assert subprocess.run([sys.executable, "-m", "llmcycle", "audit", "verify", "--db", str(trail.path)],
+                          capture_output=True).returncode == 0
+    if tamper == "swap":  # records 2 and 3 change places, each with its own seq and hashes
+        con = sqlite3.connect(trail.path)
+        a, b = (con.execute("SELECT time, actor, action, target, details, prev_hash, hash FROM audit WHERE seq = ?",
+                            (s,)).fetchone() for s in (2, 3))
+        with con:
+            for seq, row in ((2, b), (3, a)):
+                con.execute("UPDATE audit SET time=?, actor=?, action=?, target=?, details=?, prev_hash=?, hash=? "
+                            "WHERE seq = ?", (*row, seq))
+        con.close()
+    else:
+        _tamper(trail.path, tamper)
+    problems = trail.verify()
+    assert problems and expected in problems[0], problems
+    out = subprocess.run([sys.executable, "-m", "llmcycle", "audit", "verify", "--db", str(trail.path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "BROKEN" in out.stdout
+
+
+def test_key_actions_are_audited(tmp_path):
+    from llmcycle.monitor.audit import AuditLog
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    _, rec = store.create("alice", budget=3)
+    store.revoke("alice")
+    trail = AuditLog(tmp_path / "audit.sqlite")
+    got = [(r["action"], r["target"]) for r in trail.records()]
+    assert got == [("key_create", rec.id), ("key_revoke", rec.id)] and trail.verify() == []
+    assert json.loads(trail.records()[0]["details"])["budget"] == 3

@@ -21,7 +21,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmcycle.monitor.audit import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("completion", "TEXT"),        # only with store_text, PII-redacted
 )
 NAMES = tuple(c for c, _ in COLUMNS)
+# what an audited request keeps in the audit trail (never its text)
+AUDITED = ("time", "key_id", "route", "model", "model_version", "status", "prompt_tokens", "completion_tokens",
+           "cost", "user")
 _INSERT = f"INSERT INTO requests ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
 
 
@@ -75,11 +81,12 @@ class RequestLog:
     """Writes request rows to SQLite from a thread of its own; see the module docstring."""
 
     def __init__(self, path: str | Path, flush_interval: float = 1.0, queue_size: int = 10000,
-                 batch_size: int = 512, retention_days: float | None = None) -> None:
+                 batch_size: int = 512, retention_days: float | None = None, audit: AuditLog | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connect(self.path).close()  # a bad path fails here, at startup, not in the thread
         self.flush_interval, self.batch_size, self.retention_days = flush_interval, batch_size, retention_days
+        self.audit = audit  # when set, every written row is also an audit record (audit_requests)
         self.dropped = 0   # rows lost to a full queue
         self.written = 0   # rows committed
         self.failed = 0    # rows lost to a database error
@@ -136,6 +143,13 @@ class RequestLog:
         except sqlite3.Error as e:  # a full or locked disk: count the loss, keep serving
             self.failed += len(rows)
             log.warning("request log: %d row(s) not written: %s", len(rows), e)
+            return
+        if self.audit is not None:
+            try:
+                self.audit.append_many([("request", r.get("request_id"), {k: r.get(k) for k in AUDITED})
+                                        for r in rows], actor="server")
+            except (sqlite3.Error, OSError) as e:
+                log.warning("audit trail: %d request record(s) not written: %s", len(rows), e)
 
     def _apply_retention(self, con: sqlite3.Connection) -> None:
         now = time.time()

@@ -85,6 +85,9 @@ class KeyStore:
                 raise LlmcycleError(f"API key database {self.path} does not exist; create a key first.")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch(mode=0o600)  # hashes only, but no reason to let other users read them
+        from llmcycle.monitor.audit import AuditLog, audit_path_for
+
+        self.audit = AuditLog(audit_path_for(self.path))  # who created and revoked which key, hash-chained
         with self._connect() as db:
             db.executescript(_SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
@@ -133,6 +136,10 @@ class KeyStore:
                 raise LlmcycleError(f"Could not store the new key in {self.path} ({e}); try again.") from e
             raise LlmcycleError(f"An active key named {name!r} already exists in {self.path}; "
                                 "revoke it or pick another name.") from e
+        self.audit.append("key_create", rec.id, {"name": rec.name, "prefix": rec.prefix,
+                                                 "requests_per_minute": rec.requests_per_minute,
+                                                 "tokens_per_minute": rec.tokens_per_minute, "budget": rec.budget,
+                                                 "budget_period": rec.budget_period})
         return plain, rec
 
     def _select(self, where: str, params: tuple = ()) -> list[KeyRecord]:
@@ -154,6 +161,7 @@ class KeyStore:
                 cur = db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                                  (rec.revoked_at, rec.id))
                 if cur.rowcount:  # 0: another process revoked it between our SELECT and UPDATE
+                    self.audit.append("key_revoke", rec.id, {"name": rec.name, "prefix": rec.prefix})
                     return rec
         if self._select("WHERE id = ? OR name = ?", (key_id_or_name, key_id_or_name)):
             raise LlmcycleError(f"Key {key_id_or_name!r} in {self.path} is already revoked.")

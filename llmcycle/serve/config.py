@@ -63,6 +63,8 @@ class ServeConfig:
     log_flush_interval: float = F(1.0, "seconds between request-log writes (what a kill can lose)")
     log_queue_size: int = F(10000, "request-log rows waiting to be written; beyond, rows are dropped and counted")
     log_retention_days: float | None = F(None, "delete request-log rows older than this (null: keep all)")
+    audit_requests: bool = F(False, "also chain every request into the audit trail (audit.sqlite beside the keys "
+                                    "database, else beside the request log)")
 
     def validate(self) -> ServeConfig:
         """Raise ConfigError naming the first bad value; returns self."""
@@ -91,6 +93,13 @@ class ServeConfig:
             return Path(self.keys).parent / "requests.sqlite"
         state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
         return Path(state) / "llmcycle" / "requests.sqlite"
+
+    def audit_path(self) -> Path | None:
+        """The audit trail: beside the keys database, else beside the request log; None without either."""
+        from llmcycle.monitor.audit import audit_path_for
+
+        log = self.request_log_path()
+        return audit_path_for(self.keys) if self.keys else None if log is None else log.parent / "audit.sqlite"
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of `LLMEngine` (imports torch for the dtype)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.monitor.audit import AuditLog
 from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
@@ -900,9 +902,11 @@ def run_server(cfg: ServeConfig) -> None:
                for name, path in dirs.items()}
     limits = RequestLimits(max_n=cfg.max_n, max_prompts=cfg.max_prompts, max_stop=cfg.max_stop,
                            max_body_bytes=cfg.max_body_bytes)
-    log_path = cfg.request_log_path()
+    log_path, audit_path = cfg.request_log_path(), cfg.audit_path()
+    audit = store.audit if store is not None else None if audit_path is None else AuditLog(audit_path)
     request_log = None if log_path is None else RequestLog(
-        log_path, cfg.log_flush_interval, cfg.log_queue_size, retention_days=cfg.log_retention_days)
+        log_path, cfg.log_flush_interval, cfg.log_queue_size, retention_days=cfg.log_retention_days,
+        audit=audit if cfg.audit_requests else None)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text)
     for name, e in engines.items():
         pool = e.engine.pool
@@ -919,10 +923,19 @@ def run_server(cfg: ServeConfig) -> None:
     config = uvicorn.Config(build_app(state, cfg.drain_timeout), host=cfg.host, port=cfg.port,
                             log_level=cfg.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(config, state, cfg.drain_timeout)
+    where = f"{cfg.host}:{cfg.port}"
+    if audit is not None:
+        audit.append("server_start", where, {
+            "models": {name: {"dir": str(Path(path).resolve()), "version": model_version(path),
+                              "lora": {a: str(Path(p).resolve()) for a, p in loras[name].items()}}
+                       for name, path in dirs.items()},
+            "config": dataclasses.asdict(cfg)})
     try:
         server.run()
     finally:
         state.monitor.close()  # the rows still queued are written before the process ends
+        if audit is not None:
+            audit.append("server_stop", where, {"drained_cleanly": server.drained_cleanly})
     if server.forced:
         raise LlmcycleError("stopped by a second signal while draining; requests in flight were cut off.")
     if server.drained_cleanly is False:
