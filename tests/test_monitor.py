@@ -77,11 +77,12 @@ def served(model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     store = KeyStore(d / "keys.sqlite")
     keys = {name: store.create(name) for name in ("alice", "bob")}
+    scrape, _ = store.create("prometheus", role="scrape")
     log = RequestLog(d / "requests.sqlite", flush_interval=0.05)
     engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=512, max_num_seqs=64))
     state = ServerState({"m": engine}, store, request_log=log, prices=PriceTable(PRICES), store_text=True)
     with serve_in_thread(state) as url:
-        yield {"url": url, "state": state, "log": log, "keys": keys}
+        yield {"url": url, "state": state, "log": log, "keys": keys, "scrape": scrape}
 
 
 def _rows(served, wait_for: int) -> list[dict]:
@@ -93,8 +94,14 @@ def _rows(served, wait_for: int) -> list[dict]:
     return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
 
 
-def _metric_sum(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics").text
+def _metrics_text(served) -> str:
+    r = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {served['scrape']}"})
+    assert r.status_code == 200
+    return r.text
+
+
+def _metric_sum(served, name: str) -> float:
+    text = _metrics_text(served)
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
@@ -103,8 +110,8 @@ def test_every_request_is_logged_as_the_client_saw_it(served):
     rows == requests, token sums == the usage the clients got == /metrics, cost per key exact."""
     url, state = served["url"], served["state"]
     before = len(_rows(served, 0))
-    prompt_before = _metric_sum(url, "llmcycle:prompt_tokens_total")
-    gen_before = _metric_sum(url, "llmcycle:generation_tokens_total")
+    prompt_before = _metric_sum(served, "llmcycle:prompt_tokens_total")
+    gen_before = _metric_sum(served, "llmcycle:generation_tokens_total")
     clients = {name: openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
                for name, (key, _) in served["keys"].items()}
 
@@ -146,8 +153,8 @@ def test_every_request_is_logged_as_the_client_saw_it(served):
         assert (r["key_id"], r["completion_tokens"]) == (key_ids[name], completion)
         if prompt is not None:
             assert r["prompt_tokens"] == prompt
-    assert _metric_sum(url, "llmcycle:prompt_tokens_total") - prompt_before == sum(r["prompt_tokens"] for r in rows)
-    assert _metric_sum(url, "llmcycle:generation_tokens_total") - gen_before == sum(
+    assert _metric_sum(served, "llmcycle:prompt_tokens_total") - prompt_before == sum(r["prompt_tokens"] for r in rows)
+    assert _metric_sum(served, "llmcycle:generation_tokens_total") - gen_before == sum(
         r["completion_tokens"] for r in rows)
     price = PriceTable(PRICES)
     for r in rows:
@@ -197,7 +204,7 @@ def test_errors_disconnects_and_redaction_are_logged(served):
     ok = rows[3]
     assert "<EMAIL>" in ok["prompt"] and "jane.doe" not in ok["prompt"] and ok["completion"] is not None
     assert json.loads(ok["metadata"]) == {"team": "search"} and rows[0]["key_id"] is None
-    text = httpx.get(url + "/metrics").text
+    text = _metrics_text(served)
     assert 'llmcycle:requests_total{model_name="nope",route="/v1/completions",status="404"} 1.0' in text
     assert "llmcycle:request_log_rows_dropped_total 0.0" in text
 
@@ -389,3 +396,16 @@ def test_key_actions_are_audited(tmp_path):
     got = [(r["action"], r["target"]) for r in trail.records()]
     assert got == [("key_create", rec.id), ("key_revoke", rec.id)] and trail.verify() == []
     assert json.loads(trail.records()[0]["details"])["budget"] == 3
+
+
+def test_metrics_need_a_scrape_or_admin_key_when_keys_are_on(served):
+    url, scrape = served["url"], served["scrape"]
+    user = served["keys"]["alice"][0]
+    assert httpx.get(url + "/metrics").status_code == 401
+    r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {user}"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "PermissionDeniedError"
+    assert "llmcycle:requests_total" in _metrics_text(served)
+    r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {scrape}"})
+    assert r.status_code == 403 and "role scrape" in r.json()["error"]["message"]
+    assert httpx.get(url + "/health").status_code == 200  # probes stay open

@@ -163,8 +163,8 @@ def test_cli_create_list_revoke(tmp_path, capsys):
     out = _run(["list", "--db", db], capsys)
     assert plain not in out and plain[12:20] not in out
     header, row = out.splitlines()
-    assert header.split() == ["ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET"]
-    assert row.split() == [rec.id, "bob", rec.prefix + "...", rec.created_at, "-", "30", "-", "-"]
+    assert header.split() == ["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET"]
+    assert row.split() == [rec.id, "bob", "user", rec.prefix + "...", rec.created_at, "-", "30", "-", "-"]
 
     out = _run(["revoke", "bob", "--db", db], capsys)
     assert f"id {rec.id}" in out and "Revoked" in out

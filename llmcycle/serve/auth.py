@@ -35,13 +35,16 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, prefix TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL, revoked_at TEXT, requests_per_minute INTEGER, tokens_per_minute INTEGER,
-    budget REAL, budget_period TEXT);
+    budget REAL, budget_period TEXT, role TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
 """
 # Columns added after the first release, added to older databases when they are opened.
-_ADDED = {"budget": "REAL", "budget_period": "TEXT"}
-_COLUMNS = "id, name, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute, budget, budget_period"
+_ADDED = {"budget": "REAL", "budget_period": "TEXT", "role": "TEXT"}
+_COLUMNS = ("id, name, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute, budget, "
+            "budget_period, role")
 BUDGET_PERIODS = ("day", "month", "total")
+# user: the API; scrape: /metrics only (a Prometheus server's key); admin: both
+ROLES = ("user", "scrape", "admin")
 
 
 @dataclass
@@ -57,6 +60,10 @@ class KeyRecord:
     tokens_per_minute: int | None
     budget: float | None = None  # spend allowed per `budget_period`, in the price table's currency
     budget_period: str | None = None  # day, month (UTC calendar) or total
+    role: str | None = None  # user (None: keys made before roles), scrape or admin
+
+    def may(self, *roles: str) -> bool:
+        return (self.role or "user") in roles
 
 
 def hash_key(plain_key: str) -> str:
@@ -111,7 +118,7 @@ class KeyStore:
             raise LlmcycleError(f"{self.path} is not a usable API key database (SQLite said: {e}).") from e
 
     def create(self, name: str, requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
-               budget: float | None = None, budget_period: str = "month") -> tuple[str, KeyRecord]:
+               budget: float | None = None, budget_period: str = "month", role: str = "user") -> tuple[str, KeyRecord]:
         """A new key: returns the plain key (the only time it exists outside the caller) and its record."""
         name = name.strip() if isinstance(name, str) else ""
         if not name:
@@ -120,17 +127,19 @@ class KeyStore:
             raise LlmcycleError(f"budget must be a number >= 0 or unset, got {budget!r}.")
         if budget_period not in BUDGET_PERIODS:
             raise LlmcycleError(f"budget period must be one of {', '.join(BUDGET_PERIODS)}, not {budget_period!r}.")
+        if role not in ROLES:
+            raise LlmcycleError(f"role must be one of {', '.join(ROLES)}, not {role!r}.")
         plain = KEY_PREFIX + secrets.token_urlsafe(32)
         rec = KeyRecord(secrets.token_hex(4), name, plain[:PREFIX_CHARS], _now_iso(), None,
                         _check_limit(requests_per_minute, "requests_per_minute"),
                         _check_limit(tokens_per_minute, "tokens_per_minute"),
-                        None if budget is None else float(budget), None if budget is None else budget_period)
+                        None if budget is None else float(budget), None if budget is None else budget_period, role)
         try:
             with self._connect() as db:
-                db.execute(f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (rec.id, rec.name, rec.prefix, rec.created_at, rec.revoked_at,
                             rec.requests_per_minute, rec.tokens_per_minute, rec.budget, rec.budget_period,
-                            hash_key(plain)))
+                            rec.role, hash_key(plain)))
         except sqlite3.IntegrityError as e:  # the partial unique index: one active key per name
             if "api_keys.name" not in str(e):
                 raise LlmcycleError(f"Could not store the new key in {self.path} ({e}); try again.") from e
@@ -139,7 +148,7 @@ class KeyStore:
         self.audit.append("key_create", rec.id, {"name": rec.name, "prefix": rec.prefix,
                                                  "requests_per_minute": rec.requests_per_minute,
                                                  "tokens_per_minute": rec.tokens_per_minute, "budget": rec.budget,
-                                                 "budget_period": rec.budget_period})
+                                                 "budget_period": rec.budget_period, "role": rec.role})
         return plain, rec
 
     def _select(self, where: str, params: tuple = ()) -> list[KeyRecord]:
@@ -231,6 +240,8 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
                    help="spend allowed per --budget-period, priced by serve's price table (default: unlimited)")
     p.add_argument("--budget-period", choices=BUDGET_PERIODS, default="month",
                    help="day or month (UTC calendar), or total (default: month)")
+    p.add_argument("--role", choices=ROLES, default="user",
+                   help="user: the API; scrape: /metrics only (for Prometheus); admin: both (default: user)")
     p2 = sub.add_parser("list", help="list keys (never the keys themselves)")
     p2.add_argument("--all", action="store_true", help="include revoked keys")
     p3 = sub.add_parser("revoke", help="revoke a key by id or name")
@@ -251,16 +262,17 @@ def keys_main(args: argparse.Namespace) -> int:
     """Run one `llmcycle keys` subcommand; returns the exit status."""
     cmd = args.keys_command
     if cmd == "create":
-        plain, rec = KeyStore(args.db).create(args.name, args.rpm, args.tpm, args.budget, args.budget_period)
-        print(f"Created key {rec.name!r} (id {rec.id}, rpm {_limit(rec.requests_per_minute)}, "
+        plain, rec = KeyStore(args.db).create(args.name, args.rpm, args.tpm, args.budget, args.budget_period,
+                                              args.role)
+        print(f"Created key {rec.name!r} (id {rec.id}, role {rec.role}, rpm {_limit(rec.requests_per_minute)}, "
               f"tpm {_limit(rec.tokens_per_minute)}, budget {_budget(rec)}) in {args.db}:")
         print(plain)
         print("Copy it now: it is stored only as a hash and will not be shown again.")
     elif cmd == "list":
         if not os.path.exists(args.db):
             raise LlmcycleError(f"API key database {args.db} does not exist; create a key first.")
-        rows = [("ID", "NAME", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET")]
-        rows += [(r.id, r.name, r.prefix + "...", r.created_at, r.revoked_at or "-",
+        rows = [("ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED", "RPM", "TPM", "BUDGET")]
+        rows += [(r.id, r.name, r.role or "user", r.prefix + "...", r.created_at, r.revoked_at or "-",
                   _limit(r.requests_per_minute), _limit(r.tokens_per_minute), _budget(r))
                  for r in KeyStore(args.db).list(include_revoked=args.all)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

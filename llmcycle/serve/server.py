@@ -62,7 +62,7 @@ STATIC = Path(__file__).parent / "static"
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
              405: "MethodNotAllowedError", 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError",
              422: "UnprocessableEntityError", 429: "RateLimitError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
@@ -268,7 +268,9 @@ def _check_prompt_bytes(state: ServerState, name: str, texts: list[str], param: 
                        code="context_length_exceeded")
 
 
-def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
+def _authorize(state: ServerState, request: Request, roles: tuple[str, ...] = ("user", "admin")) -> KeyRecord | None:
+    """The request's key when keys are required (None when they are not); 401 without a valid key, 403 when
+    its role may not use this route (a scrape key outside /metrics, a user key on /metrics)."""
     if state.keys is None:
         return None
     header = request.headers.get("authorization", "")
@@ -276,6 +278,9 @@ def _authorize(state: ServerState, request: Request) -> KeyRecord | None:
     record = state.keys.verify(key.strip()) if scheme.lower() == "bearer" else None
     if record is None:
         raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.")
+    if not record.may(*roles):
+        raise APIError(403, f"Key {record.prefix}... has role {record.role or 'user'}; {request.url.path} needs "
+                            f"one of: {', '.join(roles)}.")
     wait = state.limiter.check_request(record.id, record.requests_per_minute, record.tokens_per_minute)
     if wait is not None:
         seconds = max(1, math.ceil(wait))
@@ -447,7 +452,8 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        _authorize(state, request, roles=("scrape", "admin"))  # traffic of every key: not for user keys
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
