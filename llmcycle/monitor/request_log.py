@@ -54,6 +54,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("cost", "REAL"),              # in the price table's currency; null when the model has no price
     ("user", "TEXT"),              # the client's `user` field
     ("metadata", "TEXT"),          # the client's `metadata` object, JSON
+    ("safety", "TEXT"),            # the safety checks that fired: JSON list of {check, on, action, score}
     ("prompt", "TEXT"),            # only with store_text, PII-redacted
     ("completion", "TEXT"),        # only with store_text, PII-redacted
 )
@@ -74,6 +75,10 @@ def connect(path: str | Path) -> sqlite3.Connection:
     with con:
         con.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {cols})")
         con.execute("CREATE INDEX IF NOT EXISTS requests_time ON requests (time)")
+        have = {row[1] for row in con.execute("PRAGMA table_info(requests)")}
+        for c, t in COLUMNS:  # a log written by an older llmcycle gains the columns added since
+            if c not in have:
+                con.execute(f"ALTER TABLE requests ADD COLUMN {c} {t}")
     return con
 
 

@@ -10,6 +10,7 @@ stream's tokens and cost are recorded whether or not the client asked for `strea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily
 from llmcycle.monitor.budgets import Budgets, Reservation
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
+from llmcycle.monitor.safety import SafetyChecks, Trigger
 
 if TYPE_CHECKING:
     from llmcycle.serve.auth import KeyRecord
@@ -58,6 +60,7 @@ class Trace:
         self.prompt_lens: list[int] = []
         self.outputs: dict[int, RequestOutput] = {}  # the latest output of each prompt
         self.reservation: Reservation | None = None  # what the key's budget holds for this request
+        self.safety: list[Trigger] = []  # the safety checks that fired on its prompt or completion
         self.ended = False
 
     def observe(self, index: int, out: RequestOutput) -> None:
@@ -75,9 +78,10 @@ class RequestMonitor:
     """Request log + prices + the request counters of /metrics, for one server."""
 
     def __init__(self, log: RequestLog | None, prices: PriceTable | None = None, store_text: bool = False,
-                 registry: CollectorRegistry | None = None,
-                 versions: dict[str, str | None] | None = None) -> None:
+                 registry: CollectorRegistry | None = None, versions: dict[str, str | None] | None = None,
+                 safety: SafetyChecks | None = None) -> None:
         self.log, self.prices, self.store_text = log, prices or PriceTable(None), store_text
+        self.safety = safety or SafetyChecks(None)
         self.versions = versions or {}
         self.budgets = Budgets(None if log is None else log.path)
         self._redact: Callable[[str], str] | None = None
@@ -91,6 +95,8 @@ class RequestMonitor:
                                 ["model_name", "route", "status"], registry=registry)
         self.cost = Counter("llmcycle:request_cost", "Cost of the requests answered, in the price table's "
                             "currency.", ["model_name"], registry=registry)
+        self.safety_triggers = Counter("llmcycle:safety_triggers", "Safety checks that fired, by check, where "
+                                       "and action.", ["check", "where", "action"], registry=registry)
         registry.register(_LogCollector(lambda: self.log))
 
     def begin(self, route: str) -> Trace:
@@ -125,6 +131,10 @@ class RequestMonitor:
             "finish_reasons": finishes or None, "user": trace.user, "metadata": trace.metadata,
             **_latencies(outs, trace.start),
         }
+        if trace.safety:
+            row["safety"] = [dataclasses.asdict(t) for t in trace.safety]
+            for t in trace.safety:
+                self.safety_triggers.labels(t.check, t.where, t.action).inc()
         if trace.model is not None and outs:
             row["cost"] = self.prices.cost(trace.model, prompt, cached, completion, total)
         if self._redact is not None:

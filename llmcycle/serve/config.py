@@ -63,6 +63,8 @@ class ServeConfig:
     log_flush_interval: float = F(1.0, "seconds between request-log writes (what a kill can lose)")
     log_queue_size: int = F(10000, "request-log rows waiting to be written; beyond, rows are dropped and counted")
     log_retention_days: float | None = F(None, "delete request-log rows older than this (null: keep all)")
+    safety: list[dict] = F([], "safety checks, each {check: pii|injection|harmful|classifier, where: prompt|"
+                                "completion|both, action: log|flag|redact|refuse, ...} (docs/monitor.md)")
     audit_requests: bool = F(False, "also chain every request into the audit trail (audit.sqlite beside the keys "
                                     "database, else beside the request log)")
 
@@ -79,8 +81,10 @@ class ServeConfig:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: port must be in [0, 65535], not {self.port}.")
         from llmcycle.monitor.pricing import PriceTable
+        from llmcycle.monitor.safety import SafetyChecks
 
         PriceTable(self.prices)  # a bad price table fails here, naming the key
+        SafetyChecks(self.safety)  # as does a bad safety check
         return self
 
     def request_log_path(self) -> Path | None:

@@ -44,6 +44,7 @@ from llmcycle.monitor.audit import AuditLog
 from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
+from llmcycle.monitor.safety import SafetyChecks, SafetyRefusal
 from llmcycle.monitor.tracker import CLIENT_CLOSED, RequestMonitor, Trace, model_version
 from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
@@ -88,7 +89,8 @@ class ServerState:
 
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
                  limits: RequestLimits | None = None, request_log: RequestLog | None = None,
-                 prices: PriceTable | None = None, store_text: bool = False) -> None:
+                 prices: PriceTable | None = None, store_text: bool = False,
+                 safety: list[dict] | None = None) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
@@ -105,7 +107,8 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
         # the one monitoring hook: every API request begins a trace and ends it once (monitor/tracker.py)
         self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
-                                      {name: model_version(e.engine.model_dir) for name, e in engines.items()})
+                                      {name: model_version(e.engine.model_dir) for name, e in engines.items()},
+                                      SafetyChecks(safety))
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
@@ -511,6 +514,27 @@ async def _admit(state: ServerState, request: Request, model: type[_SamplingFiel
     return key, req, base, engine, lora
 
 
+def _screen_prompt(state: ServerState, trace: Trace, text: str, param: str) -> str:
+    """The prompt text after the safety checks (redacted where one redacts); 400 content_filter if refused."""
+    try:
+        return state.monitor.safety.on_text(text, "prompt", trace.safety)
+    except SafetyRefusal as e:
+        raise APIError(400, str(e), param, code="content_filter") from None
+
+
+def _screen_completions(state: ServerState, trace: Trace, finals: dict[int, RequestOutput],
+                        can_change: bool) -> None:
+    """Run the completion checks over every finished sequence; where they may still change the answer (not
+    streamed), redact its text in place, or empty it with finish reason content_filter when refused."""
+    for out in finals.values():
+        for c in out.outputs:
+            text = state.monitor.safety.on_text(c.text, "completion", trace.safety, can_change)
+            if text is None:
+                c.text, c.finish_reason = "", "content_filter"
+            elif can_change:
+                c.text = text
+
+
 async def _models(state: ServerState, request: Request, trace: Trace) -> Response:
     key = _authorize(state, request)
     trace.key_id = key.id if key is not None else None
@@ -528,6 +552,11 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
     prompts = req.prompts()
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
+    if state.monitor.safety:  # token-id prompts are screened as their text (and sent as text if redacted)
+        tok = engine.engine.tokenizer
+        texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+        screened = [_screen_prompt(state, trace, t, "prompt") for t in texts]
+        prompts = [p if s == t else s for p, t, s in zip(prompts, texts, screened)]
     for p in prompts:
         if isinstance(p, str):
             _check_prompt_bytes(state, base, [p], "prompt")
@@ -546,6 +575,8 @@ async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
     tok = engine.engine.tokenizer
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in req.messages]
+    if state.monitor.safety:
+        messages = [{**m, "content": _screen_prompt(state, trace, m["content"], "messages")} for m in messages]
     _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
     ids = await asyncio.to_thread(_encode_chat, tok, messages)
     k = req.top_logprobs if req.logprobs else None
@@ -693,6 +724,8 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
             record_tokens()
             raise _engine_error(exc) from None
         record_tokens()
+        if state.monitor.safety:
+            _screen_completions(state, trace, finals, can_change=True)
         choices = []
         for i in sorted(finals):
             for c in finals[i].outputs:
@@ -772,6 +805,8 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
                         done.add(key_)
                 if choices:
                     yield chunk(choices)
+            if state.monitor.safety:  # the text is out already: the checks count and flag
+                _screen_completions(state, trace, finals, can_change=False)
             if include_usage:
                 yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
                             "usage": _usage(prompt_lens, finals)})
@@ -913,7 +948,7 @@ def run_server(cfg: ServeConfig) -> None:
     request_log = None if log_path is None else RequestLog(
         log_path, cfg.log_flush_interval, cfg.log_queue_size, retention_days=cfg.log_retention_days,
         audit=audit if cfg.audit_requests else None)
-    state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text)
+    state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
