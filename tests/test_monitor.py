@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -455,3 +456,93 @@ def test_safety_checks_redact_flag_and_refuse(model_dir, tmp_path):
         assert events  # a stream is out before the end: it is counted, not cut
         text = httpx.get(url + "/metrics").text
     assert 'llmcycle:safety_triggers_total{action="refuse",check="classifier",where="completion"} 2.0' in text
+
+
+def test_drift_statistics_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from scipy.spatial.distance import jensenshannon
+
+    from llmcycle.monitor import drift
+
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.2, 1.0):
+        a, b = rng.normal(0, 1, 300), rng.normal(shift, 1.3, 200)
+        d, p = drift.ks_2samp(a, b)
+        ref = stats.ks_2samp(a, b)
+        limit = stats.kstwobign.sf(ref.statistic * np.sqrt(len(a) * len(b) / (len(a) + len(b))))
+        assert d == pytest.approx(ref.statistic) and p == pytest.approx(limit, rel=1e-6, abs=1e-12)
+        assert (p <= 0.05) == (ref.pvalue <= 0.05)  # scipy's exact p-value decides the same
+        assert drift.wasserstein_normed(a, b) == pytest.approx(stats.wasserstein_distance(a, b) / np.std(a))
+    x, y = list("aaabbc"), list("abccccd")
+    px = np.array([3, 2, 1, 0]) / 6
+    py = np.array([1, 1, 4, 1]) / 7
+    assert drift.jensen_shannon(x, y) == pytest.approx(jensenshannon(px, py))
+
+
+def test_drift_tests_keep_their_false_alarm_rate_and_see_a_shift():
+    from llmcycle.monitor import drift
+
+    rng = np.random.default_rng(1)
+
+    def rows(n: int, mean: float, langs: tuple) -> list[dict]:
+        return [{"prompt_tokens": int(t), "completion_tokens": 16, "prompt_lang": rng.choice(langs),
+                 "finish_reason": "length"} for t in rng.poisson(mean, n)]
+
+    alarms = sum(any(r["drift"] for r in drift.compare(rows(200, 40, ("en",) * 9 + ("de",)),
+                                                       rows(200, 40, ("en",) * 9 + ("de",))))
+                 for _ in range(100))
+    assert alarms <= 12  # A/A: two tests at 5% (KS on prompt tokens, JS on language) and a little more
+    shifted = {r["feature"]: r for r in drift.compare(rows(200, 40, ("en",)), rows(200, 55, ("en", "fr")))}
+    assert shifted["prompt_tokens"]["drift"] and shifted["prompt_lang"]["drift"]
+    big = {r["feature"]: r for r in drift.compare(rows(3000, 40, ("en",)), rows(3000, 44, ("en",)))}
+    assert big["prompt_tokens"]["method"] == "wasserstein_normed" and big["prompt_tokens"]["drift"]
+
+
+def test_drift_from_the_request_log_of_a_real_server(model_dir, tmp_path):
+    english = [f"Please explain how the {w} function works in Python." for w in ("sorted", "zip", "map", "len")] * 6
+    french = [f"Pouvez-vous m'expliquer en détail comment fonctionne la fonction {w} dans ce langage de "
+              f"programmation, avec plusieurs exemples complets et commentés ?" for w in ("sorted", "zip")] * 12
+    log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
+    engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=512, max_num_seqs=32))
+
+    def send(url: str, prompts: list[str]) -> None:
+        async def go() -> None:
+            async with httpx.AsyncClient(timeout=60) as c:
+                rs = await asyncio.gather(*(c.post(url + "/v1/completions", json={
+                    "model": "m", "prompt": p, "max_tokens": 3, "ignore_eos": True}) for p in prompts))
+                assert all(r.status_code == 200 for r in rs)
+
+        asyncio.run(go())
+        deadline = time.monotonic() + 10
+        while log.written < before + len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def age(days: float) -> None:  # move every row logged so far `days` into the past
+        con = sqlite3.connect(log.path)
+        with con:
+            con.execute("UPDATE requests SET time = time - ? WHERE time > ?", (days * 86400, time.time() - 3600))
+        con.close()
+
+    def drift_cli() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmcycle", "monitor", "drift", "--log", str(log.path),
+                               "--reference-days", "3:1", "--json"], capture_output=True, text=True, timeout=120)
+
+    with serve_in_thread(ServerState({"m": engine}, request_log=log)) as url:
+        before = 0
+        send(url, english)
+        age(2)  # the reference: two days ago
+        before = len(english)
+        send(url, english)  # today: the same kind of traffic
+        same = drift_cli()
+        assert same.returncode == 0, same.stdout + same.stderr
+        assert {r["feature"] for r in json.loads(same.stdout)} == {"prompt_tokens", "completion_tokens",
+                                                                   "prompt_lang", "finish_reason"}
+        age(10)  # today's English traffic leaves both windows
+        before = 2 * len(english)
+        send(url, french)  # today: longer prompts in another language
+    shifted = drift_cli()
+    assert shifted.returncode == 1, shifted.stdout + shifted.stderr
+    drifted = {r["feature"] for r in json.loads(shifted.stdout) if r["drift"]}
+    assert {"prompt_tokens", "prompt_lang"} <= drifted
+    langs = {r[0] for r in connect(log.path).execute("SELECT DISTINCT prompt_lang FROM requests")}
+    assert langs == {"en", "fr"}

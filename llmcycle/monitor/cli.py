@@ -3,6 +3,7 @@
 `usage --by key|model|route|day|hour|user|status` prints one line per group: requests, errors (status >= 400),
 tokens (prompt, of which cached, completion), cost, and latency (median and p95 of the request time, mean
 time to first token); `--json` prints the same as JSON. `export --format jsonl|parquet` writes the rows.
+`drift` compares a current window with a reference (monitor/drift.py) and exits 1 when a feature drifted.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _fmt(v: Any) -> str:
 
 
 def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Read the request log that `llmcycle serve` writes: usage tables and exports. "
+    p.description = ("Read the request log that `llmcycle serve` writes: usage tables, exports, drift. "
                      "See docs/monitor.md.")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     u = sub.add_parser("usage", help="requests, errors, tokens, cost and latency by key, model, route, day ...")
@@ -124,16 +125,59 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     e = sub.add_parser("export", help="write the request log's rows as JSON lines or Parquet")
     e.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="default: jsonl")
     e.add_argument("--out", required=True, type=Path, help="file to write")
-    for q in (u, e):
+    d = sub.add_parser("drift", help="compare a current window of traffic with a reference (exit 1 on drift)")
+    d.add_argument("--current-days", type=float, default=1.0, help="the current window: the last N days (default: 1)")
+    d.add_argument("--reference-days", default="30:1", metavar="FROM:TO",
+                   help="the reference window of traffic, in days ago (default: 30:1, before the current day)")
+    d.add_argument("--reference-file", type=Path, default=None,
+                   help="instead, a file of prompts (JSON lines with prompt/messages/text, or one per line), "
+                        "e.g. the SFT data: prompt features only")
+    d.add_argument("--tokenizer", type=Path, default=None, help="model directory whose tokenizer counts the "
+                                                                  "reference file's tokens (the served model's)")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    for q in (u, e, d):
         q.add_argument("--log", type=Path, default=None,
                        help="the request log (default: serve's, in $XDG_STATE_HOME/llmcycle/requests.sqlite)")
+    for q in (u, e):
         q.add_argument("--since", type=float, default=None, metavar="DAYS", help="only the last DAYS days")
     u.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=monitor_main)
 
 
+def drift_main(args: argparse.Namespace, path: Path) -> int:
+    from llmcycle.monitor import drift
+
+    _open(path).close()
+    current = drift.log_window(path, args.current_days)
+    if args.reference_file is not None:
+        if args.tokenizer is None:
+            raise LlmcycleError("--reference-file needs --tokenizer MODEL_DIR (the served model's) to count tokens.")
+        from llmcycle.tokenizer import Tokenizer
+
+        reference = drift.prompts_file_rows(args.reference_file, Tokenizer.from_pretrained(args.tokenizer))
+    else:
+        try:
+            start, end = (float(x) for x in args.reference_days.split(":"))
+        except ValueError:
+            raise LlmcycleError(f"--reference-days {args.reference_days!r}: give FROM:TO in days ago, e.g. 30:1.") from None
+        reference = drift.log_window(path, start, end)
+    results = drift.compare(reference, current)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"reference: {len(reference)} request(s), current: {len(current)}")
+        for r in results:
+            print(f"{r['feature']:<18} {r['method']:<19} {r['value']:8.4f}  (threshold {r['threshold']:g})  "
+                  f"{'DRIFT' if r['drift'] else 'ok'}")
+        if not results:
+            print("nothing to compare: a window has fewer than 2 requests.")
+    return 1 if any(r["drift"] for r in results) else 0
+
+
 def monitor_main(args: argparse.Namespace) -> int:
     path = args.log or default_log()
+    if args.action == "drift":
+        return drift_main(args, path)
     if args.action == "export":
         n = export(path, args.out, args.format, args.since)
         print(f"wrote {n} request(s) to {args.out}")

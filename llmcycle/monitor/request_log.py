@@ -54,6 +54,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("cost", "REAL"),              # in the price table's currency; null when the model has no price
     ("user", "TEXT"),              # the client's `user` field
     ("metadata", "TEXT"),          # the client's `metadata` object, JSON
+    ("prompt_lang", "TEXT"),       # the prompt's language (py3langid), for drift; found by the writer thread
     ("safety", "TEXT"),            # the safety checks that fired: JSON list of {check, on, action, score}
     ("prompt", "TEXT"),            # only with store_text, PII-redacted
     ("completion", "TEXT"),        # only with store_text, PII-redacted
@@ -101,7 +102,8 @@ class RequestLog:
         self._thread.start()
 
     def submit(self, row: dict[str, Any]) -> None:
-        """Queue one row (a dict keyed by `NAMES`); never blocks, never raises."""
+        """Queue one row (a dict keyed by `NAMES`, plus `_prompt_text` for the writer to find the prompt's
+        language from); never blocks, never raises."""
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -140,6 +142,10 @@ class RequestLog:
         con.close()
 
     def _write(self, con: sqlite3.Connection, rows: list[dict]) -> None:
+        for r in rows:  # derived here, off the request path: the prompt's text itself is not kept
+            text = r.pop("_prompt_text", None)
+            if text is not None and r.get("prompt_lang") is None:
+                r["prompt_lang"] = _language(text)
         values = [tuple(_column_value(r.get(c)) for c in NAMES) for r in rows]
         try:
             with con:
@@ -166,6 +172,16 @@ class RequestLog:
                 con.execute("DELETE FROM requests WHERE time < ?", (now - self.retention_days * 86400,))
         except sqlite3.Error as e:
             log.warning("request log: retention delete failed: %s", e)
+
+
+def _language(text: str) -> str | None:
+    from llmcycle.monitor.language import language_of
+
+    try:
+        return language_of(text)
+    except Exception as e:  # noqa: BLE001 - a feature for drift must never cost the row
+        log.debug("language of a prompt: %s", e)
+        return None
 
 
 def _column_value(v: Any) -> Any:

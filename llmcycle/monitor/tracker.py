@@ -137,6 +137,8 @@ class RequestMonitor:
                 self.safety_triggers.labels(t.check, t.where, t.action).inc()
         if trace.model is not None and outs:
             row["cost"] = self.prices.cost(trace.model, prompt, cached, completion, total)
+        if trace.prompt_text is not None:
+            row["_prompt_text"] = trace.prompt_text  # the log's writer finds its language, then drops it
         if self._redact is not None:
             if trace.prompt_text is not None:
                 row["prompt"] = self._redact(trace.prompt_text)

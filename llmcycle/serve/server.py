@@ -563,7 +563,7 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
     ids_list, params_list = await asyncio.to_thread(
         _check_params, engine, prompts,
         lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
-    if state.monitor.store_text:
+    if state.monitor.log is not None:  # the log stores it (store_text) or only its language (drift)
         tok = engine.engine.tokenizer
         trace.prompt_text = "\n\n".join(p if isinstance(p, str) else tok.decode(p) for p in prompts)
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False, lora=lora,
@@ -586,7 +586,7 @@ async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
     ids_list, params_list = await asyncio.to_thread(
         _check_params, engine, [ids],
         lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
-    if state.monitor.store_text:
+    if state.monitor.log is not None:
         trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora,
                           trace=trace)

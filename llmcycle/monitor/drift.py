@@ -1,0 +1,136 @@
+"""Drift: is today's traffic like the traffic (or the data) the model was checked on?
+
+Features per request, from the request log: `prompt_tokens`, `completion_tokens` (numeric) and
+`prompt_lang` (py3langid's guess, the data stage's language model), `finish_reason` (categorical). A
+reference window (an earlier period of traffic, or a file of prompts such as the SFT data) is compared
+with a current window, feature by feature, with Evidently's default tests:
+
+- numeric, reference of at most 1000 rows: two-sample Kolmogorov-Smirnov, drift when p <= 0.05;
+- numeric, larger: Wasserstein distance normed by the reference's standard deviation, drift when >= 0.1;
+- categorical: Jensen-Shannon distance (natural log, as scipy's `jensenshannon`), drift when >= 0.1.
+
+The statistics are written here with numpy (scipy is not a base dependency); tests/test_monitor.py checks
+them against scipy's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NUMERIC = ("prompt_tokens", "completion_tokens")
+CATEGORICAL = ("prompt_lang", "finish_reason")
+KS_MAX_ROWS, KS_P, WASSERSTEIN_MIN, JS_MIN = 1000, 0.05, 0.1, 0.1
+
+
+def ks_2samp(a: Iterable[float], b: Iterable[float]) -> tuple[float, float]:
+    """(D, p): the two-sample Kolmogorov-Smirnov statistic and its asymptotic two-sided p-value (Kolmogorov's
+    limit distribution at D * sqrt(nm / (n + m)); scipy's default exact p-value differs a little for small
+    samples)."""
+    x, y = np.sort(np.asarray(list(a), dtype=float)), np.sort(np.asarray(list(b), dtype=float))
+    n, m = len(x), len(y)
+    grid = np.concatenate([x, y])
+    d = float(np.max(np.abs(np.searchsorted(x, grid, side="right") / n - np.searchsorted(y, grid, side="right") / m)))
+    en = math.sqrt(n * m / (n + m))
+    return d, _kolmogorov_sf(d * en)
+
+
+def _kolmogorov_sf(t: float) -> float:
+    """P(K > t) for the Kolmogorov distribution: 2 sum_{k>=1} (-1)^(k-1) exp(-2 k^2 t^2)."""
+    if t <= 0:
+        return 1.0
+    if t < 0.3:  # the series converges slowly here, and the answer is 1 to double precision
+        return 1.0
+    total = sum((-1) ** (k - 1) * math.exp(-2 * k * k * t * t) for k in range(1, 101))
+    return min(1.0, max(0.0, 2 * total))
+
+
+def wasserstein_normed(ref: Iterable[float], cur: Iterable[float]) -> float:
+    """1-D Wasserstein distance between the samples, divided by the reference's standard deviation."""
+    r, c = np.sort(np.asarray(list(ref), dtype=float)), np.sort(np.asarray(list(cur), dtype=float))
+    grid = np.sort(np.concatenate([r, c]))
+    gaps = np.diff(grid)
+    cdf_r = np.searchsorted(r, grid[:-1], side="right") / len(r)
+    cdf_c = np.searchsorted(c, grid[:-1], side="right") / len(c)
+    w = float(np.sum(np.abs(cdf_r - cdf_c) * gaps))
+    std = float(np.std(r))
+    return w / std if std > 0 else (0.0 if w == 0 else math.inf)
+
+
+def jensen_shannon(ref: Iterable[Any], cur: Iterable[Any]) -> float:
+    """Jensen-Shannon distance (natural log) between the category frequencies of two samples."""
+    a, b = Counter(ref), Counter(cur)
+    cats = sorted(set(a) | set(b), key=str)
+    p = np.array([a[k] for k in cats], dtype=float)
+    q = np.array([b[k] for k in cats], dtype=float)
+    p, q = p / p.sum(), q / q.sum()
+    mid = (p + q) / 2
+
+    def kl(u: np.ndarray, v: np.ndarray) -> float:
+        keep = u > 0
+        return float(np.sum(u[keep] * np.log(u[keep] / v[keep])))
+
+    return math.sqrt(max(0.0, (kl(p, mid) + kl(q, mid)) / 2))
+
+
+def compare(reference: list[dict], current: list[dict]) -> list[dict[str, Any]]:
+    """One result per feature both windows have: feature, method, value, threshold, drift (bool), sizes."""
+    out = []
+    for feature in NUMERIC + CATEGORICAL:
+        ref = [r[feature] for r in reference if r.get(feature) is not None]
+        cur = [r[feature] for r in current if r.get(feature) is not None]
+        if len(ref) < 2 or len(cur) < 2:
+            continue
+        if feature in CATEGORICAL:
+            value, method, threshold, drift = jensen_shannon(ref, cur), "jensen_shannon", JS_MIN, None
+            drift = value >= JS_MIN
+        elif len(ref) <= KS_MAX_ROWS:
+            _, value = ks_2samp(ref, cur)
+            method, threshold, drift = "ks_p_value", KS_P, value <= KS_P
+        else:
+            value = wasserstein_normed(ref, cur)
+            method, threshold, drift = "wasserstein_normed", WASSERSTEIN_MIN, value >= WASSERSTEIN_MIN
+        out.append({"feature": feature, "method": method, "value": value, "threshold": threshold,
+                    "drift": bool(drift), "reference_rows": len(ref), "current_rows": len(cur)})
+    return out
+
+
+def log_window(path: str | Path, start_days_ago: float, end_days_ago: float = 0.0,
+               now: float | None = None) -> list[dict]:
+    """Successful requests of the request log between `start_days_ago` and `end_days_ago`."""
+    now = time.time() if now is None else now
+    con = sqlite3.connect(str(path), timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        rows = con.execute("SELECT prompt_tokens, completion_tokens, prompt_lang, finish_reason FROM requests "
+                           "WHERE status = 200 AND route != '/v1/models' AND time >= ? AND time < ?",
+                           (now - start_days_ago * 86400, now - end_days_ago * 86400)).fetchall()
+    finally:
+        con.close()
+    return [dict(r) for r in rows]
+
+
+def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
+    """Reference rows from a file of prompts: JSON lines with `prompt` (text, or chat messages as in TRL),
+    `messages` or `text`, or plain text with one prompt per line. Prompt features only."""
+    from llmcycle.monitor.language import language_of
+
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        text = line
+        if line.lstrip().startswith("{"):
+            obj = json.loads(line)
+            value = obj.get("prompt", obj.get("messages", obj.get("text", "")))
+            text = value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
+        rows.append({"prompt_tokens": len(tokenizer.encode(text)), "prompt_lang": language_of(text)})
+    return rows
