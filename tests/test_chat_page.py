@@ -2,7 +2,6 @@
 a greedy streamed reply equal to the non-streamed API's, incremental rendering, Stop, errors, API key,
 a default max tokens that fits the context, and a conversation trimmed when it outgrows the context."""
 
-import os
 import socket
 import threading
 import time
@@ -13,9 +12,6 @@ import torch
 
 from conftest import make_serving_model
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPT = "Tell me a story about a cat."
 MAX_TOKENS = 24
 
@@ -61,17 +57,6 @@ def server(model_dir):
     yield f"http://127.0.0.1:{port}", engine, slow
     srv.should_exit = True
     thread.join(timeout=15)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmcycle.errors import LlmcycleError
 from llmcycle.monitor.audit import AuditLog
 from llmcycle.monitor.budgets import BudgetExceeded
+from llmcycle.monitor.dashboard import ResourceSampler, summary
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
 from llmcycle.monitor.safety import SafetyChecks, SafetyRefusal
@@ -105,6 +106,7 @@ class ServerState:
         self.bytes_per_token = {name: max_bytes_per_token(e.engine.tokenizer) for name, e in engines.items()}
         self.limiter = RateLimiter()
         self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
+        self.resources = ResourceSampler()  # sampled while the app runs (lifespan), shown on /dashboard
         # the one monitoring hook: every API request begins a trace and ends it once (monitor/tracker.py)
         self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
                                       {name: model_version(e.engine.model_dir) for name, e in engines.items()},
@@ -425,7 +427,9 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     async def lifespan(app: FastAPI):
         for eng in state.engines.values():
             eng.start()
+        state.resources.start()
         yield
+        state.resources.stop()
         # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
         await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
 
@@ -458,6 +462,21 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     async def metrics(request: Request) -> Response:
         _authorize(state, request, roles=("scrape", "admin"))  # traffic of every key: not for user keys
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return FileResponse(STATIC / "dashboard.html", media_type="text/html")  # the data behind it needs a key
+
+    @app.get("/dashboard/data")
+    async def dashboard_data(request: Request) -> Response:
+        _authorize(state, request, roles=("admin",))
+        try:
+            window = float(request.query_params.get("window", 3600))
+        except ValueError:
+            window = -1.0
+        if not 60 <= window <= 30 * 86400:
+            raise APIError(400, "window must be seconds between 60 and 30 days.", "window")
+        return JSONResponse(await asyncio.to_thread(_dashboard, state, window))
 
     @app.get("/")
     async def chat_page() -> Response:
@@ -512,6 +531,19 @@ async def _admit(state: ServerState, request: Request, model: type[_SamplingFiel
     base, engine, lora = state.route(req.model)
     trace.base_model, trace.adapter = base, lora
     return key, req, base, engine, lora
+
+
+def _dashboard(state: ServerState, window: float) -> dict:
+    """/dashboard's data: the request log's summary of the window, the engines now, resources over time."""
+    log = state.monitor.log
+    data: dict[str, Any] = summary(log.path, window) if log is not None else {}
+    data["request_log"] = None if log is None else {"path": str(log.path), "written": log.written,
+                                                    "dropped": log.dropped, "failed": log.failed}
+    data["engines"] = {name: {k: e.engine.stats()[k] for k in ("num_requests_running", "num_requests_waiting",
+                                                                "kv_cache_usage_perc")}
+                       for name, e in state.engines.items()}
+    data["resources"] = list(state.resources.samples)
+    return data
 
 
 def _screen_prompt(state: ServerState, trace: Trace, text: str, param: str) -> str:
