@@ -546,3 +546,55 @@ def test_drift_from_the_request_log_of_a_real_server(model_dir, tmp_path):
     assert {"prompt_tokens", "prompt_lang"} <= drifted
     langs = {r[0] for r in connect(log.path).execute("SELECT DISTINCT prompt_lang FROM requests")}
     assert langs == {"en", "fr"}
+
+
+def test_opentelemetry_spans_and_genai_metrics(model_dir):
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmcycle.monitor.otel import OtelExporter
+
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider = sdk_trace.TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    otel = OtelExporter(tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]))
+    engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=256))
+    with serve_in_thread(ServerState({"m": engine}, otel=otel)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        chat = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                         extra_body={"ignore_eos": True})
+        stream = list(c.completions.create(model="m", prompt="go", max_tokens=4, stream=True,
+                                           extra_body={"ignore_eos": True}))
+        assert httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+    got = {s.attributes.get("gen_ai.response.id", s.name): s for s in spans.get_finished_spans()}
+    s = got[chat.id]
+    assert s.name == "chat m" and s.kind.name == "SERVER"
+    assert s.attributes["gen_ai.operation.name"] == "chat" and s.attributes["gen_ai.request.model"] == "m"
+    assert s.attributes["gen_ai.usage.input_tokens"] == chat.usage.prompt_tokens
+    assert s.attributes["gen_ai.usage.output_tokens"] == 3
+    assert tuple(s.attributes["gen_ai.response.finish_reasons"]) == ("length",)
+    assert s.end_time > s.start_time
+    streamed = got[stream[0].id]
+    assert streamed.attributes["gen_ai.operation.name"] == "text_completion"
+    assert streamed.attributes["gen_ai.usage.output_tokens"] == 4  # a stream is counted like the rest
+    failed = got["text_completion nope"]
+    assert failed.attributes["error.type"] == "NotFoundError" and failed.status.status_code.name == "ERROR"
+    points = {m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+              for m in sm.metrics}
+    assert {"gen_ai.server.request.duration", "gen_ai.server.time_to_first_token",
+            "gen_ai.server.time_per_output_token", "gen_ai.client.token.usage"} <= set(points)
+    usage = {dict(p.attributes)["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"].data.data_points
+             if dict(p.attributes)["gen_ai.operation.name"] == "text_completion"}
+    assert usage["output"] == 4
+
+
+def test_opentelemetry_missing_names_the_extra(monkeypatch):
+    from llmcycle.errors import LlmcycleError
+    from llmcycle.monitor.otel import OtelExporter
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)  # as in the base install
+    with pytest.raises(LlmcycleError, match=r"pip install 'llmcycle\[otel\]'"):
+        OtelExporter("http://127.0.0.1:4318")

@@ -79,8 +79,9 @@ class RequestMonitor:
 
     def __init__(self, log: RequestLog | None, prices: PriceTable | None = None, store_text: bool = False,
                  registry: CollectorRegistry | None = None, versions: dict[str, str | None] | None = None,
-                 safety: SafetyChecks | None = None) -> None:
+                 safety: SafetyChecks | None = None, otel: Any = None) -> None:
         self.log, self.prices, self.store_text = log, prices or PriceTable(None), store_text
+        self.otel = otel  # an OtelExporter (monitor/otel.py) when an OTLP endpoint is configured
         self.safety = safety or SafetyChecks(None)
         self.versions = versions or {}
         self.budgets = Budgets(None if log is None else log.path)
@@ -150,6 +151,8 @@ class RequestMonitor:
             self.cost.labels(model_label).inc(row["cost"])
         if trace.reservation is not None:
             self.budgets.settle(trace.reservation, row.get("cost"))
+        if self.otel is not None:
+            self.otel.record(row)
         if self.log is not None:
             self.log.submit(row)
         return row
@@ -157,6 +160,8 @@ class RequestMonitor:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.otel is not None:
+            self.otel.shutdown()
 
 
 def _latencies(outs: list[RequestOutput], start: float) -> dict[str, float | None]:

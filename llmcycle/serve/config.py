@@ -65,6 +65,8 @@ class ServeConfig:
     log_retention_days: float | None = F(None, "delete request-log rows older than this (null: keep all)")
     safety: list[dict] = F([], "safety checks, each {check: pii|injection|harmful|classifier, where: prompt|"
                                 "completion|both, action: log|flag|redact|refuse, ...} (docs/monitor.md)")
+    otlp_endpoint: str | None = F(None, "OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318): a span "
+                                        "per request and the GenAI metrics (pip install 'llmcycle[otel]')")
     audit_requests: bool = F(False, "also chain every request into the audit trail (audit.sqlite beside the keys "
                                     "database, else beside the request log)")
 

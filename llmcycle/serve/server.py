@@ -91,7 +91,7 @@ class ServerState:
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
                  limits: RequestLimits | None = None, request_log: RequestLog | None = None,
                  prices: PriceTable | None = None, store_text: bool = False,
-                 safety: list[dict] | None = None) -> None:
+                 safety: list[dict] | None = None, otel: Any = None) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
@@ -110,7 +110,7 @@ class ServerState:
         # the one monitoring hook: every API request begins a trace and ends it once (monitor/tracker.py)
         self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
                                       {name: model_version(e.engine.model_dir) for name, e in engines.items()},
-                                      SafetyChecks(safety))
+                                      SafetyChecks(safety), otel)
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
@@ -980,7 +980,13 @@ def run_server(cfg: ServeConfig) -> None:
     request_log = None if log_path is None else RequestLog(
         log_path, cfg.log_flush_interval, cfg.log_queue_size, retention_days=cfg.log_retention_days,
         audit=audit if cfg.audit_requests else None)
-    state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety)
+    otel = None
+    if cfg.otlp_endpoint:
+        from llmcycle.monitor.otel import OtelExporter
+
+        otel = OtelExporter(cfg.otlp_endpoint)
+    state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
+                        otel)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
