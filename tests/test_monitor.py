@@ -598,3 +598,57 @@ def test_opentelemetry_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)  # as in the base install
     with pytest.raises(LlmcycleError, match=r"pip install 'llmcycle\[otel\]'"):
         OtelExporter("http://127.0.0.1:4318")
+
+
+def test_shipped_grafana_dashboard_and_alerts_use_only_exported_metrics(served):
+    """Every metric the Grafana dashboard and the Prometheus alert rules query is one the server exports."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    import llmcycle.monitor
+
+    deploy = Path(llmcycle.monitor.__file__).parent / "deploy"
+    dashboard = json.loads((deploy / "grafana-dashboard.json").read_text())
+    alerts = yaml.safe_load((deploy / "prometheus-alerts.yml").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    queries += [r["expr"] for g in alerts["groups"] for r in g["rules"]]
+    used = {m for q in queries for m in re.findall(r"llmcycle:[a-zA-Z0-9_]+", q)}
+    exported = set()
+    for line in _metrics_text(served).splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            exported.add(name)
+            if kind == "histogram":
+                exported |= {name + s for s in ("_bucket", "_sum", "_count")}
+    missing = sorted(used - exported)
+    assert not missing, missing
+    assert len(used) >= 15 and all(r.get("annotations", {}).get("summary") for g in alerts["groups"]
+                                   for r in g["rules"])
+
+
+def test_the_drift_watch_puts_its_verdict_on_metrics(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmcycle.monitor.drift import DriftWatch
+    from llmcycle.monitor.tracker import RequestMonitor
+
+    now = time.time()
+    log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.01)
+    rng = np.random.default_rng(0)
+    for i in range(300):  # the day before: short English prompts; the last hour: longer French ones
+        old = i < 150
+        log.submit({"time": now - (7200 if old else 600) - i, "status": 200, "route": "/v1/completions",
+                    "prompt_tokens": int(rng.poisson(20 if old else 45)), "completion_tokens": 16,
+                    "prompt_lang": "en" if old else "fr", "finish_reason": "length"})
+    log.close()
+    registry = CollectorRegistry()
+    monitor = RequestMonitor(None, registry=registry)
+    results = {r["feature"]: r for r in DriftWatch(monitor, log.path, window_s=3600).check(now)}
+    assert results["prompt_tokens"]["drift"] and results["prompt_lang"]["drift"]
+    assert not results["completion_tokens"]["drift"]
+    text = generate_latest(registry).decode()
+    assert 'llmcycle:drift_detected{feature="prompt_lang"} 1.0' in text
+    assert 'llmcycle:drift_detected{feature="completion_tokens"} 0.0' in text

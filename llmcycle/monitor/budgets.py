@@ -56,6 +56,7 @@ class Budgets:
         self._lock = threading.Lock()
         self._spent: dict[str, tuple[float, float]] = {}  # key id -> (period start, spent)
         self._reserved: dict[str, float] = {}
+        self._budget: dict[str, float] = {}  # the budget of each key seen, for `used()`
 
     def _spent_now(self, key: KeyRecord, start: float) -> float:
         cached = self._spent.get(key.id)
@@ -83,6 +84,7 @@ class Budgets:
         now = time.time() if now is None else now
         start = period_start(key.budget_period or "month", now)
         with self._lock:
+            self._budget[key.id] = key.budget
             spent = self._spent_now(key, start)
             reserved = self._reserved.get(key.id, 0.0)
             if spent + reserved + estimate > key.budget:
@@ -103,3 +105,8 @@ class Budgets:
             start, spent = self._spent.get(reservation.key_id, (reservation.period_start, 0.0))
             if start == reservation.period_start:
                 self._spent[reservation.key_id] = (start, spent + (cost or 0.0))
+
+    def used(self) -> dict[str, float]:
+        """Spent this period over the budget, per key seen since the server started (for /metrics)."""
+        with self._lock:
+            return {k: (self._spent.get(k, (0.0, 0.0))[1] / b if b > 0 else 1.0) for k, b in self._budget.items()}

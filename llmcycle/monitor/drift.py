@@ -134,3 +134,38 @@ def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
             text = value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
         rows.append({"prompt_tokens": len(tokenizer.encode(text)), "prompt_lang": language_of(text)})
     return rows
+
+
+class DriftWatch:
+    """Checks drift in a thread every `every_s` seconds: the last `window_s` of the request log against the
+    day before it. Each result replaces `monitor.drift`, which /metrics shows as `llmcycle:drift_detected` and
+    `llmcycle:drift_value` (and a Prometheus alert can fire on)."""
+
+    def __init__(self, monitor: Any, log_path: str | Path, every_s: float = 300.0, window_s: float = 3600.0) -> None:
+        import threading
+
+        self.monitor, self.log_path, self.every_s, self.window_s = monitor, Path(log_path), every_s, window_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmcycle-drift", daemon=True)
+
+    def check(self, now: float | None = None) -> list[dict]:
+        days = self.window_s / 86400
+        results = compare(log_window(self.log_path, days + 1, days, now), log_window(self.log_path, days, 0, now))
+        self.monitor.drift = results
+        return results
+
+    def start(self) -> DriftWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import logging
+
+        while not self._stop.wait(self.every_s):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - a failed check must not stop the next one
+                logging.getLogger(__name__).warning("drift check failed: %s", e)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llmcycle.monitor.budgets import Budgets, Reservation
 from llmcycle.monitor.pricing import PriceTable
@@ -98,7 +98,8 @@ class RequestMonitor:
                             "currency.", ["model_name"], registry=registry)
         self.safety_triggers = Counter("llmcycle:safety_triggers", "Safety checks that fired, by check, where "
                                        "and action.", ["check", "where", "action"], registry=registry)
-        registry.register(_LogCollector(lambda: self.log))
+        registry.register(_LogCollector(lambda: self.log, self.budgets, lambda: self.drift))
+        self.drift: list[dict] = []  # the last drift results (DriftWatch), as gauges on /metrics
 
     def begin(self, route: str) -> Trace:
         return Trace(self, route)
@@ -182,15 +183,31 @@ def _latencies(outs: list[RequestOutput], start: float) -> dict[str, float | Non
 
 
 class _LogCollector:
-    """The request log's own counters, read at scrape time."""
+    """What the monitor knows, read at scrape time: the request log's counters, each key's budget use, and
+    the last drift check."""
 
-    def __init__(self, log: Callable[[], RequestLog | None]) -> None:
-        self.log = log
+    def __init__(self, log: Callable[[], RequestLog | None], budgets: Budgets,
+                 drift: Callable[[], list[dict]]) -> None:
+        self.log, self.budgets, self.drift = log, budgets, drift
 
     def describe(self) -> list:
         return []
 
     def collect(self):
+        used = GaugeMetricFamily("llmcycle:key_budget_used_ratio", "Spend this period over the key's budget.",
+                                 labels=["key_id"])
+        for key_id, ratio in self.budgets.used().items():
+            used.add_metric([key_id], ratio)
+        yield used
+        detected = GaugeMetricFamily("llmcycle:drift_detected", "1 when the feature drifted at the last check.",
+                                     labels=["feature"])
+        value = GaugeMetricFamily("llmcycle:drift_value", "The last drift check's statistic per feature.",
+                                  labels=["feature", "method"])
+        for r in self.drift():
+            detected.add_metric([r["feature"]], float(r["drift"]))
+            value.add_metric([r["feature"], r["method"]], float(r["value"]))
+        yield detected
+        yield value
         log = self.log()
         if log is None:
             return

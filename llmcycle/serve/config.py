@@ -65,6 +65,8 @@ class ServeConfig:
     log_retention_days: float | None = F(None, "delete request-log rows older than this (null: keep all)")
     safety: list[dict] = F([], "safety checks, each {check: pii|injection|harmful|classifier, where: prompt|"
                                 "completion|both, action: log|flag|redact|refuse, ...} (docs/monitor.md)")
+    drift_every_s: float = F(300.0, "seconds between drift checks of the last hour against the day before, shown "
+                                    "on /metrics (0: off)")
     otlp_endpoint: str | None = F(None, "OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318): a span "
                                         "per request and the GenAI metrics (pip install 'llmcycle[otel]')")
     audit_requests: bool = F(False, "also chain every request into the audit trail (audit.sqlite beside the keys "
@@ -80,6 +82,8 @@ class ServeConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"serve: {key} must be positive, not {value}.")
+        if self.drift_every_s < 0:
+            raise ConfigError(f"serve: drift_every_s must be >= 0 (0: off), not {self.drift_every_s}.")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: port must be in [0, 65535], not {self.port}.")
         from llmcycle.monitor.pricing import PriceTable

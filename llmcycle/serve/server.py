@@ -43,6 +43,7 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.monitor.audit import AuditLog
 from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.dashboard import ResourceSampler, summary
+from llmcycle.monitor.drift import DriftWatch
 from llmcycle.monitor.pricing import PriceTable
 from llmcycle.monitor.request_log import RequestLog
 from llmcycle.monitor.safety import SafetyChecks, SafetyRefusal
@@ -91,7 +92,7 @@ class ServerState:
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
                  limits: RequestLimits | None = None, request_log: RequestLog | None = None,
                  prices: PriceTable | None = None, store_text: bool = False,
-                 safety: list[dict] | None = None, otel: Any = None) -> None:
+                 safety: list[dict] | None = None, otel: Any = None, drift_every_s: float = 300.0) -> None:
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
@@ -111,6 +112,9 @@ class ServerState:
         self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
                                       {name: model_version(e.engine.model_dir) for name, e in engines.items()},
                                       SafetyChecks(safety), otel)
+        # drift of the last hour against the day before, every few minutes, as gauges on /metrics
+        self.drift_watch = (DriftWatch(self.monitor, request_log.path, drift_every_s)
+                            if request_log is not None and drift_every_s > 0 else None)
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
@@ -428,8 +432,12 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         for eng in state.engines.values():
             eng.start()
         state.resources.start()
+        if state.drift_watch is not None:
+            state.drift_watch.start()
         yield
         state.resources.stop()
+        if state.drift_watch is not None:
+            state.drift_watch.stop()
         # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
         await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
 
@@ -986,7 +994,7 @@ def run_server(cfg: ServeConfig) -> None:
 
         otel = OtelExporter(cfg.otlp_endpoint)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
-                        otel)
+                        otel, cfg.drift_every_s)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
