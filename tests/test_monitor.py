@@ -509,7 +509,8 @@ def test_drift_from_the_request_log_of_a_real_server(model_dir, tmp_path):
         async def go() -> None:
             async with httpx.AsyncClient(timeout=60) as c:
                 rs = await asyncio.gather(*(c.post(url + "/v1/completions", json={
-                    "model": "m", "prompt": p, "max_tokens": 3, "ignore_eos": True}) for p in prompts))
+                    "model": "m", "prompt": p, "max_tokens": 3, "ignore_eos": True, "temperature": 0})
+                    for p in prompts))
                 assert all(r.status_code == 200 for r in rs)
 
         asyncio.run(go())
@@ -536,7 +537,8 @@ def test_drift_from_the_request_log_of_a_real_server(model_dir, tmp_path):
         same = drift_cli()
         assert same.returncode == 0, same.stdout + same.stderr
         assert {r["feature"] for r in json.loads(same.stdout)} == {"prompt_tokens", "completion_tokens",
-                                                                   "prompt_lang", "finish_reason"}
+                                                                   "output_perplexity", "prompt_lang",
+                                                                   "finish_reason"}
         age(10)  # today's English traffic leaves both windows
         before = 2 * len(english)
         send(url, french)  # today: longer prompts in another language
@@ -652,3 +654,33 @@ def test_the_drift_watch_puts_its_verdict_on_metrics(tmp_path):
     text = generate_latest(registry).decode()
     assert 'llmcycle:drift_detected{feature="prompt_lang"} 1.0' in text
     assert 'llmcycle:drift_detected{feature="completion_tokens"} 0.0' in text
+
+
+def test_output_perplexity_is_the_models_own(model_dir, tmp_path):
+    """The request log's output perplexity is exp(-mean log p) of the generated tokens: equal to what the
+    API's own logprobs give (greedy, and sampled at temperature 2), which for greedy decoding are the
+    model's, one forward at a time over prompt + completion."""
+    from llmcycle.model.transformer import Transformer
+
+    log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
+    engine = AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=256))
+    prompt = [5, 9, 14, 3, 22]
+    bodies = []
+    with serve_in_thread(ServerState({"m": engine}, request_log=log)) as url:
+        for temperature in (0, 2.0):
+            bodies.append(httpx.post(url + "/v1/completions", json={
+                "model": "m", "prompt": prompt, "max_tokens": 6, "ignore_eos": True, "temperature": temperature,
+                "seed": 1, "logprobs": 0}).json())
+    log.close()
+    rows = {r["request_id"]: dict(r) for r in connect(log.path).execute("SELECT * FROM requests")}
+    for body in bodies:
+        logprobs = body["choices"][0]["logprobs"]["token_logprobs"]
+        assert rows[body["id"]]["output_perplexity"] == pytest.approx(float(np.exp(-np.mean(logprobs))), rel=1e-5)
+    model = Transformer.from_pretrained(model_dir).eval()
+    seq, expected = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for _ in range(6):
+            lp = torch.log_softmax(model(seq)[0, -1].float(), -1)
+            expected.append(float(lp.max()))
+            seq = torch.cat([seq, lp.argmax().view(1, 1)], 1)
+    assert np.allclose(bodies[0]["choices"][0]["logprobs"]["token_logprobs"], expected, atol=1e-4)

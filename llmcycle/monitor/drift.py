@@ -1,6 +1,7 @@
 """Drift: is today's traffic like the traffic (or the data) the model was checked on?
 
-Features per request, from the request log: `prompt_tokens`, `completion_tokens` (numeric) and
+Features per request, from the request log: `prompt_tokens`, `completion_tokens`, `output_perplexity` (the
+generated text's perplexity under the served model: a quality signal; numeric) and
 `prompt_lang` (py3langid's guess, the data stage's language model), `finish_reason` (categorical). A
 reference window (an earlier period of traffic, or a file of prompts such as the SFT data) is compared
 with a current window, feature by feature, with Evidently's default tests:
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-NUMERIC = ("prompt_tokens", "completion_tokens")
+NUMERIC = ("prompt_tokens", "completion_tokens", "output_perplexity")
 CATEGORICAL = ("prompt_lang", "finish_reason")
 KS_MAX_ROWS, KS_P, WASSERSTEIN_MIN, JS_MIN = 1000, 0.05, 0.1, 0.1
 
@@ -110,7 +111,8 @@ def log_window(path: str | Path, start_days_ago: float, end_days_ago: float = 0.
     con = sqlite3.connect(str(path), timeout=30)
     con.row_factory = sqlite3.Row
     try:
-        rows = con.execute("SELECT prompt_tokens, completion_tokens, prompt_lang, finish_reason FROM requests "
+        rows = con.execute("SELECT prompt_tokens, completion_tokens, output_perplexity, prompt_lang, finish_reason "
+                           "FROM requests "
                            "WHERE status = 200 AND route != '/v1/models' AND time >= ? AND time < ?",
                            (now - start_days_ago * 86400, now - end_days_ago * 86400)).fetchall()
     finally:

@@ -49,6 +49,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ttft_s", "REAL"),            # arrival at the server -> first token
     ("itl_mean_s", "REAL"),        # mean time between output tokens
     ("total_s", "REAL"),           # arrival at the server -> last byte produced
+    ("output_perplexity", "REAL"),  # exp(-mean logprob) of the generated tokens under the served model
     ("finish_reason", "TEXT"),     # of the first sequence; `finish_reasons` has them all
     ("finish_reasons", "TEXT"),    # JSON list
     ("cost", "REAL"),              # in the price table's currency; null when the model has no price

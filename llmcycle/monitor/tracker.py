@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,7 +132,7 @@ class RequestMonitor:
             "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
             "total_s": total, "finish_reason": finishes[0] if finishes else None,
             "finish_reasons": finishes or None, "user": trace.user, "metadata": trace.metadata,
-            **_latencies(outs, trace.start),
+            **_latencies(outs, trace.start), "output_perplexity": _perplexity(outs),
         }
         if trace.safety:
             row["safety"] = [dataclasses.asdict(t) for t in trace.safety]
@@ -163,6 +164,16 @@ class RequestMonitor:
             self.log.close()
         if self.otel is not None:
             self.otel.shutdown()
+
+
+def _perplexity(outs: list[RequestOutput]) -> float | None:
+    """exp(-mean logprob) of every generated token under the served model (before penalties and
+    temperature): a cheap per-request quality signal. None when some token was not scored."""
+    seqs = [c for o in outs for c in o.outputs if c.token_ids]
+    if not seqs or any(c.cumulative_logprob is None for c in seqs):
+        return None
+    n = sum(len(c.token_ids) for c in seqs)
+    return math.exp(min(700.0, -sum(c.cumulative_logprob for c in seqs) / n))
 
 
 def _latencies(outs: list[RequestOutput], start: float) -> dict[str, float | None]:

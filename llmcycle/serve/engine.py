@@ -202,7 +202,7 @@ class LLMEngine:
         out = self.runner.execute(batch, self.block_manager.block_table)
         self.scheduler.update(batch, out.sampled)
         self.runner.after_update(batch, out)
-        return self.output_processor.process(out.sampled, out.logprobs)
+        return self.output_processor.process(out.sampled, out.logprobs, out.chosen_logprobs)
 
 
 class LLM:

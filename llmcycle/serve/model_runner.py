@@ -63,11 +63,14 @@ class ModelRunnerOutput:
     `sampled`: a token for every row that reached its end, or a list of tokens for a row decoded
     speculatively (accepted draft tokens then the target's own); rows in the middle of a prefill are
     absent. `logprobs`: {token id: logprob} (chosen + top alternatives) for sequences that asked.
+    `chosen_logprobs`: the sampled token's raw logprob for every row sampled here (not the speculative ones),
+    which the output processor sums into `cumulative_logprob` (the request log's output perplexity).
     `drafts`: this step's drafts by batch row, for `SpeculativeDecoder.commit` after the scheduler update.
     """
 
     sampled: dict[str, int | list[int]] = field(default_factory=dict)
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    chosen_logprobs: dict[str, float] = field(default_factory=dict)
     drafts: dict[int, Draft] = field(default_factory=dict)
 
 
@@ -182,9 +185,11 @@ class ModelRunner:
                                     params)
         tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._generators[s.seq_id] for s in seqs],
                                                       raw_logits=raw)
+        chosen = chosen_lp.tolist()
         for j, seq in enumerate(seqs):
             tok = int(tokens[j])
             out.sampled[seq.seq_id] = tok
+            out.chosen_logprobs[seq.seq_id] = chosen[j]
             k = seq.sampling_params.logprobs
             if k is not None:
                 entry = {tok: float(chosen_lp[j])}

@@ -30,6 +30,9 @@ class CompletionOutput:
     token_ids: list[int]  # cumulative
     finish_reason: str | None
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} (chosen + top alternatives)
+    # the sum of the generated tokens' raw logprobs (vLLM's name); None where some were not scored
+    # (speculative decoding)
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -64,6 +67,8 @@ class SeqState:
     detok: IncrementalDetokenizer | None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
+    cumulative_logprob: float = 0.0
+    num_scored: int = 0  # tokens whose logprob is in cumulative_logprob
 
 
 @dataclass
@@ -118,7 +123,8 @@ class OutputProcessor:
                 m.first_scheduled_time = now
                 m.num_cached_tokens = s.start
 
-    def process(self, sampled: Iterable[str], logprobs: dict[str, dict[int, float]]) -> list[RequestOutput]:
+    def process(self, sampled: Iterable[str], logprobs: dict[str, dict[int, float]],
+                chosen_logprobs: dict[str, float] | None = None) -> list[RequestOutput]:
         """After the scheduler recorded a step: extend the text of every sequence in `sampled` (ids of those
         that got tokens), apply stop strings, and return the state of every request that changed."""
         now = time.monotonic()
@@ -127,6 +133,9 @@ class OutputProcessor:
             req, st = self._owner[sid], self._state[sid]
             if sid in logprobs:
                 st.logprobs.append(logprobs[sid])
+            if chosen_logprobs and sid in chosen_logprobs:
+                st.cumulative_logprob += chosen_logprobs[sid]
+                st.num_scored += 1
             self._detokenize(st)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -165,8 +174,10 @@ class OutputProcessor:
             text = st.text
             if not st.seq.is_finished and req.params.stop:
                 text = text[: len(text) - stop_holdback(text, req.params.stop)]
+            scored = st.num_scored == len(st.seq.output_token_ids) and st.num_scored > 0
             outs.append(CompletionOutput(st.index, text, list(st.seq.output_token_ids), st.seq.finish_reason,
-                                         list(st.logprobs) if req.params.logprobs is not None else None))
+                                         list(st.logprobs) if req.params.logprobs is not None else None,
+                                         st.cumulative_logprob if scored else None))
         finished = req.finished
         if finished:
             req.metrics.finished_time = now
