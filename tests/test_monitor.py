@@ -684,3 +684,39 @@ def test_output_perplexity_is_the_models_own(model_dir, tmp_path):
             expected.append(float(lp.max()))
             seq = torch.cat([seq, lp.argmax().view(1, 1)], 1)
     assert np.allclose(bodies[0]["choices"][0]["logprobs"]["token_logprobs"], expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_scheduled_quality_runs_gate_against_the_recorded_eval(model_dir, tiny_data, tmp_path):
+    """A quality run evaluates the served model in a child process; against its own first result it passes,
+    against a recorded eval.json of the same weights that claims better numbers it fails, on /metrics."""
+    import shutil
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from llmcycle.eval.suite import model_hash
+    from llmcycle.monitor.quality import QualityWatch
+    from llmcycle.monitor.tracker import RequestMonitor
+
+    served = tmp_path / "m" / "model"
+    shutil.copytree(model_dir, served)
+    registry = CollectorRegistry()
+    monitor = RequestMonitor(None, registry=registry)
+    log = RequestLog(tmp_path / "requests.sqlite")
+    log.close()
+    watch = QualityWatch(monitor, {"m": str(served)}, every_s=3600, limit=8, heldout=tiny_data["val"],
+                         log_path=log.path)
+    first = watch.check("m")
+    assert first["failed"] == [] and first["reference"] == first["metrics"]
+    assert 0 < first["metrics"]["heldout_bpb"] < 20
+    better = {**first["metrics"], "heldout_bpb": first["metrics"]["heldout_bpb"] / 2, "mc_accuracy": 1.0}
+    (served.parent / "eval.json").write_text(json.dumps({"model_sha256": model_hash(served), "metrics": better}))
+    watch = QualityWatch(monitor, {"m": str(served)}, every_s=3600, limit=8, heldout=tiny_data["val"],
+                         log_path=log.path)
+    second = watch.check("m")
+    assert second["reference"] == better and any("heldout_bpb" in f for f in second["failed"])
+    text = generate_latest(registry).decode()
+    assert 'llmcycle:quality_regression{model_name="m"} 1.0' in text
+    assert 'llmcycle:quality{metric="heldout_bpb",model_name="m"}' in text
+    stored = connect(log.path).execute("SELECT COUNT(*) FROM quality").fetchone()[0]
+    assert stored == 2

@@ -12,13 +12,13 @@ import json
 import os
 import sqlite3
 import statistics
-import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 from llmcycle import memory
+from llmcycle.monitor.periodic import Periodic
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -88,24 +88,22 @@ def summary(log_path: str | Path, window_s: float = 3600.0, now: float | None = 
     }
 
 
-class ResourceSampler:
+class ResourceSampler(Periodic):
     """This process's resident memory, CPU use (of one core = 100%) and, with CUDA, GPU memory, every
     `every_s` seconds in a thread; the last `keep` samples."""
 
     def __init__(self, every_s: float = 5.0, keep: int = 720) -> None:
-        self.every_s = every_s
+        super().__init__(every_s, "resources")
         self.samples: deque[dict] = deque(maxlen=keep)
-        self._stop = threading.Event()
         self._last = (time.monotonic(), _cpu_seconds())
-        self._thread = threading.Thread(target=self._run, name="llmcycle-resources", daemon=True)
 
     def start(self) -> ResourceSampler:
         self.sample()
-        self._thread.start()
+        super().start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
+    def tick(self) -> None:
+        self.sample()
 
     def sample(self) -> dict:
         now, cpu = time.monotonic(), _cpu_seconds()
@@ -118,10 +116,6 @@ class ResourceSampler:
             s["gpu_mb"] = gpu
         self.samples.append(s)
         return s
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sample()
 
 
 def _cpu_seconds() -> float:

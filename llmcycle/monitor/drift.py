@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from llmcycle.monitor.periodic import Periodic
+
 NUMERIC = ("prompt_tokens", "completion_tokens", "output_perplexity")
 CATEGORICAL = ("prompt_lang", "finish_reason")
 KS_MAX_ROWS, KS_P, WASSERSTEIN_MIN, JS_MIN = 1000, 0.05, 0.1, 0.1
@@ -138,17 +140,14 @@ def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
     return rows
 
 
-class DriftWatch:
+class DriftWatch(Periodic):
     """Checks drift in a thread every `every_s` seconds: the last `window_s` of the request log against the
     day before it. Each result replaces `monitor.drift`, which /metrics shows as `llmcycle:drift_detected` and
     `llmcycle:drift_value` (and a Prometheus alert can fire on)."""
 
     def __init__(self, monitor: Any, log_path: str | Path, every_s: float = 300.0, window_s: float = 3600.0) -> None:
-        import threading
-
-        self.monitor, self.log_path, self.every_s, self.window_s = monitor, Path(log_path), every_s, window_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llmcycle-drift", daemon=True)
+        super().__init__(every_s, "drift")
+        self.monitor, self.log_path, self.window_s = monitor, Path(log_path), window_s
 
     def check(self, now: float | None = None) -> list[dict]:
         days = self.window_s / 86400
@@ -156,18 +155,5 @@ class DriftWatch:
         self.monitor.drift = results
         return results
 
-    def start(self) -> DriftWatch:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        import logging
-
-        while not self._stop.wait(self.every_s):
-            try:
-                self.check()
-            except Exception as e:  # noqa: BLE001 - a failed check must not stop the next one
-                logging.getLogger(__name__).warning("drift check failed: %s", e)
+    def tick(self) -> None:
+        self.check()

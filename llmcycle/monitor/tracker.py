@@ -99,8 +99,9 @@ class RequestMonitor:
                             "currency.", ["model_name"], registry=registry)
         self.safety_triggers = Counter("llmcycle:safety_triggers", "Safety checks that fired, by check, where "
                                        "and action.", ["check", "where", "action"], registry=registry)
-        registry.register(_LogCollector(lambda: self.log, self.budgets, lambda: self.drift))
         self.drift: list[dict] = []  # the last drift results (DriftWatch), as gauges on /metrics
+        self.quality: dict[str, dict] = {}  # the last quality run per model (QualityWatch)
+        registry.register(_LogCollector(self))
 
     def begin(self, route: str) -> Trace:
         return Trace(self, route)
@@ -197,9 +198,8 @@ class _LogCollector:
     """What the monitor knows, read at scrape time: the request log's counters, each key's budget use, and
     the last drift check."""
 
-    def __init__(self, log: Callable[[], RequestLog | None], budgets: Budgets,
-                 drift: Callable[[], list[dict]]) -> None:
-        self.log, self.budgets, self.drift = log, budgets, drift
+    def __init__(self, monitor: RequestMonitor) -> None:
+        self.monitor = monitor
 
     def describe(self) -> list:
         return []
@@ -207,19 +207,30 @@ class _LogCollector:
     def collect(self):
         used = GaugeMetricFamily("llmcycle:key_budget_used_ratio", "Spend this period over the key's budget.",
                                  labels=["key_id"])
-        for key_id, ratio in self.budgets.used().items():
+        for key_id, ratio in self.monitor.budgets.used().items():
             used.add_metric([key_id], ratio)
         yield used
+        quality = GaugeMetricFamily("llmcycle:quality", "The last scheduled evaluation's metrics.",
+                                    labels=["model_name", "metric"])
+        regression = GaugeMetricFamily("llmcycle:quality_regression", "1 when the last scheduled evaluation "
+                                       "failed the gate against the model's reference.", labels=["model_name"])
+        for name, q in self.monitor.quality.items():
+            for metric, value in q["metrics"].items():
+                if isinstance(value, (int, float)):
+                    quality.add_metric([name, metric], float(value))
+            regression.add_metric([name], float(bool(q["failed"])))
+        yield quality
+        yield regression
         detected = GaugeMetricFamily("llmcycle:drift_detected", "1 when the feature drifted at the last check.",
                                      labels=["feature"])
         value = GaugeMetricFamily("llmcycle:drift_value", "The last drift check's statistic per feature.",
                                   labels=["feature", "method"])
-        for r in self.drift():
+        for r in self.monitor.drift:
             detected.add_metric([r["feature"]], float(r["drift"]))
             value.add_metric([r["feature"], r["method"]], float(r["value"]))
         yield detected
         yield value
-        log = self.log()
+        log = self.monitor.log
         if log is None:
             return
         for name, doc, value in (("request_log_rows_written", "Request-log rows committed.", log.written),

@@ -67,6 +67,10 @@ class ServeConfig:
                                 "completion|both, action: log|flag|redact|refuse, ...} (docs/monitor.md)")
     drift_every_s: float = F(300.0, "seconds between drift checks of the last hour against the day before, shown "
                                     "on /metrics (0: off)")
+    quality_every_s: float = F(0.0, "seconds between scheduled evaluations of each served model (llmcycle eval, "
+                                    "low priority, one core), gated against its recorded eval; 0: off")
+    quality_limit: int = F(64, "items per metric in a scheduled evaluation")
+    quality_heldout: str | None = F(None, "held-out shards for scheduled evaluations (null: from the model's lineage)")
     otlp_endpoint: str | None = F(None, "OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318): a span "
                                         "per request and the GenAI metrics (pip install 'llmcycle[otel]')")
     audit_requests: bool = F(False, "also chain every request into the audit trail (audit.sqlite beside the keys "
@@ -82,6 +86,8 @@ class ServeConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"serve: {key} must be positive, not {value}.")
+        if self.quality_every_s < 0 or self.quality_limit < 1:
+            raise ConfigError("serve: quality_every_s must be >= 0 (0: off) and quality_limit >= 1.")
         if self.drift_every_s < 0:
             raise ConfigError(f"serve: drift_every_s must be >= 0 (0: off), not {self.drift_every_s}.")
         if not 0 <= self.port < 65536:

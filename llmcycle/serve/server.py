@@ -45,6 +45,7 @@ from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.dashboard import ResourceSampler, summary
 from llmcycle.monitor.drift import DriftWatch
 from llmcycle.monitor.pricing import PriceTable
+from llmcycle.monitor.quality import QualityWatch
 from llmcycle.monitor.request_log import RequestLog
 from llmcycle.monitor.safety import SafetyChecks, SafetyRefusal
 from llmcycle.monitor.tracker import CLIENT_CLOSED, RequestMonitor, Trace, model_version
@@ -115,6 +116,7 @@ class ServerState:
         # drift of the last hour against the day before, every few minutes, as gauges on /metrics
         self.drift_watch = (DriftWatch(self.monitor, request_log.path, drift_every_s)
                             if request_log is not None and drift_every_s > 0 else None)
+        self.quality_watch: QualityWatch | None = None  # run_server sets it when quality_every_s > 0
         self.created = int(time.time())
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
@@ -432,12 +434,13 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         for eng in state.engines.values():
             eng.start()
         state.resources.start()
-        if state.drift_watch is not None:
-            state.drift_watch.start()
+        watches = [w for w in (state.drift_watch, state.quality_watch) if w is not None]
+        for w in watches:
+            w.start()
         yield
         state.resources.stop()
-        if state.drift_watch is not None:
-            state.drift_watch.stop()
+        for w in watches:
+            w.stop()
         # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
         await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
 
@@ -995,6 +998,9 @@ def run_server(cfg: ServeConfig) -> None:
         otel = OtelExporter(cfg.otlp_endpoint)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
                         otel, cfg.drift_every_s)
+    if cfg.quality_every_s > 0:
+        state.quality_watch = QualityWatch(state.monitor, dirs, cfg.quality_every_s, cfg.quality_limit,
+                                           cfg.quality_heldout, log_path=log_path)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
