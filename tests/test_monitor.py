@@ -720,3 +720,67 @@ def test_scheduled_quality_runs_gate_against_the_recorded_eval(model_dir, tiny_d
     assert 'llmcycle:quality{metric="heldout_bpb",model_name="m"}' in text
     stored = connect(log.path).execute("SELECT COUNT(*) FROM quality").fetchone()[0]
     assert stored == 2
+
+
+@pytest.mark.slow
+def test_a_real_otlp_receiver_arize_phoenix_stores_the_spans(model_dir, tmp_path):
+    """Once against a real receiver: `llmcycle serve otlp_endpoint=...` exporting to Arize Phoenix, whose own
+    database then holds one LLM span per request with the GenAI attributes. Phoenix is heavy, so it lives in
+    a virtual environment of its own: set LLMCYCLE_PHOENIX to its `phoenix` executable
+    (`python -m venv v && v/bin/pip install arize-phoenix`)."""
+    import socket
+
+    phoenix = os.environ.get("LLMCYCLE_PHOENIX")
+    if not phoenix:
+        pytest.skip("set LLMCYCLE_PHOENIX to an Arize Phoenix `phoenix` executable")
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def wait_up(url: str, proc: subprocess.Popen, out, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                if httpx.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, open(out.name).read()[-2000:]
+            time.sleep(0.3)
+
+    phx_port, port = free_port(), free_port()
+    env = {**os.environ, "PHOENIX_WORKING_DIR": str(tmp_path / "phoenix"), "PHOENIX_PORT": str(phx_port),
+           "PHOENIX_GRPC_PORT": str(free_port())}
+    phx_out, srv_out = open(tmp_path / "phoenix.log", "w"), open(tmp_path / "serve.log", "w")  # files: a
+    # full pipe nobody reads would stall the process writing to it
+    phx = subprocess.Popen([phoenix, "serve"], env=env, stdout=phx_out, stderr=subprocess.STDOUT)
+    srv = None
+    try:
+        wait_up(f"http://127.0.0.1:{phx_port}/", phx, phx_out)
+        srv = subprocess.Popen([sys.executable, "-m", "llmcycle", "serve", f"m={model_dir}",
+                                f"otlp_endpoint=http://127.0.0.1:{phx_port}", "--request-log", "off",
+                                "--port", str(port), "--log-level", "warning"], stdout=srv_out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        wait_up(url + "/health", srv, srv_out)
+        ids = [httpx.post(url + "/v1/chat/completions", json={"model": "m", "max_tokens": 3, "messages": [
+            {"role": "user", "content": f"hi {i}"}]}).json()["id"] for i in range(3)]
+        srv.send_signal(signal.SIGTERM)  # drains; the SDK exports its last batch at shutdown
+        srv.wait(60)
+        deadline, rows = time.monotonic() + 30, []
+        while time.monotonic() < deadline and len(rows) < 3:
+            time.sleep(0.5)
+            con = sqlite3.connect(tmp_path / "phoenix" / "phoenix.db")
+            rows = con.execute("SELECT name, span_kind, attributes FROM spans").fetchall()
+            con.close()
+    finally:
+        for p in (srv, phx):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert len(rows) == 3
+    attrs = [json.loads(a)["gen_ai"] for _, _, a in rows]
+    assert {a["response"]["id"] for a in attrs} == set(ids)
+    assert all(name == "chat m" and kind == "LLM" for name, kind, _ in rows)
+    assert all(a["operation"]["name"] == "chat" and a["usage"]["output_tokens"] <= 3 for a in attrs)

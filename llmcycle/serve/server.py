@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
@@ -868,8 +869,11 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
             record_tokens()
             trace.end(status, error_type)
 
+    # The stream ends its trace itself; should it never start (the client gone before the first event), the
+    # background task still ends it, so no request goes unlogged and no budget reservation stays held.
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(trace.end, CLIENT_CLOSED, "ClientDisconnected"))
 
 
 async def _with_disconnect(request: Request, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
