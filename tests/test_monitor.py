@@ -784,3 +784,28 @@ def test_a_real_otlp_receiver_arize_phoenix_stores_the_spans(model_dir, tmp_path
     assert {a["response"]["id"] for a in attrs} == set(ids)
     assert all(name == "chat m" and kind == "LLM" for name, kind, _ in rows)
     assert all(a["operation"]["name"] == "chat" and a["usage"]["output_tokens"] <= 3 for a in attrs)
+
+
+def test_prompt_embedding_drift_with_a_domain_classifier(model_dir):
+    from llmcycle.monitor import drift
+
+    rng = np.random.default_rng(0)
+    words = ["sorted", "zip", "map", "len", "range", "dict", "list", "print", "open", "sum"]
+
+    def english(n: int) -> list[str]:
+        return [f"How do I use {rng.choice(words)} with {rng.choice(words)} in a {rng.choice(['loop', 'class', 'test'])}?"
+                for _ in range(n)]
+
+    def french(n: int) -> list[str]:
+        return [f"Comment utiliser {rng.choice(words)} avec {rng.choice(words)} dans une boucle de programme ?"
+                for _ in range(n)]
+
+    same = drift.embedding_drift(model_dir, english(120), english(120))
+    shifted = drift.embedding_drift(model_dir, english(120), french(120))
+    assert not same["drift"] and same["value"] < 0.55, same
+    assert shifted["drift"] and shifted["value"] > 0.9, shifted
+    s, y = rng.normal(size=50), rng.integers(0, 2, 50)
+    s[:10] = 0.5  # ties
+    pos, neg = s[y == 1], s[y == 0]  # the definition, pair by pair
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert drift.roc_auc(s, y) == pytest.approx(pairs)

@@ -134,6 +134,9 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. the SFT data: prompt features only")
     d.add_argument("--tokenizer", type=Path, default=None, help="model directory whose tokenizer counts the "
                                                                   "reference file's tokens (the served model's)")
+    d.add_argument("--embeddings", type=Path, default=None, metavar="MODEL_DIR",
+                   help="also compare prompt embeddings (this model's hidden states, a domain classifier's ROC "
+                        "AUC > 0.55 is drift); needs the prompts: serve with store_text: true")
     d.add_argument("--json", action="store_true", help="print JSON")
     for q in (u, e, d):
         q.add_argument("--log", type=Path, default=None,
@@ -162,6 +165,14 @@ def drift_main(args: argparse.Namespace, path: Path) -> int:
             raise LlmcycleError(f"--reference-days {args.reference_days!r}: give FROM:TO in days ago, e.g. 30:1.") from None
         reference = drift.log_window(path, start, end)
     results = drift.compare(reference, current)
+    if args.embeddings is not None:
+        current_texts = drift.log_prompts(path, args.current_days)
+        reference_texts = ([r["text"] for r in reference] if args.reference_file is not None
+                           else drift.log_prompts(path, start, end))
+        if len(current_texts) < 10 or len(reference_texts) < 10:
+            raise LlmcycleError(f"prompt embeddings need at least 10 stored prompts a window (have "
+                                f"{len(reference_texts)} and {len(current_texts)}): serve with store_text: true.")
+        results.append(drift.embedding_drift(args.embeddings, reference_texts, current_texts))
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -136,8 +136,21 @@ def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
             obj = json.loads(line)
             value = obj.get("prompt", obj.get("messages", obj.get("text", "")))
             text = value if isinstance(value, str) else "\n".join(str(m.get("content", "")) for m in value)
-        rows.append({"prompt_tokens": len(tokenizer.encode(text)), "prompt_lang": language_of(text)})
+        rows.append({"prompt_tokens": len(tokenizer.encode(text)), "prompt_lang": language_of(text), "text": text})
     return rows
+
+
+def log_prompts(path: str | Path, start_days_ago: float, end_days_ago: float = 0.0,
+                now: float | None = None) -> list[str]:
+    """The stored prompts (serve's `store_text`, PII-redacted) of successful requests in the window."""
+    now = time.time() if now is None else now
+    con = sqlite3.connect(str(path), timeout=30)
+    try:
+        rows = con.execute("SELECT prompt FROM requests WHERE status = 200 AND prompt IS NOT NULL AND time >= ? "
+                           "AND time < ?", (now - start_days_ago * 86400, now - end_days_ago * 86400)).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
 
 
 class DriftWatch(Periodic):
@@ -157,3 +170,71 @@ class DriftWatch(Periodic):
 
     def tick(self) -> None:
         self.check()
+
+
+# ---- prompt embeddings: a domain classifier over the served model's own hidden states
+
+AUC_MIN = 0.55
+
+
+def embed_texts(model_dir: str | Path, texts: list[str], max_tokens: int = 256) -> np.ndarray:
+    """[N, hidden]: each text's final hidden states under the model, averaged over its (first `max_tokens`)
+    tokens."""
+    import torch
+
+    from llmcycle.serve.model_runner import ModelRunner
+    from llmcycle.tokenizer import Tokenizer
+
+    model, tok = ModelRunner.load_weights(str(model_dir)), Tokenizer.from_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok.encode(text)[:max_tokens] or [tok.bos_id or 0]
+            h = model(torch.tensor([ids]), return_hidden=True)[0].float()
+            out.append(h.mean(0).numpy())
+    return np.stack(out)
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a positive outscores a negative (ties count half)."""
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    s = scores[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def domain_classifier_auc(reference: np.ndarray, current: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Out-of-fold ROC AUC of an L2-regularised logistic regression telling current rows from reference ones
+    (Evidently's embedding drift test): about 0.5 when the two are alike."""
+    x = np.concatenate([reference, current]).astype(np.float64)
+    y = np.concatenate([np.zeros(len(reference)), np.ones(len(current))])
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(len(x)) % folds
+    scores = np.zeros(len(x))
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        mu, sd = x[train].mean(0), x[train].std(0) + 1e-8
+        xt, xs = (x[train] - mu) / sd, (x[test] - mu) / sd
+        w, b = np.zeros(x.shape[1]), 0.0
+        for _ in range(300):  # gradient descent on the mean log loss + 0.01 |w|^2
+            p = 1 / (1 + np.exp(-(xt @ w + b)))
+            g = p - y[train]
+            w -= 0.5 * (xt.T @ g / len(g) + 0.02 * w)
+            b -= 0.5 * g.mean()
+        scores[test] = xs @ w + b
+    return roc_auc(scores, y)
+
+
+def embedding_drift(model_dir: str | Path, reference_texts: list[str], current_texts: list[str]) -> dict[str, Any]:
+    auc = domain_classifier_auc(embed_texts(model_dir, reference_texts), embed_texts(model_dir, current_texts))
+    return {"feature": "prompt_embedding", "method": "domain_classifier_auc", "value": auc, "threshold": AUC_MIN,
+            "drift": auc > AUC_MIN, "reference_rows": len(reference_texts), "current_rows": len(current_texts)}
