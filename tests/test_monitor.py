@@ -705,14 +705,14 @@ def test_scheduled_quality_runs_gate_against_the_recorded_eval(model_dir, tiny_d
     log = RequestLog(tmp_path / "requests.sqlite")
     log.close()
     watch = QualityWatch(monitor, {"m": str(served)}, every_s=3600, limit=8, heldout=tiny_data["val"],
-                         log_path=log.path)
+                         log=log.path)
     first = watch.check("m")
     assert first["failed"] == [] and first["reference"] == first["metrics"]
     assert 0 < first["metrics"]["heldout_bpb"] < 20
     better = {**first["metrics"], "heldout_bpb": first["metrics"]["heldout_bpb"] / 2, "mc_accuracy": 1.0}
     (served.parent / "eval.json").write_text(json.dumps({"model_sha256": model_hash(served), "metrics": better}))
     watch = QualityWatch(monitor, {"m": str(served)}, every_s=3600, limit=8, heldout=tiny_data["val"],
-                         log_path=log.path)
+                         log=log.path)
     second = watch.check("m")
     assert second["reference"] == better and any("heldout_bpb" in f for f in second["failed"])
     text = generate_latest(registry).decode()
@@ -809,3 +809,78 @@ def test_prompt_embedding_drift_with_a_domain_classifier(model_dir):
     pos, neg = s[y == 1], s[y == 0]  # the definition, pair by pair
     pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
     assert drift.roc_auc(s, y) == pytest.approx(pairs)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free loopback port (initdb + pg_ctl; as root, run as the
+    `postgres` user), its URL; skipped where PostgreSQL or psycopg is missing."""
+    import shutil
+    import socket
+    from pathlib import Path
+
+    pytest.importorskip("psycopg")
+    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl)")
+    import tempfile
+
+    # not under pytest's own temporary folder: it is private to this user, and as root the server runs as
+    # `postgres`, which must reach its data directory
+    root = Path(tempfile.mkdtemp(prefix="llmcycle-pg-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses root
+        import pwd
+
+        try:
+            pg = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user")
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+        as_user = ["su", "postgres", "-s", "/bin/sh", "-c"]
+    data = root / "data"
+
+    def run(cmd: str) -> None:
+        full = as_user + [cmd] if as_user else ["sh", "-c", cmd]
+        subprocess.run(full, check=True, capture_output=True, timeout=120)
+
+    run(f"initdb -D {data} -A trust -U llm")
+    run(f"pg_ctl -D {data} -o '-p {port} -k {root} -c listen_addresses=127.0.0.1' -l {root}/log -w start")
+    yield f"postgresql://llm@127.0.0.1:{port}/postgres"
+    run(f"pg_ctl -D {data} -m immediate stop")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_postgresql_log_shared_by_two_servers(model_dir, postgres_url, tmp_path):
+    """Two servers write one PostgreSQL request log at once; usage, export, drift and budgets read it."""
+    from llmcycle.monitor import drift
+
+    url_sa = postgres_url.replace("postgresql://", "postgresql+psycopg://")  # SQLAlchemy's spelling works too
+    store = KeyStore(tmp_path / "keys.sqlite")
+    key, rec = store.create("capped", budget=0.05, budget_period="total")
+    prices = PriceTable({"m": {"input": 1000.0, "output": 1000.0}})
+    logs = [RequestLog(postgres_url, flush_interval=0.05), RequestLog(url_sa, flush_interval=0.05)]
+    states = [ServerState({"m": AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=256))}, store,
+                          request_log=log, prices=prices) for log in logs]
+    hdr = {"Authorization": f"Bearer {key}"}
+    body = {"model": "m", "prompt": [5] * 8, "max_tokens": 2, "ignore_eos": True, "user": "pg"}
+    with serve_in_thread(states[0]) as a, serve_in_thread(states[1]) as b:
+        codes = [httpx.post(u + "/v1/completions", json=body, headers=hdr).status_code for u in (a, b, a, b)]
+    for log in logs:
+        log.close()
+    assert codes == [200, 200, 200, 200]  # 4 x 0.010 of 0.05
+    by_key = {t["key"]: t for t in usage(postgres_url, "key")}
+    assert by_key[rec.id]["requests"] == 4 and by_key[rec.id]["completion_tokens"] == 8
+    assert by_key[rec.id]["cost"] == pytest.approx(0.04)
+    assert {t["user"] for t in usage(postgres_url, "user")} == {"pg"}
+    assert export(postgres_url, tmp_path / "rows.jsonl", "jsonl") == 4
+    assert len(drift.log_window(postgres_url, 1)) == 4
+    # a third server (a restart) reads the spend from PostgreSQL: one more request of 0.010 would pass 0.05
+    log = RequestLog(postgres_url, flush_interval=0.05)
+    with serve_in_thread(ServerState({"m": AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=256))},
+                                     store, request_log=log, prices=prices)) as c:
+        assert httpx.post(c + "/v1/completions", json=body, headers=hdr).status_code == 200  # 0.05 exactly
+        assert httpx.post(c + "/v1/completions", json=body, headers=hdr).status_code == 429
+    log.close()

@@ -14,13 +14,15 @@ server remembers), then kept in memory. Without a request log it is counted from
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from llmcycle.errors import LlmcycleError
+from llmcycle.monitor.store import LogStore, as_store
 
 if TYPE_CHECKING:
     from llmcycle.serve.auth import KeyRecord
@@ -51,8 +53,8 @@ class BudgetExceeded(Exception):
 class Budgets:
     """Spent and reserved amounts per key (see the module docstring)."""
 
-    def __init__(self, log_path: str | Path | None) -> None:
-        self.log_path = None if log_path is None else Path(log_path)
+    def __init__(self, log: LogStore | str | Path | None) -> None:
+        self.log = None if log is None else as_store(log)
         self._lock = threading.Lock()
         self._spent: dict[str, tuple[float, float]] = {}  # key id -> (period start, spent)
         self._reserved: dict[str, float] = {}
@@ -63,16 +65,13 @@ class Budgets:
         if cached is not None and cached[0] == start:
             return cached[1]
         spent = 0.0
-        if self.log_path is not None and self.log_path.exists():
-            con = sqlite3.connect(str(self.log_path), timeout=30)
+        if self.log is not None and self.log.exists():
             try:
-                row = con.execute("SELECT SUM(cost) FROM requests WHERE key_id = ? AND time >= ?",
-                                  (key.id, start)).fetchone()
-                spent = float(row[0] or 0.0)
-            except sqlite3.Error:
+                rows = self.log.rows('SELECT SUM(cost) AS spent FROM requests WHERE key_id = ? AND "time" >= ?',
+                                     (key.id, start))
+                spent = float(rows[0]["spent"] or 0.0)
+            except (*self.log.errors, LlmcycleError):
                 spent = 0.0
-            finally:
-                con.close()
         self._spent[key.id] = (start, spent)
         return spent
 

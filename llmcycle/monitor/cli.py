@@ -16,45 +16,50 @@ from pathlib import Path
 from typing import Any
 
 from llmcycle.errors import LlmcycleError
-from llmcycle.monitor.request_log import NAMES, connect
+from llmcycle.monitor.request_log import NAMES, ensure_schema
+from llmcycle.monitor.store import LogStore, as_store
 
+# How a row's group is found: a column, or the day or hour of its time (UTC), computed here rather than in
+# SQL so that SQLite and PostgreSQL logs group alike.
 GROUPS = {
-    "key": "key_id",
-    "model": "model",
-    "route": "route",
-    "day": "date(time, 'unixepoch')",
-    "hour": "strftime('%Y-%m-%d %H:00', time, 'unixepoch')",
-    "user": "user",
-    "status": "status",
+    "key": lambda r: r["key_id"],
+    "model": lambda r: r["model"],
+    "route": lambda r: r["route"],
+    "day": lambda r: time.strftime("%Y-%m-%d", time.gmtime(r["time"])),
+    "hour": lambda r: time.strftime("%Y-%m-%d %H:00", time.gmtime(r["time"])),
+    "user": lambda r: r["user"],
+    "status": lambda r: r["status"],
 }
 
 
-def default_log() -> Path:
+def default_log() -> Path | str:
     from llmcycle.serve.config import ServeConfig
 
     return ServeConfig().request_log_path()
 
 
-def _open(path: Path):
-    if not path.exists():
-        raise LlmcycleError(f"no request log at {path} (serve writes one; give --log FILE for another).")
-    return connect(path)
+def _open(target: LogStore | Path | str) -> LogStore:
+    store = as_store(target)
+    if not store.exists():
+        raise LlmcycleError(f"no request log at {store} (serve writes one; give --log FILE for another).")
+    ensure_schema(store, con := store.connect())  # an older log gains the newer columns before it is read
+    con.close()
+    return store
 
 
 def _where(since_days: float | None) -> tuple[str, tuple]:
-    return ("WHERE time >= ?", (time.time() - since_days * 86400,)) if since_days else ("", ())
+    return ('WHERE "time" >= ?', (time.time() - since_days * 86400,)) if since_days else ("", ())
 
 
-def usage(path: Path, by: str, since_days: float | None = None) -> list[dict[str, Any]]:
+def usage(path: LogStore | Path | str, by: str, since_days: float | None = None) -> list[dict[str, Any]]:
     """One dict per group, busiest first."""
-    con = _open(path)
+    store = _open(path)
     where, args = _where(since_days)
-    rows = con.execute(f"SELECT {GROUPS[by]} AS grp, status, prompt_tokens, cached_tokens, completion_tokens, "
-                       f"cost, total_s, ttft_s FROM requests {where}", args).fetchall()
-    con.close()
+    rows = store.rows(f'SELECT "time", key_id, model, route, "user", status, prompt_tokens, cached_tokens, '
+                      f"completion_tokens, cost, total_s, ttft_s FROM requests {where}", args)
     groups: dict[Any, list] = {}
     for r in rows:
-        groups.setdefault(r["grp"], []).append(r)
+        groups.setdefault(GROUPS[by](r), []).append(r)
     out = []
     for grp, rs in groups.items():
         totals = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
@@ -74,12 +79,12 @@ def usage(path: Path, by: str, since_days: float | None = None) -> list[dict[str
     return out
 
 
-def export(path: Path, out: Path, fmt: str, since_days: float | None = None) -> int:
+def export(path: LogStore | Path | str, out: Path, fmt: str, since_days: float | None = None) -> int:
     """Write the rows (oldest first) to `out` as JSON lines or Parquet; returns how many."""
-    con = _open(path)
+    store = _open(path)
     where, args = _where(since_days)
-    rows = [dict(r) for r in con.execute(f"SELECT {', '.join(NAMES)} FROM requests {where} ORDER BY time, id", args)]
-    con.close()
+    quoted = ", ".join(f'"{c}"' for c in NAMES)
+    rows = store.rows(f'SELECT {quoted} FROM requests {where} ORDER BY "time", id', args)
     for r in rows:
         for k in ("finish_reasons", "metadata"):
             if r[k] is not None:
@@ -139,8 +144,9 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
                         "AUC > 0.55 is drift); needs the prompts: serve with store_text: true")
     d.add_argument("--json", action="store_true", help="print JSON")
     for q in (u, e, d):
-        q.add_argument("--log", type=Path, default=None,
-                       help="the request log (default: serve's, in $XDG_STATE_HOME/llmcycle/requests.sqlite)")
+        q.add_argument("--log", default=None, metavar="DB|URL",
+                       help="the request log: a SQLite file or a postgresql:// URL (default: serve's, in "
+                            "$XDG_STATE_HOME/llmcycle/requests.sqlite)")
     for q in (u, e):
         q.add_argument("--since", type=float, default=None, metavar="DAYS", help="only the last DAYS days")
     u.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -150,7 +156,7 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
 def drift_main(args: argparse.Namespace, path: Path) -> int:
     from llmcycle.monitor import drift
 
-    _open(path).close()
+    path = _open(path)
     current = drift.log_window(path, args.current_days)
     if args.reference_file is not None:
         if args.tokenizer is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import statistics
 import time
 from collections import Counter, deque
@@ -19,6 +18,7 @@ from typing import Any
 
 from llmcycle import memory
 from llmcycle.monitor.periodic import Periodic
+from llmcycle.monitor.store import LogStore, as_store
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -39,20 +39,15 @@ def _group(rows: list[dict], key: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda g: -g["requests"])
 
 
-def summary(log_path: str | Path, window_s: float = 3600.0, now: float | None = None) -> dict[str, Any]:
+def summary(log_path: LogStore | str | Path, window_s: float = 3600.0, now: float | None = None) -> dict[str, Any]:
     """The last `window_s` seconds of the request log: totals, latency percentiles, errors by type, usage by
     key and model, requests per minute, safety triggers by check, and drift against the day before."""
     from llmcycle.monitor import drift
 
     now = time.time() if now is None else now
-    con = sqlite3.connect(str(log_path), timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        rows = [dict(r) for r in con.execute(
-            "SELECT time, key_id, model, status, error_type, prompt_tokens, completion_tokens, cost, total_s, "
-            "ttft_s, safety FROM requests WHERE time >= ? ORDER BY time", (now - window_s,))]
-    finally:
-        con.close()
+    store = as_store(log_path)
+    rows = store.rows('SELECT "time", key_id, model, status, error_type, prompt_tokens, completion_tokens, cost, '
+                      'total_s, ttft_s, safety FROM requests WHERE "time" >= ? ORDER BY "time"', (now - window_s,))
     ok = [r for r in rows if r["status"] < 400]
     totals = {"requests": len(rows), "errors": len(rows) - len(ok),
               "error_rate": (len(rows) - len(ok)) / len(rows) if rows else 0.0,
@@ -83,8 +78,8 @@ def summary(log_path: str | Path, window_s: float = 3600.0, now: float | None = 
         "by_model": _group([{**r, "model": r["model"] or "(none)"} for r in rows], "model"),
         "per_minute": [minutes[k] for k in sorted(minutes)],
         "safety": dict(safety),
-        "drift": drift.compare(drift.log_window(log_path, window_s / 86400 + 1, window_s / 86400, now),
-                               drift.log_window(log_path, window_s / 86400, 0, now)),
+        "drift": drift.compare(drift.log_window(store, window_s / 86400 + 1, window_s / 86400, now),
+                               drift.log_window(store, window_s / 86400, 0, now)),
     }
 
 

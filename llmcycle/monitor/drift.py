@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from llmcycle.monitor.periodic import Periodic
+from llmcycle.monitor.store import LogStore, as_store
 
 NUMERIC = ("prompt_tokens", "completion_tokens", "output_perplexity")
 CATEGORICAL = ("prompt_lang", "finish_reason")
@@ -106,20 +106,14 @@ def compare(reference: list[dict], current: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def log_window(path: str | Path, start_days_ago: float, end_days_ago: float = 0.0,
+def log_window(log: LogStore | str | Path, start_days_ago: float, end_days_ago: float = 0.0,
                now: float | None = None) -> list[dict]:
     """Successful requests of the request log between `start_days_ago` and `end_days_ago`."""
     now = time.time() if now is None else now
-    con = sqlite3.connect(str(path), timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        rows = con.execute("SELECT prompt_tokens, completion_tokens, output_perplexity, prompt_lang, finish_reason "
-                           "FROM requests "
-                           "WHERE status = 200 AND route != '/v1/models' AND time >= ? AND time < ?",
-                           (now - start_days_ago * 86400, now - end_days_ago * 86400)).fetchall()
-    finally:
-        con.close()
-    return [dict(r) for r in rows]
+    return as_store(log).rows(
+        "SELECT prompt_tokens, completion_tokens, output_perplexity, prompt_lang, finish_reason FROM requests "
+        "WHERE status = 200 AND route != '/v1/models' AND \"time\" >= ? AND \"time\" < ?",
+        (now - start_days_ago * 86400, now - end_days_ago * 86400))
 
 
 def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
@@ -140,17 +134,13 @@ def prompts_file_rows(path: str | Path, tokenizer: Any) -> list[dict]:
     return rows
 
 
-def log_prompts(path: str | Path, start_days_ago: float, end_days_ago: float = 0.0,
+def log_prompts(log: LogStore | str | Path, start_days_ago: float, end_days_ago: float = 0.0,
                 now: float | None = None) -> list[str]:
     """The stored prompts (serve's `store_text`, PII-redacted) of successful requests in the window."""
     now = time.time() if now is None else now
-    con = sqlite3.connect(str(path), timeout=30)
-    try:
-        rows = con.execute("SELECT prompt FROM requests WHERE status = 200 AND prompt IS NOT NULL AND time >= ? "
-                           "AND time < ?", (now - start_days_ago * 86400, now - end_days_ago * 86400)).fetchall()
-    finally:
-        con.close()
-    return [r[0] for r in rows]
+    rows = as_store(log).rows('SELECT prompt FROM requests WHERE status = 200 AND prompt IS NOT NULL AND "time" >= ? '
+                              'AND "time" < ?', (now - start_days_ago * 86400, now - end_days_ago * 86400))
+    return [r["prompt"] for r in rows]
 
 
 class DriftWatch(Periodic):
@@ -158,13 +148,14 @@ class DriftWatch(Periodic):
     day before it. Each result replaces `monitor.drift`, which /metrics shows as `llmcycle:drift_detected` and
     `llmcycle:drift_value` (and a Prometheus alert can fire on)."""
 
-    def __init__(self, monitor: Any, log_path: str | Path, every_s: float = 300.0, window_s: float = 3600.0) -> None:
+    def __init__(self, monitor: Any, log: LogStore | str | Path, every_s: float = 300.0,
+                 window_s: float = 3600.0) -> None:
         super().__init__(every_s, "drift")
-        self.monitor, self.log_path, self.window_s = monitor, Path(log_path), window_s
+        self.monitor, self.log, self.window_s = monitor, as_store(log), window_s
 
     def check(self, now: float | None = None) -> list[dict]:
         days = self.window_s / 86400
-        results = compare(log_window(self.log_path, days + 1, days, now), log_window(self.log_path, days, 0, now))
+        results = compare(log_window(self.log, days + 1, days, now), log_window(self.log, days, 0, now))
         self.monitor.drift = results
         return results
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 from llmcycle.errors import LlmcycleError
 from llmcycle.monitor.periodic import Periodic
+from llmcycle.monitor.store import LogStore, as_store
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ class QualityWatch(Periodic):
     thread; each result replaces `monitor.quality[name]` ({metrics, reference, failed, time})."""
 
     def __init__(self, monitor: Any, models: dict[str, str], every_s: float, limit: int = 64,
-                 heldout: str | None = None, threshold: float = 0.02, log_path: str | Path | None = None) -> None:
+                 heldout: str | None = None, threshold: float = 0.02, log: LogStore | str | Path | None = None) -> None:
         super().__init__(every_s, "quality")
         self.monitor, self.models = monitor, models
         self.limit, self.heldout, self.threshold = limit, heldout, threshold
-        self.log_path = None if log_path is None else Path(log_path)
+        self.log = None if log is None else as_store(log)
         self.reference: dict[str, dict] = {}
 
     def check(self, name: str) -> dict:
@@ -87,18 +87,15 @@ class QualityWatch(Periodic):
         return entry
 
     def _store(self, name: str, entry: dict) -> None:
-        if self.log_path is None:
+        if self.log is None:
             return
         try:
-            con = sqlite3.connect(str(self.log_path), timeout=30)
-            with con:
-                con.execute("CREATE TABLE IF NOT EXISTS quality (time REAL, model TEXT, model_sha256 TEXT, "
-                            "metrics TEXT, reference TEXT, failed TEXT)")
-                con.execute("INSERT INTO quality VALUES (?, ?, ?, ?, ?, ?)",
-                            (entry["time"], name, entry["model_sha256"], json.dumps(entry["metrics"]),
-                             json.dumps(entry["reference"]), json.dumps(entry["failed"])))
-            con.close()
-        except sqlite3.Error as e:
+            self.log.execute(f'CREATE TABLE IF NOT EXISTS quality ("time" {self.log.column_type("REAL")}, model TEXT, '
+                             "model_sha256 TEXT, metrics TEXT, reference TEXT, failed TEXT)")
+            self.log.execute("INSERT INTO quality VALUES (?, ?, ?, ?, ?, ?)",
+                             (entry["time"], name, entry["model_sha256"], json.dumps(entry["metrics"]),
+                              json.dumps(entry["reference"]), json.dumps(entry["failed"])))
+        except (*self.log.errors, LlmcycleError) as e:
             log.warning("quality result not stored: %s", e)
 
     def tick(self) -> None:

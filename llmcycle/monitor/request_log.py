@@ -8,8 +8,9 @@ never a request's latency or its success. The writer inserts whatever has queued
 the last interval, and SQLite's journal keeps the file consistent whatever the moment of the kill.
 `retention_days` deletes older rows as the writer goes (hourly). `close()` writes what is queued and stops.
 
-Readers (`llmcycle monitor`, tests) open the file with `connect(path)`; WAL lets them read while the server
-writes.
+The log is a SQLite file by default, or a PostgreSQL database given by URL for several servers sharing one
+(monitor/store.py). Readers (`llmcycle monitor`, tests) open a SQLite log with `connect(path)`; WAL lets them
+read while the server writes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llmcycle.monitor.store import LogStore, transaction
 
 if TYPE_CHECKING:
     from llmcycle.monitor.audit import AuditLog
@@ -61,27 +64,33 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("completion", "TEXT"),        # only with store_text, PII-redacted
 )
 NAMES = tuple(c for c, _ in COLUMNS)
+_QUOTED = ", ".join(f'"{c}"' for c in NAMES)
 # what an audited request keeps in the audit trail (never its text)
 AUDITED = ("time", "key_id", "route", "model", "model_version", "status", "prompt_tokens", "completion_tokens",
            "cost", "user")
-_INSERT = f"INSERT INTO requests ({', '.join(NAMES)}) VALUES ({', '.join('?' * len(NAMES))})"
+_INSERT = f"INSERT INTO requests ({_QUOTED}) VALUES ({', '.join('?' * len(NAMES))})"
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
-    """A connection to a request log, the table created if missing (rows come back as sqlite3.Row)."""
-    con = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+    """A connection to a SQLite request log, the table created if missing (rows come back as sqlite3.Row)."""
+    store = LogStore(path)
+    con = store.connect()
     con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-    cols = ", ".join(f"{c} {t}" for c, t in COLUMNS)
-    with con:
-        con.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {cols})")
-        con.execute("CREATE INDEX IF NOT EXISTS requests_time ON requests (time)")
-        have = {row[1] for row in con.execute("PRAGMA table_info(requests)")}
-        for c, t in COLUMNS:  # a log written by an older llmcycle gains the columns added since
-            if c not in have:
-                con.execute(f"ALTER TABLE requests ADD COLUMN {c} {t}")
+    ensure_schema(store, con)
     return con
+
+
+def ensure_schema(store: LogStore, con: Any) -> None:
+    """The requests table and its time index, with every column of `COLUMNS` (a log written by an older
+    llmcycle gains the columns added since)."""
+    cols = ", ".join(f'"{c}" {store.column_type(t)}' for c, t in COLUMNS)
+    with transaction(con):
+        con.execute(f"CREATE TABLE IF NOT EXISTS requests ({store.id_column}, {cols})")
+        con.execute('CREATE INDEX IF NOT EXISTS requests_time ON requests ("time")')
+        have = store.columns(con, "requests")
+        for c, t in COLUMNS:
+            if c not in have:
+                con.execute(f'ALTER TABLE requests ADD COLUMN "{c}" {store.column_type(t)}')
 
 
 class RequestLog:
@@ -89,9 +98,12 @@ class RequestLog:
 
     def __init__(self, path: str | Path, flush_interval: float = 1.0, queue_size: int = 10000,
                  batch_size: int = 512, retention_days: float | None = None, audit: AuditLog | None = None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        connect(self.path).close()  # a bad path fails here, at startup, not in the thread
+        self.store = LogStore(path)  # a SQLite file, or a postgresql:// URL (monitor/store.py)
+        if self.store.kind == "sqlite":
+            self.store.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self.store.connect()  # a bad path or an unreachable database fails here, at startup
+        ensure_schema(self.store, con)
+        con.close()
         self.flush_interval, self.batch_size, self.retention_days = flush_interval, batch_size, retention_days
         self.audit = audit  # when set, every written row is also an audit record (audit_requests)
         self.dropped = 0   # rows lost to a full queue
@@ -122,8 +134,13 @@ class RequestLog:
                         break
             self._thread.join(timeout)
 
+    @property
+    def path(self) -> Path | str:
+        """The SQLite file, or the PostgreSQL URL."""
+        return self.store.path if self.store.kind == "sqlite" else self.store.target
+
     def _run(self) -> None:
-        con = connect(self.path)
+        con = self.store.connect()
         stop = False
         while not stop:
             rows: list[dict] = []
@@ -142,17 +159,17 @@ class RequestLog:
             self._apply_retention(con)
         con.close()
 
-    def _write(self, con: sqlite3.Connection, rows: list[dict]) -> None:
+    def _write(self, con: Any, rows: list[dict]) -> None:
         for r in rows:  # derived here, off the request path: the prompt's text itself is not kept
             text = r.pop("_prompt_text", None)
             if text is not None and r.get("prompt_lang") is None:
                 r["prompt_lang"] = _language(text)
         values = [tuple(_column_value(r.get(c)) for c in NAMES) for r in rows]
         try:
-            with con:
-                con.executemany(_INSERT, values)
+            with transaction(con):
+                con.cursor().executemany(self.store.sql(_INSERT), values)
             self.written += len(rows)
-        except sqlite3.Error as e:  # a full or locked disk: count the loss, keep serving
+        except self.store.errors as e:  # a full or locked disk, a database gone: count the loss, keep serving
             self.failed += len(rows)
             log.warning("request log: %d row(s) not written: %s", len(rows), e)
             return
@@ -163,15 +180,16 @@ class RequestLog:
             except (sqlite3.Error, OSError) as e:
                 log.warning("audit trail: %d request record(s) not written: %s", len(rows), e)
 
-    def _apply_retention(self, con: sqlite3.Connection) -> None:
+    def _apply_retention(self, con: Any) -> None:
         now = time.time()
         if self.retention_days is None or now - self._last_retention < 3600:
             return
         self._last_retention = now
         try:
-            with con:
-                con.execute("DELETE FROM requests WHERE time < ?", (now - self.retention_days * 86400,))
-        except sqlite3.Error as e:
+            with transaction(con):
+                con.execute(self.store.sql('DELETE FROM requests WHERE "time" < ?'),
+                            (now - self.retention_days * 86400,))
+        except self.store.errors as e:
             log.warning("request log: retention delete failed: %s", e)
 
 

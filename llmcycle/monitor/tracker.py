@@ -85,7 +85,7 @@ class RequestMonitor:
         self.otel = otel  # an OtelExporter (monitor/otel.py) when an OTLP endpoint is configured
         self.safety = safety or SafetyChecks(None)
         self.versions = versions or {}
-        self.budgets = Budgets(None if log is None else log.path)
+        self.budgets = Budgets(None if log is None else log.store)
         self._redact: Callable[[str], str] | None = None
         if store_text:
             from llmcycle.data.filters.pii import Pii

@@ -55,8 +55,9 @@ class ServeConfig:
     max_body_mb: float = F(4.0, "largest request body in MiB; larger ones get 413")
     drain_timeout: float = F(30.0, "seconds SIGTERM waits for running requests before exiting 2")
     # monitoring (docs/monitor.md)
-    request_log: str = F("auto", "SQLite file of one row per request; auto: requests.sqlite beside the keys "
-                                 "database, else in $XDG_STATE_HOME/llmcycle (~/.local/state/llmcycle); off: none")
+    request_log: str = F("auto", "one row per request: a SQLite file, or a postgresql:// URL for several servers "
+                                 "(pip install 'llmcycle[postgres]'); auto: requests.sqlite beside the keys database, "
+                                 "else in $XDG_STATE_HOME/llmcycle (~/.local/state/llmcycle); off: none")
     store_text: bool = F(False, "also log prompts and completions (PII-redacted first)")
     prices: dict[str, dict[str, float]] = F({}, "price per model name (\"*\": any other): {input, cached_input, "
                                                 "output} per 1M tokens, or {per_second}")
@@ -99,10 +100,14 @@ class ServeConfig:
         SafetyChecks(self.safety)  # as does a bad safety check
         return self
 
-    def request_log_path(self) -> Path | None:
-        """Where the request log goes (None: off)."""
+    def request_log_path(self) -> Path | str | None:
+        """Where the request log goes: a SQLite file, a postgresql:// URL (kept as text), or None (off)."""
+        from llmcycle.monitor.store import is_url
+
         if self.request_log == "off":
             return None
+        if is_url(self.request_log):
+            return self.request_log
         if self.request_log != "auto":
             return Path(self.request_log)
         if self.keys:
@@ -115,7 +120,9 @@ class ServeConfig:
         from llmcycle.monitor.audit import audit_path_for
 
         log = self.request_log_path()
-        return audit_path_for(self.keys) if self.keys else None if log is None else log.parent / "audit.sqlite"
+        if self.keys:
+            return audit_path_for(self.keys)
+        return log.parent / "audit.sqlite" if isinstance(log, Path) else None  # a database URL: no folder
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments of `LLMEngine` (imports torch for the dtype)."""

@@ -115,7 +115,7 @@ class ServerState:
                                       {name: model_version(e.engine.model_dir) for name, e in engines.items()},
                                       SafetyChecks(safety), otel)
         # drift of the last hour against the day before, every few minutes, as gauges on /metrics
-        self.drift_watch = (DriftWatch(self.monitor, request_log.path, drift_every_s)
+        self.drift_watch = (DriftWatch(self.monitor, request_log.store, drift_every_s)
                             if request_log is not None and drift_every_s > 0 else None)
         self.quality_watch: QualityWatch | None = None  # run_server sets it when quality_every_s > 0
         self.created = int(time.time())
@@ -548,8 +548,8 @@ async def _admit(state: ServerState, request: Request, model: type[_SamplingFiel
 def _dashboard(state: ServerState, window: float) -> dict:
     """/dashboard's data: the request log's summary of the window, the engines now, resources over time."""
     log = state.monitor.log
-    data: dict[str, Any] = summary(log.path, window) if log is not None else {}
-    data["request_log"] = None if log is None else {"path": str(log.path), "written": log.written,
+    data: dict[str, Any] = summary(log.store, window) if log is not None else {}
+    data["request_log"] = None if log is None else {"path": str(log.store), "written": log.written,
                                                     "dropped": log.dropped, "failed": log.failed}
     data["engines"] = {name: {k: e.engine.stats()[k] for k in ("num_requests_running", "num_requests_waiting",
                                                                 "kv_cache_usage_perc")}
@@ -1004,7 +1004,7 @@ def run_server(cfg: ServeConfig) -> None:
                         otel, cfg.drift_every_s)
     if cfg.quality_every_s > 0:
         state.quality_watch = QualityWatch(state.monitor, dirs, cfg.quality_every_s, cfg.quality_limit,
-                                           cfg.quality_heldout, log_path=log_path)
+                                           cfg.quality_heldout, log=request_log.store if request_log else None)
     for name, e in engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
@@ -1014,8 +1014,8 @@ def run_server(cfg: ServeConfig) -> None:
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
     if store is not None:
         print(f"API keys required ({len(store)} active in {cfg.keys})", flush=True)
-    print(f"request log: {log_path or 'off'}" + (" (prompts and completions too, PII-redacted)"
-                                                 if log_path and cfg.store_text else ""), flush=True)
+    text = " (prompts and completions too, PII-redacted)" if request_log and cfg.store_text else ""
+    print(f"request log: {request_log.store if request_log else 'off'}{text}", flush=True)
     # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
     config = uvicorn.Config(build_app(state, cfg.drain_timeout), host=cfg.host, port=cfg.port,
                             log_level=cfg.log_level, timeout_graceful_shutdown=5)
