@@ -410,6 +410,11 @@ def test_metrics_need_a_scrape_or_admin_key_when_keys_are_on(served):
                    headers={"Authorization": f"Bearer {scrape}"})
     assert r.status_code == 403 and "role scrape" in r.json()["error"]["message"]
     assert httpx.get(url + "/health").status_code == 200  # probes stay open
+    for page in ("/openapi.json", "/docs"):  # the docs describe the API: the API's keys open them
+        assert httpx.get(url + page).status_code == 401
+        assert httpx.get(url + page, headers={"Authorization": f"Bearer {user}"}).status_code == 200
+    assert "/v1/chat/completions" in httpx.get(url + "/openapi.json",
+                                               headers={"Authorization": f"Bearer {user}"}).json()["paths"]
 
 
 def always_unsafe(text: str) -> float:
@@ -654,6 +659,8 @@ def test_the_drift_watch_puts_its_verdict_on_metrics(tmp_path):
     text = generate_latest(registry).decode()
     assert 'llmcycle:drift_detected{feature="prompt_lang"} 1.0' in text
     assert 'llmcycle:drift_detected{feature="completion_tokens"} 0.0' in text
+    stored = {r["feature"]: r["drifted"] for r in connect(log.path).execute("SELECT feature, drifted FROM drift")}
+    assert stored["prompt_lang"] == 1 and stored["completion_tokens"] == 0  # and in the log
 
 
 def test_output_perplexity_is_the_models_own(model_dir, tmp_path):
@@ -800,10 +807,16 @@ def test_prompt_embedding_drift_with_a_domain_classifier(model_dir):
         return [f"Comment utiliser {rng.choice(words)} avec {rng.choice(words)} dans une boucle de programme ?"
                 for _ in range(n)]
 
-    same = drift.embedding_drift(model_dir, english(120), english(120))
-    shifted = drift.embedding_drift(model_dir, english(120), french(120))
+    ref, cur_same, cur_french = english(120), english(120), french(120)
+    same = drift.embedding_drift(model_dir, ref, cur_same)
+    shifted = drift.embedding_drift(model_dir, ref, cur_french)
     assert not same["drift"] and same["value"] < 0.55, same
     assert shifted["drift"] and shifted["value"] > 0.9, shifted
+    from llmcycle.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    assert not drift.token_distribution(tok, ref, cur_same)["drift"]
+    assert drift.token_distribution(tok, ref, cur_french)["drift"]
     s, y = rng.normal(size=50), rng.integers(0, 2, 50)
     s[:10] = 0.5  # ties
     pos, neg = s[y == 1], s[y == 0]  # the definition, pair by pair

@@ -140,8 +140,9 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--tokenizer", type=Path, default=None, help="model directory whose tokenizer counts the "
                                                                   "reference file's tokens (the served model's)")
     d.add_argument("--embeddings", type=Path, default=None, metavar="MODEL_DIR",
-                   help="also compare prompt embeddings (this model's hidden states, a domain classifier's ROC "
-                        "AUC > 0.55 is drift); needs the prompts: serve with store_text: true")
+                   help="also compare the prompts' token distribution and embeddings (this model's tokenizer and "
+                        "hidden states; a domain classifier's ROC AUC > 0.55 is drift); needs the prompts: serve "
+                        "with store_text: true")
     d.add_argument("--json", action="store_true", help="print JSON")
     for q in (u, e, d):
         q.add_argument("--log", default=None, metavar="DB|URL",
@@ -178,6 +179,10 @@ def drift_main(args: argparse.Namespace, path: Path) -> int:
         if len(current_texts) < 10 or len(reference_texts) < 10:
             raise LlmcycleError(f"prompt embeddings need at least 10 stored prompts a window (have "
                                 f"{len(reference_texts)} and {len(current_texts)}): serve with store_text: true.")
+        from llmcycle.tokenizer import Tokenizer
+
+        results.append(drift.token_distribution(Tokenizer.from_pretrained(args.embeddings), reference_texts,
+                                                current_texts))
         results.append(drift.embedding_drift(args.embeddings, reference_texts, current_texts))
     if args.json:
         print(json.dumps(results, indent=2))

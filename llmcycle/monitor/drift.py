@@ -157,7 +157,18 @@ class DriftWatch(Periodic):
         days = self.window_s / 86400
         results = compare(log_window(self.log, days + 1, days, now), log_window(self.log, days, 0, now))
         self.monitor.drift = results
+        self._store(results, time.time() if now is None else now)
         return results
+
+    def _store(self, results: list[dict], now: float) -> None:
+        """Each check's verdicts into the log's `drift` table, beside the requests they judge."""
+        real = self.log.column_type("REAL")
+        self.log.execute(f'CREATE TABLE IF NOT EXISTS drift ("time" {real}, feature TEXT, method TEXT, value {real}, '
+                         f"threshold {real}, drifted INTEGER, reference_rows INTEGER, current_rows INTEGER)")
+        for r in results:
+            self.log.execute("INSERT INTO drift VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (now, r["feature"], r["method"], r["value"], r["threshold"], int(r["drift"]),
+                              r["reference_rows"], r["current_rows"]))
 
     def tick(self) -> None:
         self.check()
@@ -229,3 +240,13 @@ def embedding_drift(model_dir: str | Path, reference_texts: list[str], current_t
     auc = domain_classifier_auc(embed_texts(model_dir, reference_texts), embed_texts(model_dir, current_texts))
     return {"feature": "prompt_embedding", "method": "domain_classifier_auc", "value": auc, "threshold": AUC_MIN,
             "drift": auc > AUC_MIN, "reference_rows": len(reference_texts), "current_rows": len(current_texts)}
+
+
+def token_distribution(tokenizer: Any, reference_texts: list[str], current_texts: list[str]) -> dict[str, Any]:
+    """Jensen-Shannon distance between the token-id frequencies of two sets of prompts (tokenized by the
+    served model's tokenizer): what the prompts are made of, beyond their length and language."""
+    ref = [t for text in reference_texts for t in tokenizer.encode(text)]
+    cur = [t for text in current_texts for t in tokenizer.encode(text)]
+    value = jensen_shannon(ref, cur)
+    return {"feature": "prompt_token_distribution", "method": "jensen_shannon", "value": value, "threshold": JS_MIN,
+            "drift": value >= JS_MIN, "reference_rows": len(reference_texts), "current_rows": len(current_texts)}

@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -445,7 +446,8 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
         await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
 
-    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # The docs are routes of ours (below), so that with keys on they need a key like the API they describe.
+    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmcycle = state
     app.add_middleware(_DrainGate, state=state)
 
@@ -508,6 +510,16 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         return await _monitored(state, "/v1/chat/completions", lambda trace: _chat(state, request, trace))
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(request: Request) -> Response:
+        _authorize(state, request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        _authorize(state, request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="llmcycle API")
 
     app.openapi = lambda: _openapi(app)
     return app
