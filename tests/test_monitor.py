@@ -652,8 +652,18 @@ def test_the_drift_watch_puts_its_verdict_on_metrics(tmp_path):
                     "prompt_lang": "en" if old else "fr", "finish_reason": "length"})
     log.close()
     registry = CollectorRegistry()
-    monitor = RequestMonitor(None, registry=registry)
+    log = RequestLog(log.path, flush_interval=0.01)
+    monitor = RequestMonitor(log, registry=registry)
     results = {r["feature"]: r for r in DriftWatch(monitor, log.path, window_s=3600).check(now)}
+    # each new request is flagged against the reference: a long French prompt on two features, a usual one not
+    log.submit({"time": now, "status": 200, "request_id": "odd", "prompt_tokens": 90, "completion_tokens": 16,
+                "_prompt_text": "Bonjour, pourriez-vous m'expliquer cette fonction ?"})
+    log.submit({"time": now, "status": 200, "request_id": "usual", "prompt_tokens": 20, "completion_tokens": 16,
+                "_prompt_text": "How does this function work in Python?"})
+    log.close()
+    flags = {r["request_id"]: r["drift_flags"] for r in connect(log.path).execute(
+        "SELECT request_id, drift_flags FROM requests WHERE request_id IS NOT NULL")}
+    assert json.loads(flags["odd"]) == ["prompt_tokens", "prompt_lang"] and flags["usual"] is None
     assert results["prompt_tokens"]["drift"] and results["prompt_lang"]["drift"]
     assert not results["completion_tokens"]["drift"]
     text = generate_latest(registry).decode()

@@ -84,6 +84,29 @@ def jensen_shannon(ref: Iterable[Any], cur: Iterable[Any]) -> float:
     return math.sqrt(max(0.0, (kl(p, mid) + kl(q, mid)) / 2))
 
 
+def reference_profile(reference: list[dict]) -> dict[str, Any]:
+    """What one request is judged against: the reference's 99th percentile of each numeric feature and the
+    languages making at least 1% of its prompts."""
+    profile: dict[str, Any] = {}
+    for feature in NUMERIC:
+        values = [r[feature] for r in reference if r.get(feature) is not None]
+        if len(values) >= 20:
+            profile[feature] = float(np.quantile(values, 0.99))
+    langs = Counter(r.get("prompt_lang") for r in reference if r.get("prompt_lang"))
+    total = sum(langs.values())
+    if total >= 20:
+        profile["prompt_lang"] = sorted(k for k, n in langs.items() if n / total >= 0.01)
+    return profile
+
+
+def outliers(row: dict, profile: dict[str, Any]) -> list[str]:
+    """The features on which one request falls outside the reference (`reference_profile`): its drift flags."""
+    flags = [f for f in NUMERIC if f in profile and row.get(f) is not None and row[f] > profile[f]]
+    if "prompt_lang" in profile and row.get("prompt_lang") and row["prompt_lang"] not in profile["prompt_lang"]:
+        flags.append("prompt_lang")
+    return flags
+
+
 def compare(reference: list[dict], current: list[dict]) -> list[dict[str, Any]]:
     """One result per feature both windows have: feature, method, value, threshold, drift (bool), sizes."""
     out = []
@@ -155,8 +178,11 @@ class DriftWatch(Periodic):
 
     def check(self, now: float | None = None) -> list[dict]:
         days = self.window_s / 86400
-        results = compare(log_window(self.log, days + 1, days, now), log_window(self.log, days, 0, now))
+        reference = log_window(self.log, days + 1, days, now)
+        results = compare(reference, log_window(self.log, days, 0, now))
         self.monitor.drift = results
+        if self.monitor.log is not None:  # each new request is flagged against this reference
+            self.monitor.log.drift_profile = reference_profile(reference)
         self._store(results, time.time() if now is None else now)
         return results
 

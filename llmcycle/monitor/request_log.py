@@ -59,6 +59,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("user", "TEXT"),              # the client's `user` field
     ("metadata", "TEXT"),          # the client's `metadata` object, JSON
     ("prompt_lang", "TEXT"),       # the prompt's language (py3langid), for drift; found by the writer thread
+    ("drift_flags", "TEXT"),       # features on which this request falls outside the drift reference (JSON)
     ("safety", "TEXT"),            # the safety checks that fired: JSON list of {check, on, action, score}
     ("prompt", "TEXT"),            # only with store_text, PII-redacted
     ("completion", "TEXT"),        # only with store_text, PII-redacted
@@ -106,6 +107,7 @@ class RequestLog:
         con.close()
         self.flush_interval, self.batch_size, self.retention_days = flush_interval, batch_size, retention_days
         self.audit = audit  # when set, every written row is also an audit record (audit_requests)
+        self.drift_profile: dict | None = None  # set by the drift check: each row is flagged against it
         self.dropped = 0   # rows lost to a full queue
         self.written = 0   # rows committed
         self.failed = 0    # rows lost to a database error
@@ -164,6 +166,10 @@ class RequestLog:
             text = r.pop("_prompt_text", None)
             if text is not None and r.get("prompt_lang") is None:
                 r["prompt_lang"] = _language(text)
+            if self.drift_profile:
+                from llmcycle.monitor.drift import outliers
+
+                r["drift_flags"] = outliers(r, self.drift_profile) or None
         values = [tuple(_column_value(r.get(c)) for c in NAMES) for r in rows]
         try:
             with transaction(con):
