@@ -333,7 +333,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
     p.description = ("Serve one or more model directories (each its own engine) with the OpenAI "
                      "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
-                     "and a chat page at /. SIGTERM/SIGINT drain running requests, then exit. Options come "
+                     "a chat page at / and a monitoring dashboard at /dashboard (every request is logged: "
+                     "llmcycle monitor). SIGTERM/SIGINT drain running requests, then exit. Options come "
                      "from a recipe (--config, keys below) with key=value overrides; the flags override both.")
     p.epilog = _options_epilog(S)
     p.add_argument("items", nargs="*", metavar="MODEL|key=value",
@@ -458,7 +459,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("lineage", "the chain from a model back to its raw sources, verified by content hashes", _add_lineage),
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
     ("audit", "verify or list the hash-chained audit trail of keys, servers and (optionally) requests", _add_audit),
-    ("monitor", "read serve's request log: usage (tokens, cost, latency) by key, model, route, day; export", _add_monitor),
+    ("monitor", "read serve's request log: usage (tokens, cost, latency) by key, model, route, day; export; drift", _add_monitor),
 )
 
 

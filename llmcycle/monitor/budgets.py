@@ -92,7 +92,8 @@ class Budgets:
                 raise BudgetExceeded(
                     f"Budget exhausted for key {key.prefix}...: {spent:.6g} spent and {reserved:.6g} reserved by "
                     f"requests in flight of {key.budget:g} per {key.budget_period}; this request could cost "
-                    f"up to {estimate:.6g}{resets}.")
+                    f"up to {estimate:.6g} (its prompt and every sequence at max_tokens, reserved in full: a "
+                    f"smaller max_tokens reserves less){resets}.")
             self._reserved[key.id] = reserved + estimate
         return Reservation(key.id, estimate, start)
 

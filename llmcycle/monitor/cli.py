@@ -32,10 +32,23 @@ GROUPS = {
 }
 
 
-def default_log() -> Path | str:
+def default_logs() -> list[Path]:
+    """Where `llmcycle serve` puts its log by default: beside the default key database (`--keys
+    runs/keys.sqlite`), else in $XDG_STATE_HOME/llmcycle."""
+    from llmcycle.serve.auth import DEFAULT_DB
     from llmcycle.serve.config import ServeConfig
 
-    return ServeConfig().request_log_path()
+    return [Path(DEFAULT_DB).parent / "requests.sqlite", ServeConfig().request_log_path()]
+
+
+def default_log() -> Path:
+    """The first default place that holds a log (the last one when none does, for the message)."""
+    candidates = default_logs()
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None:
+        raise LlmcycleError(f"no request log at {' or '.join(map(str, candidates))}; give --log FILE (serve writes "
+                            "requests.sqlite beside its --keys database, else in the second place).")
+    return found
 
 
 def _open(target: LogStore | Path | str) -> LogStore:
@@ -146,8 +159,8 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--json", action="store_true", help="print JSON")
     for q in (u, e, d):
         q.add_argument("--log", default=None, metavar="DB|URL",
-                       help="the request log: a SQLite file or a postgresql:// URL (default: serve's, in "
-                            "$XDG_STATE_HOME/llmcycle/requests.sqlite)")
+                       help="the request log: a SQLite file or a postgresql:// URL (default: runs/requests.sqlite, "
+                            "beside the default key database, else $XDG_STATE_HOME/llmcycle/requests.sqlite)")
     for q in (u, e):
         q.add_argument("--since", type=float, default=None, metavar="DAYS", help="only the last DAYS days")
     u.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -19,9 +19,12 @@ def _identifier() -> Any:
     return load(MODEL_FILE, norm_probs=True)
 
 
+MIN_LETTERS = 12  # below this a guess is noise ("hi" came out Estonian): undetermined
+
+
 def language_of(text: str) -> str:
-    """py3langid's code for the text's language, "und" when it has no letters."""
+    """py3langid's code for the text's language; "und" when it has fewer than 12 letters."""
     text = text[:MAX_CHARS]
-    if not _LETTER.search(text):
+    if len(_LETTER.findall(text)) < MIN_LETTERS:
         return "und"
     return _identifier().classify(text)[0]

@@ -148,7 +148,8 @@ class RequestMonitor:
                 row["prompt"] = self._redact(trace.prompt_text)
             texts = [c.text for o in outs for c in o.outputs]
             row["completion"] = self._redact(texts[0] if len(texts) == 1 else "\n\n".join(texts)) if texts else None
-        model_label = trace.model or ""
+        # only served names become label values: a client naming models at random must not grow /metrics
+        model_label = trace.model if trace.base_model is not None else ""
         self.requests.labels(model_label, trace.route, str(status)).inc()
         if row.get("cost"):
             self.cost.labels(model_label).inc(row["cost"])

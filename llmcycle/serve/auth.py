@@ -262,6 +262,8 @@ def keys_main(args: argparse.Namespace) -> int:
     """Run one `llmcycle keys` subcommand; returns the exit status."""
     cmd = args.keys_command
     if cmd == "create":
+        if args.budget is not None and args.budget < 0:  # before the database file is made
+            raise LlmcycleError(f"budget must be a number >= 0 or unset, got {args.budget!r}.")
         plain, rec = KeyStore(args.db).create(args.name, args.rpm, args.tpm, args.budget, args.budget_period,
                                               args.role)
         print(f"Created key {rec.name!r} (id {rec.id}, role {rec.role}, rpm {_limit(rec.requests_per_minute)}, "

@@ -489,7 +489,7 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         except ValueError:
             window = -1.0
         if not 60 <= window <= 30 * 86400:
-            raise APIError(400, "window must be seconds between 60 and 30 days.", "window")
+            raise APIError(400, "window must be a number of seconds from 60 to 2592000 (30 days).", "window")
         return JSONResponse(await asyncio.to_thread(_dashboard, state, window))
 
     @app.get("/")
