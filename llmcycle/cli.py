@@ -591,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         # key=value over. Words (not options) after the flags belong with the items given before them.
         if extra and isinstance(getattr(args, "items", None), list) and not any(x.startswith("-") for x in extra):
             args.items.extend(extra)
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        elif extra:  # named by the command's own parser, so its usage line is the one shown
+            subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            subs.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         check_dirs(args)
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
