@@ -437,6 +437,9 @@ def _add_audit(p: argparse.ArgumentParser) -> None:
 def _add_keys(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.auth import add_keys_arguments, keys_main
 
+    p.description = ("API keys for `llmcycle serve --keys DB`: create (with limits, a budget and a role), list, "
+                     "revoke. Keys are stored as hashes; each change is recorded in the audit trail beside the "
+                     "database. See docs/serve-keys.md.")
     add_keys_arguments(p)
     p.set_defaults(func=keys_main)
 

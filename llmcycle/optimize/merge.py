@@ -64,7 +64,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | Path | N
     write_manifest(tmp, stage="merge", config={"adapter": str(adapter_dir), "base": str(base)},
                    inputs={"model": model_input(base), "adapter": adapter_input(adapter_dir)}, metrics={})
     publish_dir(tmp, out)
-    log.info(f"merged {adapter_dir} into {base}: {out}")
+    log.info(f"merged adapter {adapter_dir} with its base {base} (unchanged): wrote {out}")
     return out
 
 
