@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,7 @@ from typing import Any
 from llmcycle.errors import LlmcycleError
 from llmcycle.monitor.request_log import NAMES, ensure_schema
 from llmcycle.monitor.store import LogStore, as_store
-
-# How a row's group is found: a column, or the day or hour of its time (UTC), computed here rather than in
-# SQL so that SQLite and PostgreSQL logs group alike.
-GROUPS = {
-    "key": lambda r: r["key_id"],
-    "model": lambda r: r["model"],
-    "route": lambda r: r["route"],
-    "day": lambda r: time.strftime("%Y-%m-%d", time.gmtime(r["time"])),
-    "hour": lambda r: time.strftime("%Y-%m-%d %H:00", time.gmtime(r["time"])),
-    "user": lambda r: r["user"],
-    "status": lambda r: r["status"],
-}
+from llmcycle.monitor.usage import COLUMNS, GROUPS, by_group
 
 
 def default_logs() -> list[Path]:
@@ -65,31 +53,10 @@ def _where(since_days: float | None) -> tuple[str, tuple]:
 
 
 def usage(path: LogStore | Path | str, by: str, since_days: float | None = None) -> list[dict[str, Any]]:
-    """One dict per group, busiest first."""
+    """One dict per group, busiest first (`usage.by_group`)."""
     store = _open(path)
     where, args = _where(since_days)
-    rows = store.rows(f'SELECT "time", key_id, model, route, "user", status, prompt_tokens, cached_tokens, '
-                      f"completion_tokens, cost, total_s, ttft_s FROM requests {where}", args)
-    groups: dict[Any, list] = {}
-    for r in rows:
-        groups.setdefault(GROUPS[by](r), []).append(r)
-    out = []
-    for grp, rs in groups.items():
-        totals = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
-        ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
-        costs = [r["cost"] for r in rs if r["cost"] is not None]
-        out.append({
-            by: grp, "requests": len(rs), "errors": sum(1 for r in rs if (r["status"] or 0) >= 400),
-            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rs),
-            "cached_tokens": sum(r["cached_tokens"] or 0 for r in rs),
-            "completion_tokens": sum(r["completion_tokens"] or 0 for r in rs),
-            "cost": sum(costs) if costs else None,
-            "latency_p50_s": statistics.median(totals) if totals else None,
-            "latency_p95_s": totals[min(len(totals) - 1, int(0.95 * len(totals)))] if totals else None,
-            "ttft_mean_s": statistics.fmean(ttfts) if ttfts else None,
-        })
-    out.sort(key=lambda d: (-d["requests"], str(d[by])))
-    return out
+    return by_group(store.rows(f"SELECT {', '.join(COLUMNS)} FROM requests {where}", args), by)
 
 
 def export(path: LogStore | Path | str, out: Path, fmt: str, since_days: float | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 from llmcycle import memory
 from llmcycle.monitor.periodic import Periodic
 from llmcycle.monitor.store import LogStore, as_store
+from llmcycle.monitor.usage import COLUMNS, by_group
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -28,17 +29,6 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def _group(rows: list[dict], key: str) -> list[dict[str, Any]]:
-    groups: dict[Any, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r[key], []).append(r)
-    out = [{key: k, "requests": len(rs), "errors": sum(1 for r in rs if r["status"] >= 400),
-            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rs),
-            "completion_tokens": sum(r["completion_tokens"] or 0 for r in rs),
-            "cost": round(sum(r["cost"] or 0.0 for r in rs), 10)} for k, rs in groups.items()]
-    return sorted(out, key=lambda g: -g["requests"])
-
-
 def summary(log_path: LogStore | str | Path, window_s: float = 3600.0, now: float | None = None) -> dict[str, Any]:
     """The last `window_s` seconds of the request log: totals, latency percentiles, errors by type, usage by
     key and model, requests per minute, safety triggers by check, and drift against the day before."""
@@ -46,8 +36,8 @@ def summary(log_path: LogStore | str | Path, window_s: float = 3600.0, now: floa
 
     now = time.time() if now is None else now
     store = as_store(log_path)
-    rows = store.rows('SELECT "time", key_id, model, status, error_type, prompt_tokens, completion_tokens, cost, '
-                      'total_s, ttft_s, safety FROM requests WHERE "time" >= ? ORDER BY "time"', (now - window_s,))
+    rows = store.rows(f'SELECT {", ".join(COLUMNS)}, error_type, safety FROM requests WHERE "time" >= ? '
+                      'ORDER BY "time"', (now - window_s,))
     ok = [r for r in rows if r["status"] < 400]
     totals = {"requests": len(rows), "errors": len(rows) - len(ok),
               "error_rate": (len(rows) - len(ok)) / len(rows) if rows else 0.0,
@@ -74,8 +64,8 @@ def summary(log_path: LogStore | str | Path, window_s: float = 3600.0, now: floa
                     "ttft_p50_s": _pct(ttft, 0.5), "ttft_p95_s": _pct(ttft, 0.95),
                     "mean_s": statistics.fmean(latency) if latency else None},
         "errors_by_type": dict(Counter(r["error_type"] or f"HTTP {r['status']}" for r in rows if r["status"] >= 400)),
-        "by_key": _group([{**r, "key_id": r["key_id"] or "(no key)"} for r in rows], "key_id"),
-        "by_model": _group([{**r, "model": r["model"] or "(none)"} for r in rows], "model"),
+        "by_key": [{**g, "key": g["key"] or "(no key)"} for g in by_group(rows, "key")],
+        "by_model": [{**g, "model": g["model"] or "(none)"} for g in by_group(rows, "model")],
         "per_minute": [minutes[k] for k in sorted(minutes)],
         "safety": dict(safety),
         "drift": drift.compare(drift.log_window(store, window_s / 86400 + 1, window_s / 86400, now),

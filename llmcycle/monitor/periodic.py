@@ -3,20 +3,22 @@ server's background monitors (resources, drift, quality). A failing tick is logg
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 
 log = logging.getLogger(__name__)
 
 
-class Periodic:
+class Periodic(abc.ABC):
     def __init__(self, every_s: float, name: str) -> None:
         self.every_s, self.name = every_s, name
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"llmcycle-{name}", daemon=True)
 
+    @abc.abstractmethod
     def tick(self) -> None:
-        raise NotImplementedError
+        """One round of the monitor's work."""
 
     def start(self) -> Periodic:
         self._thread.start()

@@ -162,13 +162,12 @@ class RequestLog:
         con.close()
 
     def _write(self, con: Any, rows: list[dict]) -> None:
+        from llmcycle.monitor.drift import outliers  # drift imports numpy: loaded by the writer, once
         for r in rows:  # derived here, off the request path: the prompt's text itself is not kept
             text = r.pop("_prompt_text", None)
             if text is not None and r.get("prompt_lang") is None:
                 r["prompt_lang"] = _language(text)
             if self.drift_profile:
-                from llmcycle.monitor.drift import outliers
-
                 r["drift_flags"] = outliers(r, self.drift_profile) or None
         values = [tuple(_column_value(r.get(c)) for c in NAMES) for r in rows]
         try:

@@ -64,9 +64,6 @@ class Trace:
         self.safety: list[Trigger] = []  # the safety checks that fired on its prompt or completion
         self.ended = False
 
-    def observe(self, index: int, out: RequestOutput) -> None:
-        self.outputs[index] = out
-
     def end(self, status: int, error_type: str | None = None) -> dict | None:
         """Record the request (the first call only); returns the row, or None when already ended."""
         if self.ended:
@@ -101,7 +98,7 @@ class RequestMonitor:
                                        "and action.", ["check", "where", "action"], registry=registry)
         self.drift: list[dict] = []  # the last drift results (DriftWatch), as gauges on /metrics
         self.quality: dict[str, dict] = {}  # the last quality run per model (QualityWatch)
-        registry.register(_LogCollector(self))
+        registry.register(_MonitorCollector(self))
 
     def begin(self, route: str) -> Trace:
         return Trace(self, route)
@@ -195,7 +192,7 @@ def _latencies(outs: list[RequestOutput], start: float) -> dict[str, float | Non
             "itl_mean_s": spans / gaps if gaps else None}
 
 
-class _LogCollector:
+class _MonitorCollector:
     """What the monitor knows, read at scrape time: the request log's counters, each key's budget use, and
     the last drift check."""
 

@@ -127,6 +127,8 @@ class QuantizedLinear(nn.Module):
         rather than copy them: int4's repacked weight is all that stays (`codes()` recovers q from it).
         Int8 layers (weight-only and W8A8) also take gemv.c's kernels when a product has few rows."""
         cpu = self.scale.device.type == "cpu"
+        if self.group_size is None:  # one scale per output row: the GEMV's operand, laid out once
+            self._scale_rows = self.scale[:, 0].contiguous()
         if self.act:
             if cpu and hasattr(torch, "_int_mm"):
                 self._wsum = self.q.sum(1, dtype=torch.int32)  # the one-row GEMV's offset term (gemv.c)
@@ -183,7 +185,7 @@ class QuantizedLinear(nn.Module):
             return self._forward_w8a8(x)
         x2 = x.reshape(-1, self.in_features)
         if self.bits == 8 and self.group_size is None and gemv.usable(x2, self.q, gemv.W8A16_MAX_ROWS):
-            y = gemv.w8a16(x2, self.q, self.scale[:, 0].contiguous())  # batch-1 decode: memory-bound
+            y = gemv.w8a16(x2, self.q, self._scale_rows)  # batch-1 decode: memory-bound
         elif self._kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.q, self._scale_k)
         elif self._kernel == "int4pack":
@@ -196,7 +198,7 @@ class QuantizedLinear(nn.Module):
     def _forward_w8a8(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         if self._kernel == "int_mm" and gemv.usable(x2, self.q, gemv.W8A8_MAX_ROWS):  # few rows: same integers
-            return self._finish(gemv.w8a8(x2, self.q, self.scale[:, 0].contiguous(), self._wsum, self.input_scale), x)
+            return self._finish(gemv.w8a8(x2, self.q, self._scale_rows, self._wsum, self.input_scale), x)
         if self.act == "dynamic":
             x_scale = x2.abs().amax(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
         else:

@@ -372,14 +372,17 @@ async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tupl
                 await g.aclose()  # type: ignore[attr-defined]
 
 
-def _engine_error(exc: BaseException) -> APIError:
+def _engine_error(exc: BaseException, quiet: bool = False) -> APIError:
+    """The API error an exception is answered with; an unexpected one is logged unless `quiet` (a caller that
+    only needs its status, while the exception handler logs and answers it)."""
     if isinstance(exc, (QueueFull, EngineUnavailable)):
         return APIError(503, str(exc))
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, EngineStepError):
         return APIError(500, str(exc))
-    log.exception("internal error", exc_info=exc)
+    if not quiet:
+        log.exception("internal error", exc_info=exc)
     return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
 
 
@@ -535,8 +538,7 @@ async def _monitored(state: ServerState, route: str, handler: Callable[[Trace], 
         if isinstance(exc, asyncio.CancelledError):
             trace.end(CLIENT_CLOSED, "ClientDisconnected")
         else:
-            status = exc.status if isinstance(exc, APIError) else 503 if isinstance(
-                exc, (QueueFull, EngineUnavailable)) else 500
+            status = _engine_error(exc, quiet=True).status
             trace.end(status, APIError.TYPES.get(status, "Error"))
         raise
     if not isinstance(response, StreamingResponse):
@@ -563,9 +565,9 @@ def _dashboard(state: ServerState, window: float) -> dict:
     data: dict[str, Any] = summary(log.store, window) if log is not None else {}
     data["request_log"] = None if log is None else {"path": str(log.store), "written": log.written,
                                                     "dropped": log.dropped, "failed": log.failed}
-    data["engines"] = {name: {k: e.engine.stats()[k] for k in ("num_requests_running", "num_requests_waiting",
-                                                                "kv_cache_usage_perc")}
-                       for name, e in state.engines.items()}
+    shown = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+    data["engines"] = {name: {k: stats[k] for k in shown}
+                       for name, stats in ((n, e.engine.stats()) for n, e in state.engines.items())}
     data["resources"] = list(state.resources.samples)
     return data
 
@@ -608,11 +610,14 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
     prompts = req.prompts()
     if not prompts:
         raise APIError(400, "prompt must not be empty", "prompt")
-    if state.monitor.safety:  # token-id prompts are screened as their text (and sent as text if redacted)
+    texts = None  # the prompts as text, for the safety checks and the log: decoded once when either wants it
+    if state.monitor.safety or state.monitor.log is not None:
         tok = engine.engine.tokenizer
         texts = [p if isinstance(p, str) else tok.decode(p) for p in prompts]
+    if state.monitor.safety:  # token-id prompts are screened as their text (and sent as text if redacted)
         screened = [_screen_prompt(state, trace, t, "prompt") for t in texts]
         prompts = [p if s == t else s for p, t, s in zip(prompts, texts, screened)]
+        texts = screened
     for p in prompts:
         if isinstance(p, str):
             _check_prompt_bytes(state, base, [p], "prompt")
@@ -620,8 +625,7 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
         _check_params, engine, prompts,
         lambda n: req.sampling_params(_max_tokens(req.max_tokens, n, engine), req.logprobs))
     if state.monitor.log is not None:  # the log stores it (store_text) or only its language (drift)
-        tok = engine.engine.tokenizer
-        trace.prompt_text = "\n\n".join(p if isinstance(p, str) else tok.decode(p) for p in prompts)
+        trace.prompt_text = "\n\n".join(texts)
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=False, lora=lora,
                           trace=trace)
 
