@@ -360,6 +360,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=none, help="prefill chunk length (default: token budget)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=none,
                    help="disable prefix caching")
+    p.add_argument("--registered", nargs="+", metavar="NAME", default=none,
+                   help="registry names to serve (llmcycle registry): NAME follows its production alias or A/B "
+                        "split, NAME@ALIAS or NAME@N one version; moving an alias switches without a restart")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", default=none,
                    help="LoRA adapters (PEFT directories) served by name over the model, as vLLM's flag; "
                         "a JSON item {\"name\", \"path\", \"base_model_name\"} picks the base among several")
@@ -444,6 +447,15 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=keys_main)
 
 
+def _add_improve_command(module: str, builder: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"llmcycle.improve.{module}"), builder)(p)
+
+    return add
+
+
 # (command, help, builder). A builder adds the command's arguments, epilog and function; build_parser runs
 # only the chosen command's builder, so `llmcycle data --help` never imports torch or the trainers.
 COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
@@ -463,6 +475,16 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     ("keys", "create, list and revoke API keys for `llmcycle serve --keys`", _add_keys),
     ("audit", "verify or list the hash-chained audit trail of keys, servers and (optionally) requests", _add_audit),
     ("monitor", "read serve's request log: usage (tokens, cost, latency) by key, model, route, day; export; drift", _add_monitor),
+    ("registry", "register model versions, move aliases (production, challenger, ...) that serve follows live",
+     _add_improve_command("cli", "add_registry_arguments")),
+    ("ab", "A/B tests between registered versions: start a split, report with significance, end",
+     _add_improve_command("cli", "add_ab_arguments")),
+    ("feedback", "export user feedback and labels as preference pairs and SFT data", _add_improve_command(
+        "cli", "add_feedback_arguments")),
+    ("label", "pairwise labelling: import items, annotator agreement and quality report, export pairs",
+     _add_improve_command("label_cli", "add_label_arguments")),
+    ("improve", "one gated turn: feedback -> DPO -> eval gate -> register @challenger -> A/B -> promote",
+     _add_improve_command("loop", "add_improve_arguments")),
 )
 
 

@@ -223,3 +223,44 @@ def test_default_max_tokens_fits_and_a_long_conversation_is_trimmed(page, model_
     n_dropped = sum("dropped" in c for c in shown)
     assert n_dropped >= 2 and f"the {n_dropped} oldest messages" in page.text_content("#notice")
     assert len(shown) - n_dropped == len(last) + 1  # what is sent is what is not faded, plus the reply
+
+
+def test_thumbs_under_an_answer_and_the_labelling_page(browser, model_dir, tmp_path):
+    """The chat page's thumbs reach /v1/feedback joined to the answer's request; the labelling page shows an
+    item and records the choice of the side clicked."""
+    from llmcycle.improve.labels import Labels
+    from llmcycle.monitor.request_log import RequestLog
+    from llmcycle.serve.async_engine import AsyncLLMEngine
+    from llmcycle.serve.engine import LLMEngine
+    from llmcycle.serve.server import ServerState
+    from llmcycle.serve.smoke import serve_in_thread
+
+    log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
+    state = ServerState({"tiny": AsyncLLMEngine(LLMEngine(model_dir, block_size=4, num_blocks=64))}, request_log=log)
+    state.labels = Labels(log.store)
+    state.labels.add_items([{"prompt": "Which is larger, 3 or 5?", "a": "5", "b": "3"}])
+    with serve_in_thread(state) as url:
+        ctx = browser.new_context()
+        p = ctx.new_page()
+        p.set_default_timeout(15_000)
+        p.goto(url + "/")
+        p.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        _send(p, PROMPT, max_tokens="4")
+        _wait_idle(p)
+        p.click(".feedback button[data-thumbs='down']")
+        p.wait_for_function("document.querySelector('.feedback').textContent.includes('marked bad')")
+        deadline = time.monotonic() + 10
+        rows = []
+        while not rows and time.monotonic() < deadline:  # the answer's row: written within 50 ms
+            time.sleep(0.05)
+            rows = log.store.rows("SELECT f.thumbs, r.route FROM feedback f "
+                                  "JOIN requests r ON r.request_id = f.request_id")
+        assert rows == [{"thumbs": 0, "route": "/v1/chat/completions"}]
+        p.goto(url + "/label?annotator=ann")  # keys are off: the annotator names itself
+        p.wait_for_selector("text=Which is larger, 3 or 5?")
+        left = p.text_content("#left") == "5"
+        p.keyboard.press("1")  # left is better
+        p.wait_for_selector("text=Nothing left")
+        ctx.close()
+    labels = state.labels.store.rows("SELECT annotator, choice FROM labels")
+    assert labels == [{"annotator": "ann", "choice": "a" if left else "b"}]

@@ -41,6 +41,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("base_model", "TEXT"),        # the served model that ran it
     ("adapter", "TEXT"),           # the LoRA adapter, if any
     ("model_version", "TEXT"),     # the served directory's manifest hash (lineage)
+    ("variant", "TEXT"),           # a registry name's version that answered ("3"), for A/B tests
     ("status", "INTEGER"),         # HTTP status; 499 when the client went away first
     ("error_type", "TEXT"),
     ("stream", "INTEGER"),
@@ -63,6 +64,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("safety", "TEXT"),            # the safety checks that fired: JSON list of {check, on, action, score}
     ("prompt", "TEXT"),            # only with store_text, PII-redacted
     ("completion", "TEXT"),        # only with store_text, PII-redacted
+    ("messages", "TEXT"),          # a chat's messages as JSON, only with store_text, PII-redacted
 )
 NAMES = tuple(c for c, _ in COLUMNS)
 _QUOTED = ", ".join(f'"{c}"' for c in NAMES)

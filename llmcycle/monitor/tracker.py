@@ -10,6 +10,7 @@ stream's tokens and cost are recorded whether or not the client asked for `strea
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -54,10 +55,13 @@ class Trace:
         self.model: str | None = None
         self.base_model: str | None = None
         self.adapter: str | None = None
+        self.variant: str | None = None  # the registry version that answered (A/B tests)
+        self.on_end: list[Callable[[], None]] = []  # called once when the request ends (a held version let go)
         self.stream = False
         self.user: str | None = None
         self.metadata: dict | None = None
         self.prompt_text: str | None = None
+        self.messages: list[dict] | None = None  # a chat request's messages (logged with store_text)
         self.prompt_lens: list[int] = []
         self.outputs: dict[int, RequestOutput] = {}  # the latest output of each prompt
         self.reservation: Reservation | None = None  # what the key's budget holds for this request
@@ -69,6 +73,8 @@ class Trace:
         if self.ended:
             return None
         self.ended = True
+        for release in self.on_end:
+            release()
         return self.monitor.record(self, status, error_type)
 
 
@@ -96,9 +102,24 @@ class RequestMonitor:
                             "currency.", ["model_name"], registry=registry)
         self.safety_triggers = Counter("llmcycle:safety_triggers", "Safety checks that fired, by check, where "
                                        "and action.", ["check", "where", "action"], registry=registry)
+        # request id -> key id of the last answers: feedback on them is accepted before the log writes them
+        self.recent: collections.OrderedDict[str, str | None] = collections.OrderedDict()
         self.drift: list[dict] = []  # the last drift results (DriftWatch), as gauges on /metrics
         self.quality: dict[str, dict] = {}  # the last quality run per model (QualityWatch)
         registry.register(_MonitorCollector(self))
+
+    def request_owner(self, request_id: str) -> tuple[str, str | None] | None:
+        """(request id, key id) of an answered request, from the ones answered lately or the log; None if
+        unknown. (Blocking when it reads the log: call it off the event loop.)"""
+        if request_id in self.recent:
+            return request_id, self.recent[request_id]
+        if self.log is None:
+            return None
+        try:
+            rows = self.log.store.rows("SELECT key_id FROM requests WHERE request_id = ? LIMIT 1", [request_id])
+        except self.log.store.errors:
+            return None
+        return (request_id, rows[0]["key_id"]) if rows else None
 
     def begin(self, route: str) -> Trace:
         return Trace(self, route)
@@ -125,7 +146,7 @@ class RequestMonitor:
         row: dict[str, Any] = {
             "time": trace.time, "request_id": trace.request_id, "key_id": trace.key_id, "route": trace.route,
             "model": trace.model, "base_model": trace.base_model, "adapter": trace.adapter,
-            "model_version": self.versions.get(trace.base_model or ""), "status": status,
+            "variant": trace.variant, "model_version": self.versions.get(trace.base_model or ""), "status": status,
             "error_type": error_type, "stream": trace.stream, "num_prompts": len(trace.prompt_lens) or None,
             "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
             "total_s": total, "finish_reason": finishes[0] if finishes else None,
@@ -143,6 +164,8 @@ class RequestMonitor:
         if self._redact is not None:
             if trace.prompt_text is not None:
                 row["prompt"] = self._redact(trace.prompt_text)
+            if trace.messages is not None:  # a chat's turns as sent, for `llmcycle feedback export`
+                row["messages"] = [{**m, "content": self._redact(m["content"])} for m in trace.messages]
             texts = [c.text for o in outs for c in o.outputs]
             row["completion"] = self._redact(texts[0] if len(texts) == 1 else "\n\n".join(texts)) if texts else None
         # only served names become label values: a client naming models at random must not grow /metrics
@@ -154,6 +177,10 @@ class RequestMonitor:
             self.budgets.settle(trace.reservation, row.get("cost"))
         if self.otel is not None:
             self.otel.record(row)
+        if trace.request_id is not None:
+            self.recent[trace.request_id] = trace.key_id
+            if len(self.recent) > 10000:
+                self.recent.popitem(last=False)
         if self.log is not None:
             self.log.submit(row)
         return row

@@ -43,8 +43,9 @@ _ADDED = {"budget": "REAL", "budget_period": "TEXT", "role": "TEXT"}
 _COLUMNS = ("id, name, prefix, created_at, revoked_at, requests_per_minute, tokens_per_minute, budget, "
             "budget_period, role")
 BUDGET_PERIODS = ("day", "month", "total")
-# user: the API; scrape: /metrics only (a Prometheus server's key); admin: both
-ROLES = ("user", "scrape", "admin")
+# user: the API; scrape: /metrics only (a Prometheus server's key); annotator: the labelling page's routes
+# (/v1/label) and feedback only; admin: all
+ROLES = ("user", "scrape", "annotator", "admin")
 
 
 @dataclass
@@ -241,7 +242,8 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-period", choices=BUDGET_PERIODS, default="month",
                    help="day or month (UTC calendar), or total (default: month)")
     p.add_argument("--role", choices=ROLES, default="user",
-                   help="user: the API; scrape: /metrics only (for Prometheus); admin: both (default: user)")
+                   help="user: the API; scrape: /metrics only (for Prometheus); annotator: the labelling page "
+                        "(/label) and feedback; admin: all (default: user)")
     p2 = sub.add_parser("list", help="list keys (never the keys themselves)")
     p2.add_argument("--all", action="store_true", help="include revoked keys")
     p3 = sub.add_parser("revoke", help="revoke a key by id or name")

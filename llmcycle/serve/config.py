@@ -27,6 +27,13 @@ class ServeConfig:
     # what and where
     models: list[str] = F([], "model directories to serve, each DIR or NAME=DIR (the name defaults to the "
                               "directory's name)")
+    registered: list[str] = F([], "registry names to serve (llmcycle registry): NAME follows its production alias "
+                                  "or its A/B split, NAME@ALIAS that alias, NAME@N that version; moving an alias "
+                                  "switches traffic without a restart (docs/improve.md)")
+    registry: str = F("auto", "the registry's database: a SQLite file or postgresql:// URL (auto: the request log's)")
+    registry_root: str | None = F(None, "where registered versions are stored (null: registry/ beside a SQLite "
+                                        "registry)")
+    registry_poll_s: float = F(2.0, "seconds between reads of the registry (alias moves, A/B splits)")
     lora_modules: list[str] = F([], "LoRA adapters (PEFT directories) to serve by name over a served model, each "
                                     "NAME=DIR or a JSON object {\"name\", \"path\", \"base_model_name\"} as in "
                                     "vLLM; a request's model NAME picks the adapter")
@@ -79,11 +86,12 @@ class ServeConfig:
 
     def validate(self) -> ServeConfig:
         """Raise ConfigError naming the first bad value; returns self."""
-        if not self.models:
-            raise ConfigError("serve: no model to serve; give a model directory (or models: [...] in the recipe).")
+        if not self.models and not self.registered:
+            raise ConfigError("serve: no model to serve; give a model directory (or models: [...] in the recipe, "
+                              "or registered: [NAME] for registry names).")
         for key in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "chunk_size",
                     "num_speculative_tokens", "threads", "max_waiting", "max_n", "max_prompts", "max_stop",
-                    "max_body_mb", "drain_timeout", "log_flush_interval", "log_queue_size", "log_retention_days"):
+                    "max_body_mb", "drain_timeout", "log_flush_interval", "registry_poll_s", "log_queue_size", "log_retention_days"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"serve: {key} must be positive, not {value}.")
@@ -114,6 +122,18 @@ class ServeConfig:
             return Path(self.keys).parent / "requests.sqlite"
         state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
         return Path(state) / "llmcycle" / "requests.sqlite"
+
+    def registry_target(self) -> Path | str:
+        """The registry's database: its own setting, else the request log's (which must then be on)."""
+        from llmcycle.monitor.store import is_url
+
+        if self.registry != "auto":
+            return self.registry if is_url(self.registry) else Path(self.registry)
+        target = self.request_log_path()
+        if target is None:
+            raise ConfigError("serve: registered models need a registry database: set registry, or turn the "
+                              "request log on (its database holds the registry by default).")
+        return target
 
     def audit_path(self) -> Path | None:
         """The audit trail: beside the keys database, else beside the request log; None without either."""

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -42,6 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.improve.feedback import FeedbackStore, check_feedback
 from llmcycle.monitor.audit import AuditLog
 from llmcycle.monitor.budgets import BudgetExceeded
 from llmcycle.monitor.dashboard import ResourceSampler, summary
@@ -58,8 +59,12 @@ from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.metrics import ServerMetrics
 from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
+from llmcycle.serve.registered import RegisteredModels
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
+
+if TYPE_CHECKING:
+    from llmcycle.improve.labels import Labels
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -95,7 +100,11 @@ class ServerState:
     def __init__(self, engines: dict[str, AsyncLLMEngine], keys: KeyStore | None = None,
                  limits: RequestLimits | None = None, request_log: RequestLog | None = None,
                  prices: PriceTable | None = None, store_text: bool = False,
-                 safety: list[dict] | None = None, otel: Any = None, drift_every_s: float = 300.0) -> None:
+                 safety: list[dict] | None = None, otel: Any = None, drift_every_s: float = 300.0,
+                 registered: RegisteredModels | None = None) -> None:
+        self.registered = registered  # registry names followed live (serve/registered.py)
+        if registered is not None:
+            engines = {**engines, **registered.engines}
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
         self.engines = engines
@@ -120,9 +129,26 @@ class ServerState:
                             if request_log is not None and drift_every_s > 0 else None)
         self.quality_watch: QualityWatch | None = None  # run_server sets it when quality_every_s > 0
         self.created = int(time.time())
+        self.feedback = FeedbackStore(request_log.store) if request_log is not None else None
+        self.labels: Labels | None = None  # run_server sets it when the request log is on
         for name, eng in engines.items():
             eng.on_output = self.metrics.observer(name)
             eng.on_abort = self.metrics.forget  # an aborted request sends no final output
+        if registered is not None:
+            registered.add_engine, registered.remove_engine = self.add_engine, self.remove_engine
+
+    def add_engine(self, name: str, engine: AsyncLLMEngine, model_dir: str) -> None:
+        """A model that joins while the server runs (a registry version); its engine is started."""
+        self.bytes_per_token[name] = max_bytes_per_token(engine.engine.tokenizer)
+        self.monitor.versions[name] = model_version(model_dir)
+        engine.on_output = self.metrics.observer(name)
+        engine.on_abort = self.metrics.forget
+        self.engines[name] = engine
+
+    def remove_engine(self, name: str) -> None:
+        """A model that leaves (a retired registry version): nothing routes to it any more."""
+        self.engines.pop(name, None)
+        self.bytes_per_token.pop(name, None)
 
     def route(self, name: str) -> tuple[str, AsyncLLMEngine, str | None]:
         """(base model name, its engine, the LoRA adapter or None) for a request's `model`; 404 if unknown."""
@@ -131,7 +157,7 @@ class ServerState:
         if name in self.adapters:
             base = self.adapters[name]
             return base, self.engines[base], name
-        served = ", ".join([*self.engines, *self.adapters])
+        served = ", ".join([*(self.registered.routes if self.registered else ()), *self.engines, *self.adapters])
         raise APIError(404, f"The model `{name}` does not exist. Served models: {served}.", "model")
 
     def engine(self, name: str) -> AsyncLLMEngine:
@@ -442,7 +468,10 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
         watches = [w for w in (state.drift_watch, state.quality_watch) if w is not None]
         for w in watches:
             w.start()
+        follow = asyncio.create_task(state.registered.follow()) if state.registered is not None else None
         yield
+        if follow is not None:
+            follow.cancel()
         state.resources.stop()
         for w in watches:
             w.stop()
@@ -514,6 +543,33 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     async def chat_completions(request: Request) -> Response:
         return await _monitored(state, "/v1/chat/completions", lambda trace: _chat(state, request, trace))
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        return await _monitored(state, "/v1/feedback", lambda trace: _feedback(state, request, trace))
+
+    @app.get("/label")
+    async def label_page() -> Response:
+        return FileResponse(STATIC / "label.html", media_type="text/html")  # its routes need a key
+
+    @app.get("/v1/label/next")
+    async def label_next(request: Request) -> Response:
+        labels, annotator = _labeller(state, request)
+        item = await asyncio.to_thread(labels.next_item, annotator)
+        return JSONResponse(item if item is not None else {"item": None})
+
+    @app.post("/v1/label")
+    async def label(request: Request) -> Response:
+        labels, annotator = _labeller(state, request)
+        body = await _json_body(state, request)
+        if not isinstance(body, dict) or not isinstance(body.get("item_id"), int):
+            raise APIError(400, "item_id: the id of the item shown is required.", "item_id")
+        try:
+            await asyncio.to_thread(labels.submit, annotator, body["item_id"], body.get("choice"),
+                                    body.get("reasons"), body.get("comment"))
+        except LlmcycleError as e:
+            raise APIError(400, str(e)) from None
+        return JSONResponse({"ok": True})
+
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_schema(request: Request) -> Response:
         _authorize(state, request)
@@ -554,9 +610,61 @@ async def _admit(state: ServerState, request: Request, model: type[_SamplingFiel
     trace.key_id = key.id if key is not None else None
     req = await _request(request, model, state.limits)
     trace.model, trace.stream, trace.user, trace.metadata = req.model, bool(req.stream), req.user, req.metadata
-    base, engine, lora = state.route(req.model)
+    reg = state.registered
+    if reg is not None and (req.model in reg or reg.variant(req.model)):
+        # a registry name (its alias or A/B split picks the version, sticky per user or key), or a loaded
+        # version pinned as NAME@N; the version is held until the request ends, so it is not retired under it
+        base, trace.variant, engine, release = (reg.pick(req.model, req.user or trace.key_id) if req.model in reg
+                                                else reg.hold(req.model))
+        trace.on_end.append(release)
+        lora = None
+    else:
+        base, engine, lora = state.route(req.model)
     trace.base_model, trace.adapter = base, lora
     return key, req, base, engine, lora
+
+
+async def _json_body(state: ServerState, request: Request) -> Any:
+    _require_json(request)
+    return _loads(await _read_body(request, state.limits.max_body_bytes), state.limits.max_json_depth)
+
+
+async def _feedback(state: ServerState, request: Request, trace: Trace) -> Response:
+    """POST /v1/feedback: thumbs, a 1-5 score or a comment on an answered request, by its `id`. With keys
+    on, a user key rates only its own requests (an admin key any)."""
+    key = _authorize(state, request, roles=("user", "annotator", "admin"))
+    trace.key_id = key.id if key is not None else None
+    if state.feedback is None:
+        raise APIError(400, "feedback needs the request log (serve with request_log on).")
+    try:
+        fields = check_feedback(await _json_body(state, request))
+    except LlmcycleError as e:
+        raise APIError(400, str(e)) from None
+    owner = None
+    for _ in range(10):  # a stream's trace ends just after its last event: feedback may race it by a moment
+        owner = await asyncio.to_thread(state.monitor.request_owner, fields["request_id"])
+        if owner is not None or not fields["request_id"].startswith(("chatcmpl-", "cmpl-")):
+            break
+        await asyncio.sleep(0.1)
+    if owner is None:
+        raise APIError(404, f"No logged request has the id {fields['request_id']!r}.", "request_id")
+    if key is not None and not key.may("admin") and owner[1] != key.id:
+        raise APIError(404, f"No logged request has the id {fields['request_id']!r}.", "request_id")
+    await asyncio.to_thread(state.feedback.add, fields, trace.key_id)
+    return JSONResponse({"ok": True, "request_id": fields["request_id"]})
+
+
+def _labeller(state: ServerState, request: Request) -> tuple[Labels, str]:
+    """The label store and who labels: the key's name (annotator or admin keys), or `?annotator=` when
+    keys are off."""
+    key = _authorize(state, request, roles=("annotator", "admin"))
+    if state.labels is None:
+        raise APIError(400, "labelling needs the request log's database (serve with request_log on).")
+    name = key.name if key is not None else request.query_params.get("annotator", "")
+    if not name or len(name) > 128:
+        raise APIError(400, "say who labels: ?annotator=NAME (with keys on, the key names the annotator).",
+                       "annotator")
+    return state.labels, name
 
 
 def _dashboard(state: ServerState, window: float) -> dict:
@@ -566,10 +674,28 @@ def _dashboard(state: ServerState, window: float) -> dict:
     data["request_log"] = None if log is None else {"path": str(log.store), "written": log.written,
                                                     "dropped": log.dropped, "failed": log.failed}
     shown = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
-    data["engines"] = {name: {k: stats[k] for k in shown}
-                       for name, stats in ((n, e.engine.stats()) for n, e in state.engines.items())}
+    data["engines"] = {name: {k: stats[k] for k in shown}  # a copy: registry versions come and go meanwhile
+                       for name, stats in ((n, e.engine.stats()) for n, e in list(state.engines.items()))}
     data["resources"] = list(state.resources.samples)
+    data["ab"] = _ab_rows(state) if log is not None else []
     return data
+
+
+def _ab_rows(state: ServerState) -> list[dict]:
+    """One row per variant of every A/B test the served registry names run, with its verdict."""
+    from llmcycle.improve.abtest import ab_report
+
+    rows: list[dict] = []
+    for name in list(state.registered.routes) if state.registered is not None else []:
+        split = state.registered.registry.split(name.partition("@")[0])
+        if split is None:
+            continue
+        report = ab_report(state.monitor.log.store, name.partition("@")[0], split["started"])
+        verdicts = {c["variant"]: c["verdict"] for c in report["comparisons"]}
+        rows += [{"test": name, "variant": v["variant"], "requests": v["requests"], "positive_rate": v["positive_rate"],
+                  "error_rate": v["error_rate"], "latency_p50_s": v["latency_p50_s"],
+                  "verdict": verdicts.get(v["variant"], "control")} for v in report["variants"]]
+    return rows
 
 
 def _screen_prompt(state: ServerState, trace: Trace, text: str, param: str) -> str:
@@ -599,6 +725,8 @@ async def _models(state: ServerState, request: Request, trace: Trace) -> Respons
     # root is the name, not the directory: a client has no business knowing the server's paths.
     # An adapter names its base in `parent`, as vLLM lists LoRA modules.
     names = [(name, name, None) for name in state.engines] + [(a, b, b) for a, b in state.adapters.items()]
+    if state.registered is not None:  # a registry name, listed with the version it answers from first
+        names += [(name, next(iter(r["keys"].values())), None) for name, r in state.registered.routes.items()]
     data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
              "root": name, "parent": parent, "max_model_len": state.engines[base].engine.max_model_len}
             for name, base, parent in names]
@@ -648,6 +776,7 @@ async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
         lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
     if state.monitor.log is not None:
         trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        trace.messages = messages
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora,
                           trace=trace)
 
@@ -992,7 +1121,7 @@ def run_server(cfg: ServeConfig) -> None:
     from llmcycle.serve.engine import LLMEngine
 
     cfg.validate()
-    dirs = parse_model_args(cfg.models)
+    dirs = parse_model_args(cfg.models) if cfg.models else {}
     loras = parse_lora_modules(cfg.lora_modules, dirs)
     if cfg.draft_model is not None:
         check_model_dir(cfg.draft_model)
@@ -1004,6 +1133,18 @@ def run_server(cfg: ServeConfig) -> None:
     engines = {name: AsyncLLMEngine(LLMEngine(path, lora_modules=loras[name], **engine_args),
                                     max_waiting=cfg.max_waiting)
                for name, path in dirs.items()}
+    registered = None
+    if cfg.registered:
+        from llmcycle.improve.registry import Registry
+
+        registry = Registry(cfg.registry_target(), cfg.registry_root)
+        registered = RegisteredModels(
+            registry, cfg.registered, lambda path: AsyncLLMEngine(LLMEngine(path, **engine_args),
+                                                                  max_waiting=cfg.max_waiting), cfg.registry_poll_s)
+        registered.load()
+        clash = sorted(set(registered.routes) & set(dirs))
+        if clash:
+            raise LlmcycleError(f"{clash[0]!r} names both a model directory and a registry name; rename one.")
     limits = RequestLimits(max_n=cfg.max_n, max_prompts=cfg.max_prompts, max_stop=cfg.max_stop,
                            max_body_bytes=cfg.max_body_bytes)
     log_path, audit_path = cfg.request_log_path(), cfg.audit_path()
@@ -1017,17 +1158,25 @@ def run_server(cfg: ServeConfig) -> None:
 
         otel = OtelExporter(cfg.otlp_endpoint)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
-                        otel, cfg.drift_every_s)
+                        otel, cfg.drift_every_s, registered)
+    if request_log is not None:
+        from llmcycle.improve.labels import Labels
+
+        state.labels = Labels(request_log.store)
     if cfg.quality_every_s > 0:
         state.quality_watch = QualityWatch(state.monitor, dirs, cfg.quality_every_s, cfg.quality_limit,
                                            cfg.quality_heldout, log=request_log.store if request_log else None)
-    for name, e in engines.items():
+    for name, e in state.engines.items():
         pool = e.engine.pool
-        print(f"model {name!r} from {dirs[name]}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
+        print(f"model {name!r} from {dirs.get(name) or e.engine.model_dir}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
               f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}",
               flush=True)
-        for lora, path in loras[name].items():
+        for lora, path in loras.get(name, {}).items():
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
+    if registered is not None:
+        for name, route in registered.routes.items():
+            print(f"registry name {name!r} answered by {', '.join(route['keys'].values())} (followed every "
+                  f"{cfg.registry_poll_s:g} s)", flush=True)
     if store is not None:
         print(f"API keys required ({len(store)} active in {cfg.keys})", flush=True)
     text = " (prompts and completions too, PII-redacted)" if request_log and cfg.store_text else ""
