@@ -5,7 +5,7 @@ A new stage is a module here (or anywhere) and one entry in STAGES, at its place
 from __future__ import annotations
 
 from llmcycle.lifecycle.stage import Stage
-from llmcycle.lifecycle.stages import data, dpo, optimize, pretrain, quantize, report, serve, sft
+from llmcycle.lifecycle.stages import data, dpo, improve, optimize, pretrain, quantize, report, serve, sft
 from llmcycle.lifecycle.stages import eval as evaluation
 
 STAGES: list[Stage] = [
@@ -17,6 +17,7 @@ STAGES: list[Stage] = [
     quantize.STAGE,  # the final model (the last model stage before it) quantized, evaluated, probed
     evaluation.STAGE,
     serve.STAGE,
+    improve.STAGE,  # one turn of feedback -> DPO -> gate -> A/B -> promote on the final model, simulated users
     report.STAGE,
 ]
 
