@@ -115,3 +115,6 @@ def test_a_turn_trains_gates_registers_splits_and_promotes(turn_setup):
     rec = Turn(c, reg, promote=True).run()  # resumes at decide: the done steps are not redone
     assert rec["steps"]["train"]["seconds"] == seconds
     assert rec["status"] == "promoted" and reg.resolve("chat").version == 2 and reg.split("chat") is None
+    rec = Turn(c, reg).run()  # the next turn starts from the new production, over the last turn's folder
+    assert rec["production"] == 2 and rec["status"] == "waiting for the A/B test"
+    assert reg.aliases("chat")["chat"] == {"production": 2, "challenger": 3}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class Turn:
         from llmcycle.train.config import DPOConfig, SFTConfig
 
         production = self.registry.version(self.cfg.name, self.record["production"])
+        if not resume:  # a new turn: an earlier turn's checkpoints are not this one's (its model is registered)
+            shutil.rmtree(self.dir / "train", ignore_errors=True)
         data = "preferences.jsonl" if self.cfg.method == "dpo" else "sft.jsonl"
         overrides = [f"model={production.path}", f"out_dir={self.dir / 'train'}",
                      f"data.train={self.dir / 'feedback' / data}", *self.cfg.train]
