@@ -133,9 +133,10 @@ def make_db(tmp_path, requests, feedback):
     con = store.connect()
     ensure_schema(store, con)
     ensure_feedback_schema(store, con)
-    con.executemany('INSERT INTO requests ("time", request_id, model, variant, status, total_s, ttft_s, cost) '
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", requests)
-    con.executemany('INSERT INTO feedback ("time", request_id, positive) VALUES (?, ?, ?)', feedback)
+    con.executemany('INSERT INTO requests ("time", request_id, model, variant, status, total_s, ttft_s, cost, '
+                    "output_perplexity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [(*r, None)[:9] for r in requests])
+    con.executemany('INSERT INTO feedback ("time", request_id, positive, score) VALUES (?, ?, ?, ?)',
+                    [(*f, None)[:4] for f in feedback])
     con.commit()
     con.close()
     return store
@@ -144,8 +145,8 @@ def make_db(tmp_path, requests, feedback):
 def test_report_numbers_by_hand(tmp_path):
     t = 1000.0
     store = make_db(tmp_path, [
-        (t, "r1", "chat", "1", 200, 1.0, 0.1, 0.01),
-        (t, "r2", "chat", "1", 200, 3.0, 0.3, 0.03),
+        (t, "r1", "chat", "1", 200, 1.0, 0.1, 0.01, 2.0),
+        (t, "r2", "chat", "1", 200, 3.0, 0.3, 0.03, 4.0),
         (t, "r3", "chat", "1", 500, 0.05, None, None),
         (t, "r4", "chat", "1", 200, 2.0, 0.2, 0.02),
         (t, "s1", "chat", "2", 200, 4.0, 0.5, 0.05),
@@ -156,7 +157,7 @@ def test_report_numbers_by_hand(tmp_path):
         (10.0, "x3", "chat", "1", 500, 9.0, 0.9, 0.09),  # before `since`
     ], [
         (t + 1, "r1", 1), (t + 2, "r1", 0),      # the latest verdict counts: negative
-        (t + 1, "r2", 1), (t + 2, "r2", None),   # a bare comment later does not erase the rating
+        (t + 1, "r2", 1, 5), (t + 2, "r2", None),   # a bare comment later does not erase the rating
         (t + 1, "s1", 1),
         (t + 1, "x1", 0), (t + 1, "x3", 0),
     ])
@@ -167,11 +168,11 @@ def test_report_numbers_by_hand(tmp_path):
     assert v1 == pytest.approx({
         "variant": "1", "requests": 4, "errors": 1, "error_rate": 0.25, "latency_p50_s": 2.0, "latency_p95_s": 3.0,
         "ttft_mean_s": 0.2, "cost": 0.06, "cost_per_request": 0.02, "feedback": 4, "feedback_rate": 0.5,
-        "rated": 2, "positive": 1, "positive_rate": 0.5})
+        "rated": 2, "positive": 1, "positive_rate": 0.5, "score_mean": 5.0, "output_perplexity_mean": 3.0})
     assert v2 == pytest.approx({
         "variant": "2", "requests": 3, "errors": 1, "error_rate": 1 / 3, "latency_p50_s": 5.0, "latency_p95_s": 6.0,
         "ttft_mean_s": 0.6, "cost": 0.09, "cost_per_request": 0.045, "feedback": 1, "feedback_rate": 1 / 3,
-        "rated": 1, "positive": 1, "positive_rate": 1.0})
+        "rated": 1, "positive": 1, "positive_rate": 1.0, "score_mean": None, "output_perplexity_mean": None})
     (cmp,) = rep["comparisons"]
     assert cmp["latency"]["difference"] == pytest.approx(5.0 - 2.0)
     assert cmp["errors"]["difference"] == pytest.approx(1 / 3 - 1 / 4)

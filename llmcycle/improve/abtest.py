@@ -176,23 +176,26 @@ def ab_report(store: LogStore | str | Path, name: str, since: float | None = Non
     where, params = 'model = ? AND variant IS NOT NULL', [name]
     if since is not None:
         where, params = where + ' AND "time" >= ?', params + [since]
-    requests = store.rows(f'SELECT request_id, variant, status, total_s, ttft_s, cost FROM requests WHERE {where}',
-                          params)
-    feedback = store.rows("SELECT request_id, positive FROM feedback WHERE request_id IN "
+    requests = store.rows('SELECT request_id, variant, status, total_s, ttft_s, cost, output_perplexity FROM requests '
+                          f'WHERE {where}', params)
+    feedback = store.rows("SELECT request_id, positive, score FROM feedback WHERE request_id IN "
                           f"(SELECT request_id FROM requests WHERE {where}) ORDER BY id", params)
 
     fb_rows: dict[str, int] = {}       # request id -> feedback rows
     verdict_of: dict[str, int] = {}    # request id -> its latest non-null `positive` (rows come oldest first)
+    score_of: dict[str, int] = {}      # request id -> its latest 1-5 score
     for f in feedback:
         rid = f["request_id"]
         fb_rows[rid] = fb_rows.get(rid, 0) + 1
         if f["positive"] is not None:
             verdict_of[rid] = int(f["positive"])
+        if f["score"] is not None:
+            score_of[rid] = int(f["score"])
 
     groups: dict[str, list[dict]] = {}
     for r in requests:
         groups.setdefault(str(r["variant"]), []).append(r)
-    stats = {v: _variant_stats(v, rs, fb_rows, verdict_of) for v, rs in groups.items()}
+    stats = {v: _variant_stats(v, rs, fb_rows, verdict_of, score_of) for v, rs in groups.items()}
     samples = {v: [r["total_s"] for r in rs if _ok(r) and r["total_s"] is not None] for v, rs in groups.items()}
 
     report: dict[str, Any] = {"name": name, "since": since, "alpha": alpha, "min_effect": min_effect,
@@ -224,7 +227,8 @@ def _order(v: str) -> tuple:
     return (0, int(v), "") if v.isdigit() else (1, 0, v)
 
 
-def _variant_stats(variant: str, rows: list[dict], fb_rows: dict[str, int], verdict_of: dict[str, int]) -> dict:
+def _variant_stats(variant: str, rows: list[dict], fb_rows: dict[str, int], verdict_of: dict[str, int],
+                   score_of: dict[str, int]) -> dict:
     n = len(rows)
     errors = sum(1 for r in rows if not _ok(r))
     totals = sorted(r["total_s"] for r in rows if _ok(r) and r["total_s"] is not None)
@@ -232,6 +236,8 @@ def _variant_stats(variant: str, rows: list[dict], fb_rows: dict[str, int], verd
     costs = [r["cost"] for r in rows if r["cost"] is not None]
     ids = {r["request_id"] for r in rows if r["request_id"] is not None}
     rated = [verdict_of[i] for i in ids if i in verdict_of]
+    scores = [score_of[i] for i in ids if i in score_of]
+    ppl = [r["output_perplexity"] for r in rows if _ok(r) and r["output_perplexity"] is not None]
     with_feedback = sum(1 for i in ids if i in fb_rows)
     return {
         "variant": variant, "requests": n, "errors": errors, "error_rate": errors / n,
@@ -244,6 +250,8 @@ def _variant_stats(variant: str, rows: list[dict], fb_rows: dict[str, int], verd
         "feedback_rate": with_feedback / n,
         "rated": len(rated), "positive": sum(rated),
         "positive_rate": sum(rated) / len(rated) if rated else None,
+        "score_mean": statistics.fmean(scores) if scores else None,  # the 1-5 scores given
+        "output_perplexity_mean": statistics.fmean(ppl) if ppl else None,  # the model's own surprise at its answers
     }
 
 
@@ -290,13 +298,14 @@ def format_ab_report(report: dict[str, Any]) -> str:
     if not report["variants"]:
         return f"{name}: no A/B traffic in the request log (no request with a variant)."
     head = ("variant", "requests", "errors", "p50 s", "p95 s", "ttft s", "cost/req", "feedback", "rated",
-            "positive")
+            "positive", "score", "ppl")
     body = []
     for s in report["variants"]:
         label = s["variant"] + (" (control)" if s["variant"] == report["control"] else "")
         body.append((label, str(s["requests"]), _pct(s["error_rate"]), _num(s["latency_p50_s"]),
                      _num(s["latency_p95_s"]), _num(s["ttft_mean_s"]), _num(s["cost_per_request"], 6),
-                     _pct(s["feedback_rate"]), str(s["rated"]), _pct(s["positive_rate"])))
+                     _pct(s["feedback_rate"]), str(s["rated"]), _pct(s["positive_rate"]), _num(s["score_mean"]),
+                     _num(s["output_perplexity_mean"])))
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = [f"A/B report for {name} (alpha {report['alpha']:g}, control {report['control']})", ""]
     for row in [head, *body]:

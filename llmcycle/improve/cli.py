@@ -152,7 +152,17 @@ def ab_main(args: argparse.Namespace) -> int:
         since = (time.time() - args.since_hours * 3600 if args.since_hours is not None
                  else split["started"] if split else None)
         report = ab_report(reg.store, args.name, since, args.alpha, args.control, args.min_effect)
-        print(json.dumps(report, indent=2, default=str) if args.json else format_ab_report(report))
+        # each variant's evaluation as registered (the suite's numbers, from eval.json beside the model)
+        report["eval"] = {v["variant"]: reg.version(args.name, int(v["variant"])).metrics.get("eval")
+                          for v in report["variants"] if v["variant"].isdigit()}
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+            return 0
+        print(format_ab_report(report))
+        for variant, metrics in report["eval"].items():
+            if metrics:
+                print(f"  v{variant} evaluation: " + ", ".join(f"{k} {val:.3f}" for k, val in metrics.items()
+                                                              if isinstance(val, (int, float))))
     return 0
 
 
