@@ -173,3 +173,45 @@ def browser():
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free loopback port (initdb + pg_ctl; as root, run as the
+    `postgres` user), its URL; skipped where PostgreSQL or psycopg is missing."""
+    import shutil
+    import socket
+    import subprocess
+
+    pytest.importorskip("psycopg")
+    if not (shutil.which("initdb") and shutil.which("pg_ctl")):
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl)")
+    import tempfile
+
+    # not under pytest's own temporary folder: it is private to this user, and as root the server runs as
+    # `postgres`, which must reach its data directory
+    root = Path(tempfile.mkdtemp(prefix="llmcycle-pg-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses root
+        import pwd
+
+        try:
+            pg = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user")
+        os.chown(root, pg.pw_uid, pg.pw_gid)
+        as_user = ["su", "postgres", "-s", "/bin/sh", "-c"]
+    data = root / "data"
+
+    def run(cmd: str) -> None:
+        full = as_user + [cmd] if as_user else ["sh", "-c", cmd]
+        subprocess.run(full, check=True, capture_output=True, timeout=120)
+
+    run(f"initdb -D {data} -A trust -U llm")
+    run(f"pg_ctl -D {data} -o '-p {port} -k {root} -c listen_addresses=127.0.0.1' -l {root}/log -w start")
+    yield f"postgresql://llm@127.0.0.1:{port}/postgres"
+    run(f"pg_ctl -D {data} -m immediate stop")
+    shutil.rmtree(root, ignore_errors=True)

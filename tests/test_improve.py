@@ -118,3 +118,31 @@ def test_a_turn_trains_gates_registers_splits_and_promotes(turn_setup):
     rec = Turn(c, reg).run()  # the next turn starts from the new production, over the last turn's folder
     assert rec["production"] == 2 and rec["status"] == "waiting for the A/B test"
     assert reg.aliases("chat")["chat"] == {"production": 2, "challenger": 3}
+
+
+def test_registry_feedback_labels_and_ab_report_on_postgresql(postgres_url, tmp_path, tiny_base_model):
+    """The same database URL option as the request log: everything of improve/ on a real PostgreSQL server."""
+    from llmcycle.improve.abtest import ab_report
+
+    reg = Registry(postgres_url, root=tmp_path / "versions", audit=None)
+    v1, _ = reg.register("pg", tiny_base_model)
+    reg.alias("pg", "production", v1.version)
+    assert reg.resolve("pg") == v1 and reg.register("pg", tiny_base_model) == (v1, False)
+    log = RequestLog(postgres_url, flush_interval=0.01)
+    for i in range(4):
+        log.submit({"time": time.time(), "request_id": f"pg{i}", "route": "/v1/chat/completions", "status": 200,
+                    "model": "pg", "variant": str(1 + i % 2), "num_prompts": 1, "finish_reasons": ["stop"],
+                    "messages": [{"role": "user", "content": "Add 4 and 5."}], "completion": str(8 + i % 2)})
+    log.close()
+    fb = FeedbackStore(postgres_url)
+    for i in range(4):
+        fb.add(check_feedback({"request_id": f"pg{i}", "thumbs": "up" if i % 2 else "down"}))
+    rep = ab_report(postgres_url, "pg")
+    assert {v["variant"]: v["positive_rate"] for v in rep["variants"]} == {"1": 0.0, "2": 1.0}
+    labels = Labels(postgres_url)
+    labels.add_items([{"prompt": "Pick", "a": "x", "b": "y"}])
+    item = labels.next_item("ann")["item_id"]
+    labels.submit("ann", item, "b")
+    assert labels.report()["labels"] == 1
+    counts = export_feedback(postgres_url, tmp_path / "out")
+    assert counts["pairs_from_ratings"] == 1 and counts["sft_examples"] == 1
