@@ -20,12 +20,11 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from serve import ROOT, build_model, free_port, stop_server
+from serve import ROOT, build_model, free_port, launch_server, stop_server
 
 PROMPT = [{"role": "user", "content": "Write a function that adds two numbers."}]
 
@@ -46,23 +45,7 @@ def noisy_copy(src: Path, dst: Path) -> Path:
 
 
 def serve(args: list[str], port: int, log: Path, threads: int) -> subprocess.Popen:
-    import httpx
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "llmcycle", "serve", *args, "--port", str(port), "--threads", str(threads),
-           "--log-level", "warning", "drift_every_s=0"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llmcycle serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"llmcycle serve did not come up:\n{log.read_text()[-3000:]}")
+    return launch_server([*args, "--threads", str(threads), "drift_every_s=0"], port, log)
 
 
 async def load(port: int, model: str, clients: int, seconds: float, max_tokens: int) -> list[dict]:

@@ -122,10 +122,15 @@ def free_port() -> int:
 
 
 def start_server(a: argparse.Namespace, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "llmcycle", "serve", f"bench={model_dir}", "--port", str(port),
-           "--threads", str(a.threads), "--log-level", "warning", *shlex.split(a.server_args)]
+    return launch_server([f"bench={model_dir}", "--threads", str(a.threads), *shlex.split(a.server_args)], port, log)
+
+
+def launch_server(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    """`llmcycle serve ARGS --port PORT` in a process of its own (output appended to `log`), once /health
+    answers; SystemExit with the log's end when it exits or does not come up in 180 s."""
+    cmd = [sys.executable, "-m", "llmcycle", "serve", *args, "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
     import httpx
 
     deadline = time.monotonic() + 180
@@ -137,7 +142,7 @@ def start_server(a: argparse.Namespace, model_dir: Path, port: int, log: Path) -
                 return proc
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     stop_server(proc)
     raise SystemExit(f"llmcycle serve did not come up in 180 s:\n{log.read_text()[-3000:]}")
 
