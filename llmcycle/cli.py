@@ -360,9 +360,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=none, help="prefill chunk length (default: token budget)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=none,
                    help="disable prefix caching")
-    p.add_argument("--registered", nargs="+", metavar="NAME", default=none,
-                   help="registry names to serve (llmcycle registry): NAME follows its production alias or A/B "
-                        "split, NAME@ALIAS or NAME@N one version; moving an alias switches without a restart")
+    p.add_argument("--registered", action="append", metavar="NAME", default=none,
+                   help="a registry name to serve (llmcycle registry; repeat for more): NAME follows its production "
+                        "alias or A/B split, NAME@ALIAS or NAME@N one version; moving an alias switches without a "
+                        "restart. The registry is the request log's database unless registry=DB says otherwise")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", default=none,
                    help="LoRA adapters (PEFT directories) served by name over the model, as vLLM's flag; "
                         "a JSON item {\"name\", \"path\", \"base_model_name\"} picks the base among several")

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from conftest import run_cli
+from llmcycle.errors import LlmcycleError
 from llmcycle.improve.export import export_feedback
 from llmcycle.improve.feedback import FeedbackStore, check_feedback
 from llmcycle.improve.labels import Labels
@@ -73,6 +74,10 @@ def test_export_makes_pairs_and_sft_data_the_trainers_read(tmp_path, tiny_data):
     assert r.returncode == 0 and "4 preference pairs" in r.stdout, r.stderr
 
 
+def turn_setup_db(reg: Registry) -> str:
+    return str(reg.store.path.parent / "." / reg.store.path.name)  # the same file, spelled another way
+
+
 @pytest.fixture()
 def turn_setup(tmp_path, tiny_base_model, tiny_data):
     db = tmp_path / "monitor.sqlite"
@@ -106,7 +111,7 @@ def test_a_turn_trains_gates_registers_splits_and_promotes(turn_setup):
     assert rec["status"] == "waiting for the A/B test"  # no traffic yet
     assert [s["status"] for s in rec["steps"].values()] == ["done"] * 5 + ["waiting for the A/B test"]
     assert reg.aliases("chat")["chat"] == {"production": 1, "challenger": 2}
-    assert reg.state("chat")["weights"] == {"1": 50.0, "2": 50.0}
+    assert reg.state("chat")["weights"] == {"1": 90.0, "2": 10.0}  # challenger_weight 10
     v2 = reg.version("chat", 2)
     assert v2.metrics["eval"]["exact_match"] is not None  # the gate's evaluation travels with the version
     manifest = json.loads(open(f"{v2.path}/manifest.json").read())
@@ -115,9 +120,13 @@ def test_a_turn_trains_gates_registers_splits_and_promotes(turn_setup):
     rec = Turn(c, reg, promote=True).run()  # resumes at decide: the done steps are not redone
     assert rec["steps"]["train"]["seconds"] == seconds
     assert rec["status"] == "promoted" and reg.resolve("chat").version == 2 and reg.split("chat") is None
+    assert reg.aliases("chat")["chat"] == {"production": 2}  # the challenger is production now
     rec = Turn(c, reg).run()  # the next turn starts from the new production, over the last turn's folder
     assert rec["production"] == 2 and rec["status"] == "waiting for the A/B test"
     assert reg.aliases("chat")["chat"] == {"production": 2, "challenger": 3}
+    with pytest.raises(LlmcycleError, match="under way with other settings"):  # its A/B test runs
+        Turn(cfg(threshold=1.0, method="sft"), reg)
+    Turn(cfg(threshold=1.0, alpha=0.01, db=str(turn_setup_db(reg))), reg)  # decision settings may change
 
 
 def test_registry_feedback_labels_and_ab_report_on_postgresql(postgres_url, tmp_path, tiny_base_model):

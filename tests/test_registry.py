@@ -222,7 +222,21 @@ def test_with_keys_a_user_rates_only_its_own_requests(models, tmp_path):
     annotator, _ = keys.create("ann", role="annotator")
     log = RequestLog(tmp_path / "requests.sqlite", flush_interval=0.05)
     state = ServerState({"m": _engine(models[0])}, keys, request_log=log)
+    from llmcycle.improve.labels import Labels
+
+    state.labels = Labels(log.store)
+    state.labels.add_items([{"prompt": "p", "a": "x", "b": "y"}])
     with serve_in_thread(state) as url:
+        ann = {"Authorization": f"Bearer {annotator}"}
+        item = httpx.get(url + "/v1/label/next", headers=ann).json()["item"]
+        assert {c["id"] for c in item["completions"]} == {"a", "b"}
+        assert httpx.get(url + "/v1/label/next", headers={"Authorization": f"Bearer {alice}"}).status_code == 403
+        bad = httpx.post(url + "/v1/label", headers=ann, json={"item_id": item["item_id"], "choice": "left"})
+        assert bad.status_code == 400 and "choice" in bad.json()["error"]["message"]
+        assert httpx.post(url + "/v1/label", headers=ann, json={"item_id": item["item_id"], "choice": "b"}).json() == \
+            {"ok": True}
+        assert httpx.get(url + "/v1/label/next", headers=ann).json() == {"item": None}
+        assert state.labels.store.rows("SELECT annotator, choice FROM labels") == [{"annotator": "ann", "choice": "b"}]
         r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {alice}"},
                        json={"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         rid = r.json()["id"]

@@ -41,23 +41,24 @@ def add_registry_arguments(p: argparse.ArgumentParser) -> None:
                      "live. Every change is in the audit trail beside the database. See docs/improve.md.")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     r = sub.add_parser("register", help="register a model directory as the next version of NAME")
-    r.add_argument("name")
-    r.add_argument("model_dir")
+    r.add_argument("name", help="the registry name (letters, digits, . _ -)")
+    r.add_argument("model_dir", help="a model directory (Hugging Face layout, ideally with llmcycle's manifest.json)")
     r.add_argument("--alias", action="append", default=[], help="also point this alias at it (repeatable)")
-    r.add_argument("--description", default=None)
+    r.add_argument("--description", default=None, help="a note kept with the version")
     r.add_argument("--root", default=None, help="where versions are stored (default: registry/ beside the database)")
     ls = sub.add_parser("list", help="the registered versions and aliases (of NAME)")
     ls.add_argument("name", nargs="?")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     a = sub.add_parser("alias", help="point NAME@ALIAS at a version (a served alias switches at once)")
     a.add_argument("name")
     a.add_argument("alias")
-    a.add_argument("version", type=int)
+    a.add_argument("version", type=int, help="a version number of NAME (llmcycle registry list NAME)")
     u = sub.add_parser("unalias", help="remove NAME@ALIAS")
     u.add_argument("name")
     u.add_argument("alias")
     s = sub.add_parser("show", help="one version: NAME, NAME@ALIAS or NAME@N")
-    s.add_argument("ref")
+    s.add_argument("ref", help="NAME (its production alias, else its newest version), NAME@ALIAS or NAME@N")
+    s.add_argument("--json", action="store_true", help="print the whole record as JSON (metrics included)")
     for q in (r, ls, a, u, s):
         _db_arg(q)
     p.set_defaults(func=registry_main)
@@ -78,7 +79,9 @@ def registry_main(args: argparse.Namespace) -> int:
             print(json.dumps({"versions": [v.as_dict() for v in versions], "aliases": aliases}, indent=2))
             return 0
         if not versions:
-            print("nothing registered" + (f" as {args.name}" if args.name else ""))
+            print("nothing registered" + (f" as {args.name}" if args.name else "") + f" in {reg.store}")
+            return 1 if args.name else 0
+        print(f"{'version':<20} {'registered':<16} {'stage':<10} {'content':<12}  aliases")
         for v in versions:
             names = [a for a, n in aliases.get(v.name, {}).items() if n == v.version]
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
@@ -91,7 +94,19 @@ def registry_main(args: argparse.Namespace) -> int:
         reg.remove_alias(args.name, args.alias)
         print(f"{args.name}@{args.alias} removed")
     else:
-        print(json.dumps(reg.resolve(args.ref).as_dict(), indent=2, default=str))
+        v = reg.resolve(args.ref)
+        if args.json:
+            print(json.dumps(v.as_dict(), indent=2, default=str))
+            return 0
+        aliases = sorted(a for a, n in reg.aliases(v.name).get(v.name, {}).items() if n == v.version)
+        evaluation = v.metrics.get("eval") or {}
+        for label, value in [("version", v.ref), ("aliases", ", ".join("@" + a for a in aliases) or "-"),
+                             ("stored at", v.path), ("registered from", v.source), ("content", v.content_hash),
+                             ("made by", v.stage or "-"), ("trained from", v.parent or "-"),
+                             ("description", v.description or "-"),
+                             ("evaluation", ", ".join(f"{k} {x:.3f}" for k, x in evaluation.items()
+                                                      if isinstance(x, (int, float))) or "-")]:
+            print(f"{label:<16} {value}")
     return 0
 
 
@@ -105,33 +120,40 @@ def add_ab_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = sub.add_parser("start", help="split NAME's traffic, e.g. production=90 challenger=10")
     s.add_argument("name")
-    s.add_argument("split", nargs="+", metavar="ALIAS_OR_VERSION=WEIGHT")
+    s.add_argument("split", nargs="+", metavar="ALIAS_OR_VERSION=WEIGHT",
+                   help="two or more aliases or version numbers with their weights, e.g. production=90 challenger=10")
+    s.add_argument("--restart", action="store_true",
+                   help="replace a test that is running (its users are reassigned; its report starts over)")
     e = sub.add_parser("end", help="stop the split: NAME answers from its production alias again")
     e.add_argument("name")
     r = sub.add_parser("report", help="per-variant latency, errors, cost, feedback; the test and the verdict")
     r.add_argument("name")
     r.add_argument("--since-hours", type=float, default=None,
                    help="only requests this recent (default: since the split started, else all)")
-    r.add_argument("--control", default=None, help="the variant others are compared with (default: the busiest)")
+    r.add_argument("--control", default=None,
+                   help="alias or version the others are compared with (default: production, else the busiest)")
     r.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
     r.add_argument("--min-effect", type=float, default=0.05,
                    help="smallest change of the positive-feedback rate worth detecting (default: 0.05)")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print JSON")
     for q in (s, e, r):
         _db_arg(q)
     p.set_defaults(func=ab_main)
 
 
 def parse_split(items: list[str]) -> dict[str, float]:
-    split = {}
+    split: dict[str, float] = {}
     for item in items:
         which, sep, weight = item.partition("=")
         try:
-            split[which] = float(weight)
+            value = float(weight)
         except ValueError:
             sep = ""
         if not sep or not which:
             raise LlmcycleError(f"split item {item!r}: expected ALIAS_OR_VERSION=WEIGHT, e.g. challenger=10.")
+        if which in split:
+            raise LlmcycleError(f"split: {which!r} is named twice.")
+        split[which] = value
     return split
 
 
@@ -140,10 +162,21 @@ def ab_main(args: argparse.Namespace) -> int:
 
     reg = open_registry(args)
     if args.action == "start":
-        reg.set_split(args.name, parse_split(args.split))
-        state = reg.state(args.name)
-        print(f"{args.name}: traffic split " + ", ".join(f"v{k} {w:g}" for k, w in state["weights"].items())
-              + " (servers following the registry switch within their poll interval)")
+        running = reg.split(args.name)
+        if running is not None and not args.restart:
+            raise LlmcycleError(f"{args.name} has an A/B test running since "
+                                f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(running['started']))} "
+                                f"({running['split']}); end it (llmcycle ab end {args.name}) or pass --restart.")
+        split = parse_split(args.split)
+        versions = {which: reg.resolve(f"{args.name}@{which}").version for which in split}
+        if len(set(versions.values())) < len(versions):
+            same = ", ".join(f"{w} = v{v}" for w, v in versions.items())
+            raise LlmcycleError(f"a test needs different versions, and these name the same one: {same}.")
+        reg.set_split(args.name, split)
+        total = sum(split.values())
+        print(f"{args.name}: traffic split " + ", ".join(f"{w} (v{versions[w]}) {100 * x / total:.0f}%"
+                                                         for w, x in split.items())
+              + ", sticky per user (servers following the registry switch within their poll interval)")
     elif args.action == "end":
         reg.end_split(args.name)
         print(f"{args.name}: split ended; it answers from {reg.resolve(args.name).ref}")
@@ -151,7 +184,23 @@ def ab_main(args: argparse.Namespace) -> int:
         split = reg.split(args.name)
         since = (time.time() - args.since_hours * 3600 if args.since_hours is not None
                  else split["started"] if split else None)
-        report = ab_report(reg.store, args.name, since, args.alpha, args.control, args.min_effect)
+        if not (0 < args.alpha < 1 and 0 < args.min_effect < 1):
+            raise LlmcycleError("--alpha and --min-effect must lie between 0 and 1.")
+        control = args.control
+        if control is not None and not control.isdigit():  # an alias: its version
+            control = str(reg.resolve(f"{args.name}@{control}").version)
+        elif control is None and "production" in reg.aliases(args.name).get(args.name, {}):
+            from llmcycle.monitor.request_log import ensure_schema
+
+            con = reg.store.connect()
+            ensure_schema(reg.store, con)  # a registry database no server has logged to yet
+            con.close()
+            production = str(reg.resolve(f"{args.name}@production").version)
+            variants = {r["variant"] for r in reg.store.rows(
+                'SELECT DISTINCT variant FROM requests WHERE model = ? AND variant IS NOT NULL AND "time" >= ?',
+                [args.name, since or 0.0])}
+            control = production if production in variants else None
+        report = ab_report(reg.store, args.name, since, args.alpha, control, args.min_effect)
         # each variant's evaluation as registered (the suite's numbers, from eval.json beside the model)
         report["eval"] = {v["variant"]: reg.version(args.name, int(v["variant"])).metrics.get("eval")
                           for v in report["variants"] if v["variant"].isdigit()}

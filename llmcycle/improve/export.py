@@ -42,13 +42,13 @@ class EvalGuard:
         self.exact: set[tuple[str, ...]] = set()
         self.grams: set[int] = set()
         for text in eval_texts:
-            words = simple_words(text)
+            words = simple_words(text, numbers=False)  # digits kept: "7 + 4" is not "123 + 999"
             self.exact.add(tuple(words))
             if len(words) >= NGRAM:
                 self.grams.update(int(g) for g in ngram_hashes(word_hashes(words), NGRAM))
 
     def __call__(self, prompt: str) -> bool:
-        words = self._words(prompt)
+        words = self._words(prompt, numbers=False)
         if tuple(words) in self.exact:
             return True
         return len(words) >= NGRAM and any(int(g) in self.grams
@@ -182,7 +182,7 @@ def export_feedback(target: LogStore | str | Path, out_dir: str | Path, min_scor
                    {"database": str(store), "request_ids": sorted(request_ids), "label_items": sorted(label_items)},
                    dict(counts))
     publish_dir(tmp, out)
-    log.info("feedback export -> %s: %d preference pairs, %d SFT examples (%d dropped as evaluation items)",
+    log.debug("feedback export -> %s: %d preference pairs, %d SFT examples (%d dropped as evaluation items)",
              out, counts["preference_pairs"], counts["sft_examples"], counts["dropped_eval_overlap"])
     return dict(counts)
 

@@ -16,19 +16,19 @@ waiting for the test.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from llmcycle.artifacts.io import atomic_write_json
 from llmcycle.config import field_help as F
-from llmcycle.config import to_dict
 from llmcycle.errors import LlmcycleError
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ class ImproveConfig:
     heldout: str | None = F(None, "held-out shards for the gate (null: from the model's lineage)")
     gate_limit: int = F(128, "items per metric in the gate's evaluations")
     threshold: float = F(0.02, "the gate's tolerance (llmcycle eval --threshold)")
-    challenger_weight: float = F(50.0, "the challenger's share of traffic in the A/B test, in percent")
+    challenger_weight: float = F(10.0, "the challenger's share of traffic in the A/B test, in percent")
     alpha: float = F(0.05, "the A/B test's significance level")
     min_effect: float = F(0.05, "smallest change of the positive-feedback rate worth detecting")
-    eval_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = F([], "more evaluation sets (JSONL) kept out of the exported data")
 
     def directory(self) -> Path:
         return Path(self.out_dir or f"runs/improve/{self.name}")
@@ -73,7 +73,12 @@ class Turn:
         self.record = self._load_record()
 
     def _key(self, production: str) -> str:
-        body = json.dumps({"config": to_dict(self.cfg), "production": production}, sort_keys=True, default=str)
+        """What a turn is: the production version it starts from and how it trains. The decision's settings
+        (alpha, min_effect) and where things are (db, out_dir spelled another way) may change between calls."""
+        c = self.cfg
+        body = json.dumps({"name": c.name, "production": production, "method": c.method, "train": c.train,
+                           "min_examples": c.min_examples, "gate": [c.heldout, c.gate_limit, c.threshold],
+                           "challenger_weight": c.challenger_weight}, sort_keys=True, default=str)
         return hashlib.sha256(body.encode()).hexdigest()
 
     def _load_record(self) -> dict:
@@ -81,7 +86,14 @@ class Turn:
         production = self.registry.resolve(f"{self.cfg.name}@production")
         key = self._key(production.content_hash)
         rec = json.loads(path.read_text()) if path.is_file() else {}
-        if rec.get("key") != key or rec.get("status") in ("promoted", "rejected", "refused"):
+        finished = rec.get("status") in ("promoted", "rejected", "refused")
+        if rec and not finished and rec.get("key") != key and rec["steps"].get("ab", {}).get("status") == "done" \
+                and self.registry.split(self.cfg.name) is not None:
+            raise LlmcycleError(
+                f"a turn of {self.cfg.name} is under way with other settings: its A/B test (v{rec['production']} "
+                f"against the challenger) is running. Decide it first (llmcycle improve {self.cfg.name} with the "
+                f"same settings, --promote, or llmcycle ab end {self.cfg.name}).")
+        if rec.get("key") != key or finished:
             rec = {"key": key, "name": self.cfg.name, "production": production.version, "status": "running",
                    "started": time.time(), "steps": {}}
         return rec
@@ -120,7 +132,7 @@ class Turn:
         counts = export_feedback(self.registry.store, self.dir / "feedback", eval_files=self.cfg.eval_files)
         have = counts["preference_pairs"] if self.cfg.method == "dpo" else counts["sft_examples"]
         if have < self.cfg.min_examples:
-            return "too little feedback", {**counts, "needed": self.cfg.min_examples}
+            return "too little feedback", {**counts, "have": have, "needed": self.cfg.min_examples}
         return "done", counts
 
     def _train(self, resume: bool) -> tuple[str, dict]:
@@ -179,8 +191,7 @@ class Turn:
         try:
             report = ab_report(self.registry.store, name, self.record["steps"]["ab"]["metrics"]["started"],
                                self.cfg.alpha, control=str(production), min_effect=self.cfg.min_effect)
-        except LlmcycleError as e:  # no traffic yet for the production version
-            log.info("[improve %s] %s", name, e)
+        except LlmcycleError:  # no A/B traffic for the production version yet
             report = None
         cmp = next((c for c in report["comparisons"] if c["variant"] == str(challenger)), None) if report else None
         decision = cmp["decision"] if cmp else "insufficient"
@@ -188,6 +199,7 @@ class Turn:
         if decision == "better" or self.promote:
             self.registry.alias(name, "production", challenger)
             self.registry.end_split(name)
+            self.registry.remove_alias(name, "challenger")  # it is production now
             return "done", {**metrics, "outcome": "promoted"}
         if decision == "worse":
             self.registry.end_split(name)
@@ -199,24 +211,29 @@ class Turn:
 # ---- the command -----------------------------------------------------------------------------------
 
 
-def add_improve_arguments(p: Any) -> None:
+def add_improve_arguments(p: argparse.ArgumentParser) -> None:
     from llmcycle.improve.cli import _db_arg
 
     p.description = ("One turn of the improvement loop for a registry name: export feedback -> DPO (or SFT) "
                      "from NAME@production -> the eval gate (a worse model is refused) -> register as "
                      "@challenger -> A/B test -> promote when the test says so. Run it again to resume or to "
                      "decide once the test has traffic. See docs/improve.md.")
-    p.add_argument("name")
+    from llmcycle.cli import _options_epilog
+
+    p.epilog = _options_epilog(ImproveConfig).replace("recipe keys", "settings", 1) + (
+        "\nA setting starting with train. overrides the dpo/sft recipe: train.beta=0.2, train.train.max_steps=40 "
+        "(that recipe's own train.max_steps).")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("name", help="a registry name with a production alias (llmcycle registry alias NAME production N)")
     p.add_argument("items", nargs="*", metavar="key=value",
-                   help="settings (method=sft, min_examples=32, challenger_weight=10, ...) and train.* overrides "
-                        "of the dpo/sft recipe (train.train.max_steps=40)")
+                   help="settings (below), e.g. method=sft min_examples=32 challenger_weight=20 train.beta=0.2")
     p.add_argument("--out-dir", default=None, help="where the turn goes (default: runs/improve/NAME)")
     p.add_argument("--promote", action="store_true", help="promote the challenger without waiting for the test")
     _db_arg(p)
     p.set_defaults(func=improve_main)
 
 
-def improve_main(args: Any) -> int:
+def improve_main(args: argparse.Namespace) -> int:
     from llmcycle.config import load_config
 
     train = [i.removeprefix("train.") for i in args.items if i.startswith("train.")]
@@ -225,6 +242,16 @@ def improve_main(args: Any) -> int:
     cfg.train, cfg.out_dir, cfg.db = train, args.out_dir, args.db
     rec = Turn(cfg, promote=args.promote).run()
     print(f"improve {cfg.name}: {rec['status']}")
+    export = rec["steps"].get("export", {}).get("metrics", {})
+    if rec["status"] == "too little feedback":
+        what = "preference pairs" if cfg.method == "dpo" else "SFT examples"
+        print(f"  {export.get('have')} {what} from {export.get('rated_answers')} rated answers; {export.get('needed')} "
+              "needed. A pair needs an answer rated up and another rated down for the same prompt, logged with its "
+              "text (serve store_text=true); collect more feedback (POST /v1/feedback, /label), or lower "
+              "min_examples.")
+    if rec["status"] == "waiting for the A/B test":
+        print(f"  the A/B test runs on live traffic: run `llmcycle improve {cfg.name}` again to decide "
+              f"(llmcycle ab report {cfg.name} shows where it stands), or --promote")
     for step, r in rec["steps"].items():
         print(f"  {step:<9} {r['status']}" + (f"  ({r['seconds']:.0f} s)" if "seconds" in r else ""))
     decide = rec["steps"].get("decide", {}).get("metrics", {})

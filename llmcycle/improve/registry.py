@@ -181,14 +181,15 @@ class Registry:
         for v in self.versions(name):
             if v.version == number:
                 return v
-        raise LlmcycleError(f"{name} has no version {number}" + self._known(name))
+        have = [v.version for v in self.versions(name)]
+        raise LlmcycleError(f"{name} has no version {number} (versions: {', '.join(map(str, have))})." if have
+                            else self._known(name))
 
     def _known(self, name: str) -> str:
-        have = [v.version for v in self.versions(name)]
-        if not have:
-            names = sorted({v.name for v in self.versions()})
-            return f"; no model {name!r} is registered" + (f" (registered: {', '.join(names)})." if names else ".")
-        return f" (versions: {', '.join(map(str, have))})."
+        """The message for a name that has no version."""
+        names = sorted({v.name for v in self.versions()})
+        return (f"no model {name!r} is registered" + (f" (registered: {', '.join(names)})" if names else "")
+                + f" in {self.store}; llmcycle registry register {name} MODEL_DIR adds one.")
 
     # ---- aliases -------------------------------------------------------------------------------------
 
@@ -225,21 +226,25 @@ class Registry:
 
     def resolve(self, ref: str) -> Version:
         """`NAME@ALIAS`, `NAME@N` or `NAME` (its production alias, else its newest version) -> the version."""
-        name, _, which = ref.partition("@")
+        name, at, which = ref.partition("@")
+        if not name or (at and not which):
+            raise LlmcycleError(f"{ref!r}: expected NAME, NAME@ALIAS or NAME@VERSION (e.g. chat@production, chat@2).")
         if not which:
             which = DEFAULT_ALIAS if DEFAULT_ALIAS in self.aliases(name).get(name, {}) else ""
             if not which:
                 versions = self.versions(name)
                 if not versions:
-                    raise LlmcycleError(f"{ref!r}" + self._known(name))
+                    raise LlmcycleError(self._known(name))
                 return versions[-1]
         if which.isdigit():
             return self.version(name, int(which))
         number = self.aliases(name).get(name, {}).get(which)
         if number is None:
+            if not self.versions(name):
+                raise LlmcycleError(self._known(name))
             have = sorted(self.aliases(name).get(name, {}))
-            raise LlmcycleError(f"{name}@{which}: no such alias" + (f" (aliases: {', '.join(have)})." if have
-                                                                   else self._known(name)))
+            raise LlmcycleError(f"{name}@{which}: no such alias ({'aliases: ' + ', '.join(have) if have else 'no aliases'}"
+                                f"; llmcycle registry alias {name} {which} VERSION sets it).")
         return self.version(name, number)
 
     # ---- A/B splits ------------------------------------------------------------------------------------

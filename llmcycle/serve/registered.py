@@ -97,7 +97,9 @@ class RegisteredModels:
                   for name, spec in plan.items()}
         if self.routes and routes != self.routes:
             self.switches += 1
-            log.info("registry: routes now %s", {n: r["keys"] for n, r in routes.items()})
+            log.info("registry: %s", "; ".join(f"{n} -> " + ", ".join(
+                f"{k} ({w:g})" if len(r["weights"]) > 1 else k
+                for k, w in zip(r["keys"].values(), r["weights"].values())) for n, r in routes.items()))
         self.routes = routes
         used = {k for r in routes.values() for k in r["keys"].values()}
         self.retiring = (self.retiring | set(self.engines)) - used

@@ -554,8 +554,7 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     @app.get("/v1/label/next")
     async def label_next(request: Request) -> Response:
         labels, annotator = _labeller(state, request)
-        item = await asyncio.to_thread(labels.next_item, annotator)
-        return JSONResponse(item if item is not None else {"item": None})
+        return JSONResponse({"item": await asyncio.to_thread(labels.next_item, annotator)})  # null: none left
 
     @app.post("/v1/label")
     async def label(request: Request) -> Response:
@@ -1141,7 +1140,10 @@ def run_server(cfg: ServeConfig) -> None:
         registered = RegisteredModels(
             registry, cfg.registered, lambda path: AsyncLLMEngine(LLMEngine(path, **engine_args),
                                                                   max_waiting=cfg.max_waiting), cfg.registry_poll_s)
-        registered.load()
+        try:
+            registered.load()
+        except LlmcycleError as e:
+            raise LlmcycleError(f"{e} (registry: {registry.store})") from None
         clash = sorted(set(registered.routes) & set(dirs))
         if clash:
             raise LlmcycleError(f"{clash[0]!r} names both a model directory and a registry name; rename one.")

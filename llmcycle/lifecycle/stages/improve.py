@@ -182,13 +182,18 @@ def report(run: Records) -> list[Section]:
         f"The final model registered as `{s['name']}` v1 @production and served from the registry. Simulated users "
         f"asked {s.get('prompts', '?')} fresh task questions, {s.get('samples', '?')} times each at temperature 1 "
         f"({before['requests']} answers); a scripted judge rated each answer through /v1/feedback (thumbs up when "
-        f"correct): {before['positive']} up. Outcome of the turn: **{s['outcome']}** (production is now "
-        f"v{s['production']}). Steps: " + ", ".join(f"{k} {v}" for k, v in s["steps"].items()) + "."))]
+        f"correct): {before['positive']} up. Outcome of the turn: **{s['outcome']}**; production: "
+        f"v{s['production']}."))]
+    blocks.append(("table", ["step", "status"], [[k, v] for k, v in s["steps"].items()]))
     e = s.get("export") or {}
     if e:
         blocks.append(("p", f"Feedback export: {e.get('preference_pairs', 0)} preference pairs and "
                             f"{e.get('sft_examples', 0)} SFT examples from {e.get('rated_answers', 0)} rated answers; "
                             f"{e.get('dropped_eval_overlap', 0)} dropped as evaluation items."))
+        if "needed" in e:
+            blocks.append(("p", f"Too little feedback to train: {e['needed']} pairs needed. A pair is an answer "
+                                "rated up and another rated down for the same question; a model that answers "
+                                "nothing right (or everything) makes none."))
     g = s.get("gate") or {}
     if g:
         rows = [[m, g["production"].get(m), g["candidate"].get(m)] for m in ("heldout_bpb", "mc_accuracy", "exact_match")]
