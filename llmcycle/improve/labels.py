@@ -157,7 +157,8 @@ class Labels:
         `{"item_id": int, "prompt": str, "completions": [{"id": "a"|"b", "text": str}, ...]}`, the two
         completions in random order (position bias averages out), never the gold answer or the source.
 
-        With probability `gold_rate`, a gold item this annotator has not seen (when one is left); otherwise
+        A gold item this annotator has not seen (when one is left) while its share of gold labels is below
+        `gold_rate` counting this one (so its first item is gold, then about one in 1/gold_rate); otherwise
         a non-gold item with fewer than `per_item` labels, one of those with the fewest. None when no
         non-gold item is left for this annotator (gold items alone are not work)."""
         _check_annotator(annotator)
@@ -170,7 +171,12 @@ class Labels:
             if not work:
                 return None
             chosen = None
-            if self.gold_rate and self.rng.random() < self.gold_rate:
+            # gold is due while this annotator's share of gold items is below gold_rate, counting the next one:
+            # the first item is gold, then about one in 1/gold_rate (a quota, so a short session is checked too)
+            seen = self._rows(con, "SELECT COUNT(*) AS n, SUM(CASE WHEN i.gold IS NULL THEN 0 ELSE 1 END) AS g "
+                                   "FROM labels l JOIN label_items i ON i.id = l.item_id WHERE l.annotator = ?",
+                              [annotator])[0]
+            if self.gold_rate and (seen["g"] or 0) < self.gold_rate * ((seen["n"] or 0) + 1):
                 gold = self._rows(con, f"SELECT id FROM label_items WHERE gold IS NOT NULL AND id NOT IN ({mine})",
                                   [annotator])
                 if gold:
