@@ -154,6 +154,21 @@ def test_moving_an_alias_switches_live_without_failing_a_request_in_flight(regis
     assert variants() == ["1", "1", "2", "1"]
 
 
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(registry_server, tmp_path):
+    url, reg, registered = registry_server["url"], registry_server["reg"], registry_server["registered"]
+    first = _chat(url)["choices"][0]["message"]["content"]
+    broken = tmp_path / "broken"
+    shutil.copytree(reg.version("tiny", 1).path, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    v3, _ = reg.register("tiny", broken)
+    reg.alias("tiny", "production", v3.version)
+    time.sleep(1.0)  # several reads of the registry, each failing to load v3
+    assert registered.routes["tiny"]["keys"] == {"1": "tiny@1"}
+    assert _chat(url)["choices"][0]["message"]["content"] == first
+    reg.alias("tiny", "production", 2)  # a good version still switches
+    _wait(lambda: registered.routes["tiny"]["keys"] == {"2": "tiny@2"})
+
+
 def test_an_ab_split_is_weighted_and_sticky_per_user(registry_server):
     url, reg, registered = registry_server["url"], registry_server["reg"], registry_server["registered"]
     reg.alias("tiny", "challenger", 2)

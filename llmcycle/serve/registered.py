@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class _StillBroken(Exception):
+    """The plan wants a version that failed to load before."""
+
+
 class RegisteredModels:
     """The registry names one server answers. `make_engine(path)` builds a (not yet started) engine;
     `add_engine(key, engine, path)` / `remove_engine(key)` put one into the server's engines and take it out."""
@@ -47,6 +51,7 @@ class RegisteredModels:
         self.add_engine: Callable[[str, AsyncLLMEngine, str], None] = lambda key, engine, path: None
         self.remove_engine: Callable[[str], None] = lambda key: None
         self.switches = 0  # route changes after the start, for tests and the log
+        self.broken: set[str] = set()  # versions that failed to load: not tried again by this server
 
     # ---- what to serve --------------------------------------------------------------------------------
 
@@ -75,9 +80,15 @@ class RegisteredModels:
         for spec in plan.values():
             for label, v in spec["versions"].items():
                 key = f"{v.name}@{label}"
+                if key in self.broken:  # said once already; the routes stay until the registry changes
+                    raise _StillBroken(key)
                 if key not in self.engines and key not in made:
                     log.info("registry: loading %s from %s", key, v.path)
-                    made[key] = self.make_engine(v.path)
+                    try:
+                        made[key] = self.make_engine(v.path)
+                    except Exception as e:
+                        self.broken.add(key)
+                        raise LlmcycleError(f"{key} from {v.path} does not load ({e})") from e
         return made
 
     def _apply(self, plan: dict[str, dict[str, Any]], made: dict[str, AsyncLLMEngine], start: bool = True) -> None:
@@ -149,6 +160,8 @@ class RegisteredModels:
             plan = await asyncio.to_thread(self._plan)
             made = await asyncio.to_thread(self._load_missing, plan)
             self._apply(plan, made)
+        except _StillBroken:
+            pass
         except Exception as e:  # noqa: BLE001 - an unreadable registry or a version that fails to load
             log.warning("registry: cannot switch, serving as before: %s", e)  # must not stop the old one
         for key in sorted(self.retiring):
