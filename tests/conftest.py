@@ -176,7 +176,7 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
+def postgres_server():
     """A throwaway PostgreSQL server on a free loopback port (initdb + pg_ctl; as root, run as the
     `postgres` user), its URL; skipped where PostgreSQL or psycopg is missing."""
     import shutil
@@ -215,3 +215,16 @@ def postgres_url():
     yield f"postgresql://llm@127.0.0.1:{port}/postgres"
     run(f"pg_ctl -D {data} -m immediate stop")
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A database of its own on the test PostgreSQL server, for one test."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres_server, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.rsplit("/", 1)[0] + "/" + name
