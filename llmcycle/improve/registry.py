@@ -292,4 +292,4 @@ class Registry:
             label = str(v.version)
             variants[label] = v
             weights[label] = weights.get(label, 0.0) + float(w)  # two aliases on one version: one variant
-        return {"variants": variants, "weights": weights, "salt": split["salt"], "started": split["started"]}
+        return {"variants": variants, "weights": weights, "salt": split["salt"]}

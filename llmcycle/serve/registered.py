@@ -50,7 +50,6 @@ class RegisteredModels:
         self.retiring: set[str] = set()
         self.add_engine: Callable[[str, AsyncLLMEngine, str], None] = lambda key, engine, path: None
         self.remove_engine: Callable[[str], None] = lambda key: None
-        self.switches = 0  # route changes after the start, for tests and the log
         self.broken: set[str] = set()  # versions that failed to load: not tried again by this server
 
     # ---- what to serve --------------------------------------------------------------------------------
@@ -107,7 +106,6 @@ class RegisteredModels:
                          "keys": {label: f"{v.name}@{label}" for label, v in spec["versions"].items()}}
                   for name, spec in plan.items()}
         if self.routes and routes != self.routes:
-            self.switches += 1
             log.info("registry: %s", "; ".join(f"{n} -> " + ", ".join(
                 f"{k} ({w:g})" if len(r["weights"]) > 1 else k
                 for k, w in zip(r["keys"].values(), r["weights"].values())) for n, r in routes.items()))
