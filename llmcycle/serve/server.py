@@ -1140,10 +1140,7 @@ def run_server(cfg: ServeConfig) -> None:
         registered = RegisteredModels(
             registry, cfg.registered, lambda path: AsyncLLMEngine(LLMEngine(path, **engine_args),
                                                                   max_waiting=cfg.max_waiting), cfg.registry_poll_s)
-        try:
-            registered.load()
-        except LlmcycleError as e:
-            raise LlmcycleError(f"{e} (registry: {registry.store})") from None
+        registered.load()  # an unknown name fails here, naming the registry's database
         clash = sorted(set(registered.routes) & set(dirs))
         if clash:
             raise LlmcycleError(f"{clash[0]!r} names both a model directory and a registry name; rename one.")
