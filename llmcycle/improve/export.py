@@ -58,11 +58,9 @@ class EvalGuard:
 def eval_texts(eval_files: Sequence[str | Path] = ()) -> list[str]:
     """The prompts of the evaluation sets: the suite's held-out embedded items (all of them) and the
     `prompt`/`question` of every JSONL record in `eval_files`."""
-    from llmcycle.eval.suite import EMBEDDED  # the split the suite holds out
-    from llmcycle.train.posttrain.synthetic import make_items, split_items
+    from llmcycle.eval.suite import heldout_items
 
-    texts = [it.prompt for it in split_items(make_items(EMBEDDED["seed"], EMBEDDED["per_task"]),
-                                             EMBEDDED["eval_fraction"])[1]]
+    texts = [it.prompt for it in heldout_items(limit=1 << 30)]  # every one of the split the suite holds out
     for path in eval_files:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             if line.strip():
@@ -154,7 +152,7 @@ def export_feedback(target: LogStore | str | Path, out_dir: str | Path, min_scor
                     continue
                 key = (json.dumps(g["messages"]), g["completion"], b["completion"])
                 if key not in prefs:
-                    prefs[key] = _pair(g["messages"], g["completion"], b["completion"])
+                    prefs[key] = trl_preference(g["messages"], g["completion"], b["completion"])
                     request_ids.update((g["request_id"], b["request_id"]))
                     made += 1
     counts["pairs_from_ratings"] = len(prefs)
@@ -168,7 +166,7 @@ def export_feedback(target: LogStore | str | Path, out_dir: str | Path, min_scor
                 continue
             key = (json.dumps(msgs), clean(p["chosen"]), clean(p["rejected"]))
             if key not in prefs:
-                prefs[key] = _pair(msgs, key[1], key[2])
+                prefs[key] = trl_preference(msgs, key[1], key[2])
                 label_items.append(p["item_id"])
         counts["pairs_from_labels"] = len(label_items)
     counts["preference_pairs"], counts["sft_examples"] = len(prefs), len(sft)
@@ -187,6 +185,7 @@ def export_feedback(target: LogStore | str | Path, out_dir: str | Path, min_scor
     return dict(counts)
 
 
-def _pair(messages: list[dict], chosen: str, rejected: str) -> dict:
+def trl_preference(messages: list[dict], chosen: str, rejected: str) -> dict:
+    """TRL's conversational preference record: the prompt's messages, and one assistant turn each side."""
     return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}]}

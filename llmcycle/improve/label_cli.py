@@ -57,9 +57,9 @@ def read_items(path: Path, gold: bool = False) -> list[dict[str, Any]]:
 def trl_pair(pair: dict[str, Any]) -> dict[str, Any]:
     """A `Labels.preference_pairs` entry in TRL's conversational preference format, with its item id, source
     and votes kept beside it for the lineage."""
-    return {"prompt": [{"role": "user", "content": pair["prompt"]}],
-            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+    from llmcycle.improve.export import trl_preference
+
+    return {**trl_preference([{"role": "user", "content": pair["prompt"]}], pair["chosen"], pair["rejected"]),
             "item_id": pair["item_id"], "source": pair["source"], "votes": pair["votes"]}
 
 

@@ -98,9 +98,9 @@ class Registry:
             self.store.path.parent.mkdir(parents=True, exist_ok=True)
             self.root = Path(root) if root else self.store.path.parent / "registry"
             if audit is None:
-                from llmcycle.monitor.audit import AuditLog
+                from llmcycle.monitor.audit import AuditLog, audit_path_for
 
-                audit = AuditLog(self.store.path.parent / "audit.sqlite")
+                audit = AuditLog(audit_path_for(self.store.path))  # the trail serve keeps beside its databases
         else:
             self.root = Path(root) if root else None
         self.audit = audit

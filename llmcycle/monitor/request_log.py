@@ -113,6 +113,7 @@ class RequestLog:
         self.dropped = 0   # rows lost to a full queue
         self.written = 0   # rows committed
         self.failed = 0    # rows lost to a database error
+        self.submitted = 0  # rows handed to submit()
         self._queue: queue.Queue[dict | None] = queue.Queue(maxsize=queue_size)
         self._last_retention = 0.0
         self._thread = threading.Thread(target=self._run, name="llmcycle-request-log", daemon=True)
@@ -121,6 +122,7 @@ class RequestLog:
     def submit(self, row: dict[str, Any]) -> None:
         """Queue one row (a dict keyed by `NAMES`, plus `_prompt_text` for the writer to find the prompt's
         language from); never blocks, never raises."""
+        self.submitted += 1
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -137,6 +139,16 @@ class RequestLog:
                     if not self._thread.is_alive():
                         break
             self._thread.join(timeout)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every row submitted so far is written (or counted lost); False if `timeout` came first.
+        For readers in the same process that must see the rows (the run's improve stage)."""
+        deadline = time.monotonic() + timeout
+        while self.written + self.dropped + self.failed < self.submitted:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.02)
+        return True
 
     @property
     def path(self) -> Path | str:

@@ -37,7 +37,7 @@ class _StillBroken(Exception):
 
 class RegisteredModels:
     """The registry names one server answers. `make_engine(path)` builds a (not yet started) engine;
-    `add_engine(key, engine, path)` / `remove_engine(key)` put one into the server's engines and take it out."""
+    `add_engine(key, engine)` / `remove_engine(key)` put one into the server's engines and take it out."""
 
     def __init__(self, registry: Registry, names: list[str], make_engine: Callable[[str], AsyncLLMEngine],
                  poll_s: float = 2.0) -> None:
@@ -48,7 +48,7 @@ class RegisteredModels:
         self.engines: dict[str, AsyncLLMEngine] = {}  # engine key (NAME@N) -> engine
         self.users: dict[str, int] = {}  # engine key -> requests routed to it and not yet ended
         self.retiring: set[str] = set()
-        self.add_engine: Callable[[str, AsyncLLMEngine, str], None] = lambda key, engine, path: None
+        self.add_engine: Callable[[str, AsyncLLMEngine], None] = lambda key, engine: None
         self.remove_engine: Callable[[str], None] = lambda key: None
         self.broken: set[str] = set()  # versions that failed to load: not tried again by this server
 
@@ -101,7 +101,7 @@ class RegisteredModels:
                         made[key].start()
                     self.engines[key] = made[key]
                     self.users.setdefault(key, 0)
-                    self.add_engine(key, made[key], v.path)
+                    self.add_engine(key, made[key])
         routes = {name: {"weights": spec["weights"], "salt": spec["salt"],
                          "keys": {label: f"{v.name}@{label}" for label, v in spec["versions"].items()}}
                   for name, spec in plan.items()}

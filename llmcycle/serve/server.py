@@ -107,7 +107,7 @@ class ServerState:
             engines = {**engines, **registered.engines}
         if not engines:
             raise LlmcycleError("serve needs at least one model.")
-        self.engines = engines
+        self.engines: dict[str, AsyncLLMEngine] = {}  # filled by add_engine, below
         self.adapters = {lora: name for name, e in engines.items() for lora in e.engine.lora_names}
         clash = sorted(set(self.adapters) & set(engines))
         if clash:
@@ -116,13 +116,12 @@ class ServerState:
         self.limits = limits or RequestLimits()
         self.draining = False
         self.in_flight = 0
-        self.bytes_per_token = {name: max_bytes_per_token(e.engine.tokenizer) for name, e in engines.items()}
+        self.bytes_per_token: dict[str, int | None] = {}
         self.limiter = RateLimiter()
         self.metrics = ServerMetrics(lambda: {name: e.engine for name, e in self.engines.items()})
         self.resources = ResourceSampler()  # sampled while the app runs (lifespan), shown on /dashboard
         # the one monitoring hook: every API request begins a trace and ends it once (monitor/tracker.py)
-        self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry,
-                                      {name: model_version(e.engine.model_dir) for name, e in engines.items()},
+        self.monitor = RequestMonitor(request_log, prices, store_text, self.metrics.registry, {},
                                       SafetyChecks(safety), otel)
         # drift of the last hour against the day before, every few minutes, as gauges on /metrics
         self.drift_watch = (DriftWatch(self.monitor, request_log.store, drift_every_s)
@@ -132,17 +131,17 @@ class ServerState:
         self.feedback = FeedbackStore(request_log.store) if request_log is not None else None
         self.labels: Labels | None = None  # run_server sets it when the request log is on
         for name, eng in engines.items():
-            eng.on_output = self.metrics.observer(name)
-            eng.on_abort = self.metrics.forget  # an aborted request sends no final output
+            self.add_engine(name, eng)
         if registered is not None:
             registered.add_engine, registered.remove_engine = self.add_engine, self.remove_engine
 
-    def add_engine(self, name: str, engine: AsyncLLMEngine, model_dir: str) -> None:
-        """A model that joins while the server runs (a registry version); its engine is started."""
+    def add_engine(self, name: str, engine: AsyncLLMEngine) -> None:
+        """A served model: those given at the start, and those that join while the server runs (registry
+        versions, their engines started)."""
         self.bytes_per_token[name] = max_bytes_per_token(engine.engine.tokenizer)
-        self.monitor.versions[name] = model_version(model_dir)
+        self.monitor.versions[name] = model_version(engine.engine.model_dir)
         engine.on_output = self.metrics.observer(name)
-        engine.on_abort = self.metrics.forget
+        engine.on_abort = self.metrics.forget  # an aborted request sends no final output
         self.engines[name] = engine
 
     def remove_engine(self, name: str) -> None:

@@ -123,17 +123,11 @@ def run(lc: Lifecycle, resume: bool) -> dict:
     request_log = RequestLog(db, flush_interval=0.1)
     state = ServerState({}, request_log=request_log, store_text=True, registered=registered, drift_every_s=0)
 
-    def flushed() -> None:  # the export and the A/B report read the log: wait for the writer to catch up
-        deadline = time.monotonic() + 30
-        while request_log._queue.qsize() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-
     with serve_in_thread(state) as url:
         jobs = [(it, users[(i * cfg.samples + k) % len(users)]) for i, it in enumerate(before_items)
                 for k in range(cfg.samples)]
         before = asyncio.run(_traffic(url, name, jobs, 1.0, cfg.max_tokens))
-        flushed()
+        request_log.flush()  # the export and the A/B report read the log
         ab_traffic: dict = {}
 
         def on_ab(turn: Turn) -> None:
@@ -142,7 +136,7 @@ def run(lc: Lifecycle, resume: bool) -> dict:
                 time.sleep(0.1)  # the server picks the split up at its next read of the registry
             ab_jobs = [(ab_items[i % len(ab_items)], users[i % len(users)]) for i in range(cfg.ab_requests)]
             ab_traffic.update(asyncio.run(_traffic(url, name, ab_jobs, 0.0, cfg.max_tokens)))
-            flushed()
+            request_log.flush()  # the export and the A/B report read the log
 
         turn_cfg = ImproveConfig(name=name, out_dir=str(d / "turn"), db=str(db), min_examples=cfg.min_examples,
                                  train=list(cfg.train), gate_limit=cfg.gate_limit, threshold=cfg.threshold,
