@@ -96,20 +96,43 @@ def test_prefix_cache_hit_matches_uncached():
     torch.testing.assert_close(hit[0], model(torch.tensor([second]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_mask_positions_and_padding():
+def test_packed_layout_positions_slots_and_groups():
     model = tiny_model()
     pool = KVPool(model.config, num_blocks=4, block_size=BS)
-    batch = PagedBatch(pool, [[2, 0], [1]], num_cached=[5, 0], num_new=[2, 1])
-    assert batch.positions.tolist() == [[5, 6], [0, 1]]
-    assert batch.logits_mask().tolist() == [[False, True], [True, False]]
-    m = batch.attention_mask[:, 0].int().tolist()
-    assert m[0] == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]]  # whole blocks: 8 keys
-    assert m[1] == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]  # pad query: key 0 only
-    assert batch.tables.tolist() == [[2, 0], [1, 0]]  # row 1 padded with block 0 (masked)
-    assert batch._write_slots.tolist() == [1, 2, 4]
-    k = torch.randn(2, model.config.num_key_value_heads, 2, model.config.head_dim)
-    keys, _ = batch.update(0, k, k)
-    assert keys.shape == (2, model.config.num_key_value_heads, 8, model.config.head_dim)
-    assert torch.equal(keys[0, :, 5:7], k[0]) and torch.equal(keys[1, :, 0], k[1, :, 0])
+    batch = PagedBatch(pool, [[2, 0], [1], [3]], num_cached=[5, 0, 2], num_new=[2, 1, 1])
+    assert batch.positions.tolist() == [[5, 6, 0, 2]]  # packed: no padding
+    assert batch.logits_mask().tolist() == [[False, True, True, True]]
+    assert batch.logits_mask([2, 1, 1]).tolist() == [[True, True, True, True]]
+    assert batch._write_slots.tolist() == [1, 2, 4, 14]  # position 5: block 0 (table[1]), offset 1
+    assert batch.input_ids([[7, 8], [9], [10]]).tolist() == [[7, 8, 9, 10]]
+    # Row 1 (fresh, one token) attends itself; rows 0 (continued chunk of 2) and 2 (a decode) gather blocks.
+    shapes = sorted((g.n, g.fresh, g.size) for g in batch.groups)
+    assert shapes == [(1, False, 1), (1, True, 1), (2, False, 1)]
+    chunk = next(g for g in batch.groups if g.n == 2)
+    assert chunk.tables.tolist() == [2, 0]
+    assert chunk.mask[0, 0].int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]]
     with pytest.raises(ValueError):
         PagedBatch(pool, [[0]], num_cached=[4], num_new=[1])  # table too short for 5 tokens
+
+
+def test_mixed_step_runs_only_the_real_tokens():
+    """A step mixing decodes with a prefill chunk computes sum(num_new) token rows in every projection, and each
+    row's logits equal its rows run alone."""
+    model = tiny_model(kv_heads=1)
+    pool = KVPool(model.config, num_blocks=32, block_size=BS)
+    g = torch.Generator().manual_seed(3)
+    long = torch.randint(0, 64, (20,), generator=g).tolist()
+    short = [torch.randint(0, 64, (6,), generator=g).tolist() for _ in range(3)]
+    tables = [list(range(i * 6, i * 6 + 6)) for i in range(4)]
+    for t, p in zip(tables[1:], short):  # the three decoders have their prompts cached
+        forward_paged(model, pool, [(t, 0, p[:-1])])
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:2]))
+    rows = [(tables[0], 0, long)] + [(t, 5, p[-1:]) for t, p in zip(tables[1:], short)]
+    mixed = forward_paged(model, pool, rows)
+    hook.remove()
+    assert seen == [torch.Size([1, 23])]  # 20 + 3, where right-padding ran 4 x 20
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(mixed[b], forward_paged(model, pool, [row])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], model(torch.tensor([long]))[0, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], model(torch.tensor([short[1]]))[0, -1], atol=1e-5, rtol=1e-5)

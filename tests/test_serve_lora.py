@@ -101,9 +101,9 @@ def test_peft_adapters_served_in_one_batch_match_peft(cls_name, tmp_path):
     steps_with_all = []
     orig = engine.runner.adapters.set_batch
 
-    def spy(row_ids, num_logits, device):
+    def spy(row_ids, num_new, num_logits, device):
         steps_with_all.append(set(row_ids))
-        orig(row_ids, num_logits, device)
+        orig(row_ids, num_new, num_logits, device)
 
     engine.runner.adapters.set_batch = spy
     outs = run(engine, requests)

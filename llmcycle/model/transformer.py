@@ -85,6 +85,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _owns_attention(kv_cache) -> bool:
+    """The kv_cache protocol has two forms. A contiguous cache (`KVCache`) offers `update(layer, k, v)` and
+    the model attends with its own mask. A paged one (`serve.kv_pool.PagedBatch`) offers
+    `attend(layer, q, k, v)`: its queries are several sequences packed into one row, so only it knows which
+    keys each query may see."""
+    return kv_cache is not None and hasattr(kv_cache, "attend")
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -105,6 +113,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if _owns_attention(kv_cache):  # a paged cache knows which keys each packed query sees
+            return self.o_proj(kv_cache.attend(self.layer_idx, q, k, v).transpose(1, 2).reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         gqa = {}
@@ -205,7 +215,8 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
-        mask = self._attention_mask(attention_mask, B, T, past, input_ids.device)
+        mask = None if _owns_attention(kv_cache) else self._attention_mask(attention_mask, B, T, past,
+                                                                           input_ids.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, kv_cache, mask, use_reentrant=False)

@@ -2,23 +2,26 @@
 
 `KVPool` holds the K/V of every layer in fixed-size blocks; `BlockManager` (tensor-free) decides which
 physical blocks each sequence owns. `PagedBatch` is a throwaway object for ONE forward over a batch of
-sequences that implements the model's kv_cache protocol (`update(layer, k, v)`, `advance(n)`, `length`):
-it scatters each row's new K/V into that row's slots and gathers the row's blocks back as a dense,
-right-padded [B, kv_heads, T_keys, head_dim] tensor for SDPA (T_keys = the widest row's blocks x block_size).
+sequences. It packs every row's new tokens side by side into one sequence [1, N] (N = the real new tokens,
+no padding), so the projections and the MLP cost what the step's tokens cost: fifteen decodes beside a
+128-token prefill chunk are 143 token rows, not 16 x 128 (a right-padded batch multiplied a mixed step's
+cost ~12x). It implements the model's paged kv_cache protocol, `attend(layer, q, k, v)`: store the new
+K/V in each row's slots, then attend row by row's context.
+
+Attention groups rows that have the same number of new tokens: all decodes are one batched SDPA over
+their gathered contexts (whole blocks, right-padded to the widest row, masked); a prefill from an empty
+cache attends its own new K/V with SDPA's causal kernel (no gather); a continued chunk or a speculative
+verification row gathers its blocks under a causal mask. Each group costs what it would cost alone.
 
 `model_runner.forward_paged` runs the model over a `PagedBatch`; this module only stores and addresses K/V.
-
-This gather is the plain-PyTorch path (nano-vllm replaces it with a paged flash-attention kernel): it
-copies each row's context every layer, whole blocks at a time, which is simple and exact.
-
-Batch layout: row b has `num_cached[b]` tokens already in the pool and `num_new[b]` new tokens this step
-(a prefill chunk, or 1 for decode). New tokens are right-padded to T_new = max(num_new); key j of row b
-is the token at position j, valid for j < num_cached[b] + num_new[b].
+The gather is the plain-PyTorch path (nano-vllm replaces it with a paged flash-attention kernel): it copies
+each decode row's context every layer, whole blocks at a time, which is simple and exact.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llmcycle.model.config import ModelConfig
 
@@ -74,7 +77,12 @@ class KVPool:
 
 
 class PagedBatch:
-    """The model's kv_cache for one forward over a batch of paged sequences."""
+    """The model's kv_cache for one forward over a packed batch of paged sequences.
+
+    Row b has `num_cached[b]` tokens already in the pool and `num_new[b]` new ones this step (a prefill
+    chunk, 1 for a decode, 1 + k for a speculative verification). Its new tokens are packed after row
+    b-1's: `input_ids` and `positions` are [1, N], and `logits_mask` picks row-major logit positions.
+    """
 
     def __init__(
         self, pool: KVPool, block_tables: list[list[int]], num_cached: list[int], num_new: list[int]
@@ -88,71 +96,110 @@ class PagedBatch:
             if len(table) * bs < c + n:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {c + n} tokens")
         self.pool = pool
-        # The Transformer reads `length` only to default positions and the mask; we always pass both,
-        # and rows have different lengths anyway, so there is no single meaningful value.
+        # The Transformer reads `length` only to default positions; we always pass them.
         self.length = 0
         self.num_new = num_new
-        cached = torch.tensor(num_cached, dtype=torch.long, device=dev)[:, None]  # [B, 1]
-        new = torch.tensor(num_new, dtype=torch.long, device=dev)[:, None]
-        total = cached + new
-        t_new = max(num_new)
-        # Each row reads whole blocks: the blocks covering its tokens, padded with block 0 (masked out).
-        width = max(-(-(c + n) // bs) for c, n in zip(num_cached, num_new))
-        rows = [t[: -(-(c + n) // bs)] for t, c, n in zip(block_tables, num_cached, num_new)]
-        self.tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=dev)
-        i = torch.arange(t_new, device=dev)[None, :]
-        j = torch.arange(width * bs, device=dev)[None, :]
-        self.positions = cached + i  # [B, T_new]
-        self.query_valid = i < new  # [B, T_new]
-        self.key_valid = j < total  # [B, width * block_size]
-        pos = torch.minimum(self.positions, total - 1)  # padding writes stay inside the row's own table
-        slots = self.tables.gather(1, pos // bs) * bs + pos % bs
-        self._write_slots = slots[self.query_valid]  # [N real new tokens]
-        mask = (j[:, None, :] <= self.positions[:, :, None]) & self.key_valid[:, None, :]
+        self.num_tokens = sum(num_new)
+        starts = [0]
+        for n in num_new[:-1]:
+            starts.append(starts[-1] + n)
+        self.starts = starts
+        positions, slots = [], []
+        for table, c, n in zip(block_tables, num_cached, num_new, strict=True):
+            pos = range(c, c + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=dev)[None]  # [1, N]
+        self._write_slots = torch.tensor(slots, dtype=torch.long, device=dev)  # [N]
+        by_shape: dict[tuple[int, bool], list[int]] = {}
         window = pool.config.sliding_window
-        if window is not None:
-            mask = mask & (self.positions[:, :, None] - j[:, None, :] < window)
-        # A pad query attends key 0 only: an all-False row would make SDPA's softmax NaN.
-        pad_row = (j == 0).expand(t_new, -1)
-        mask = torch.where(self.query_valid[:, :, None], mask, pad_row)
-        self.attention_mask = mask[:, None]  # [B, 1, T_new, T_keys], True = attend
+        for b, (c, n) in enumerate(zip(num_cached, num_new, strict=True)):
+            fresh = c == 0 and (window is None or n <= window)
+            by_shape.setdefault((n, fresh), []).append(b)
+        self.groups = [
+            _Group(pool, rows, n, fresh, [block_tables[b] for b in rows], [num_cached[b] for b in rows],
+                   [starts[b] for b in rows], self.num_tokens)
+            for (n, fresh), rows in by_shape.items()
+        ]
 
     def logits_mask(self, num_logits: list[int] | None = None) -> torch.Tensor:
-        """Boolean [B, T_new] selecting each row's last `num_logits[b]` new tokens (default 1), row-major."""
-        dev = self.positions.device
-        end = torch.tensor(self.num_new, device=dev)[:, None]
-        count = torch.tensor(num_logits, device=dev)[:, None] if num_logits is not None else 1
-        i = torch.arange(self.positions.shape[1], device=dev)[None, :]
-        return (i < end) & (i >= end - count)
+        """Boolean [1, N] selecting each row's last `num_logits[b]` new tokens (default 1), row-major."""
+        counts = num_logits if num_logits is not None else [1] * len(self.num_new)
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for start, n, c in zip(self.starts, self.num_new, counts, strict=True):
+            mask[start + n - c : start + n] = True
+        return mask.to(self.positions.device)[None]
 
     def input_ids(self, new_token_ids: list[list[int]]) -> torch.Tensor:
-        """Right-pad each row's new token ids to [B, T_new] (pad id 0: pad queries are masked out)."""
-        t_new = self.positions.shape[1]
+        """Every row's new token ids, packed: [1, N]."""
         if [len(r) for r in new_token_ids] != self.num_new:
             raise ValueError("new_token_ids lengths do not match num_new")
-        rows = [list(r) + [0] * (t_new - len(r)) for r in new_token_ids]
-        return torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        flat = [t for r in new_token_ids for t in r]
+        return torch.tensor([flat], dtype=torch.long, device=self.positions.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k/v ([B, kv_heads, T_new, head_dim]) and return the rows' K/V [B, kv_heads, T_keys, D].
-
-        Keys past a row's length (the tail of its last block, padding blocks) hold stale but finite values
-        and are masked out; the pool starts zeroed and is only ever written with computed K/V.
-        """
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new k/v ([1, kv_heads, N, head_dim]) in their slots, then attend: q [1, heads, N, D] ->
+        [1, heads, N, D]. K/V of every row are written before any row reads, so a row admitted this step
+        may read blocks (a prefix-cache hit) that another row of the same step computes."""
         pool = self.pool
-        B, width = self.tables.shape
-        k_slots, v_slots = pool.slots_k(layer), pool.slots_v(layer)
-        new_k = k.transpose(0, 1)[:, self.query_valid].to(pool.dtype)  # [kv_heads, N, head_dim]
-        new_v = v.transpose(0, 1)[:, self.query_valid].to(pool.dtype)
-        k_slots.index_copy_(1, self._write_slots, new_k)
-        v_slots.index_copy_(1, self._write_slots, new_v)
-        # Whole-block copies (block_size * head_dim contiguous values each) are much cheaper than
-        # gathering token by token; the result is [B, kv_heads, T, D] with contiguous (T, D) planes.
-        flat = self.tables.flatten()
-        shape = (pool.k.shape[1], B, width * pool.block_size, pool.k.shape[-1])
-        keys = pool.k[layer].index_select(1, flat).view(shape).transpose(0, 1)
-        values = pool.v[layer].index_select(1, flat).view(shape).transpose(0, 1)
-        return keys.to(k.dtype), values.to(v.dtype)
+        pool.slots_k(layer).index_copy_(1, self._write_slots, k[0].to(pool.dtype))
+        pool.slots_v(layer).index_copy_(1, self._write_slots, v[0].to(pool.dtype))
+        if len(self.groups) == 1:
+            return self.groups[0].attend(layer, q, k, v)[None]
+        out = torch.empty_like(q[0])
+        for g in self.groups:
+            out.index_copy_(1, g.token_index, g.attend(layer, q, k, v))
+        return out[None]
 
     def advance(self, n: int) -> None:
         """No-op: token counts live in the BlockManager / scheduler, not in this per-step view."""
+
+
+class _Group:
+    """Rows of one packed forward that have the same number of new tokens (and the same freshness), attended
+    together by one SDPA call."""
+
+    def __init__(self, pool: KVPool, rows: list[int], n: int, fresh: bool, tables: list[list[int]],
+                 num_cached: list[int], starts: list[int], num_tokens: int) -> None:
+        dev, bs = pool.device, pool.block_size
+        self.pool, self.n, self.fresh, self.size = pool, n, fresh, len(rows)
+        index = [s + i for s in starts for i in range(n)]
+        self.token_index = torch.tensor(index, dtype=torch.long, device=dev)  # packed positions of its queries
+        self.all_tokens = len(index) == num_tokens  # the whole batch, in order: views instead of gathers
+        if fresh:  # an empty cache: the row's own new K/V are all its keys; SDPA's causal kernel is exact
+            return
+        width = max(-(-(c + n) // bs) for c in num_cached)
+        # Each row reads whole blocks: those covering its tokens, padded with block 0 (masked out).
+        self.tables = torch.tensor([t[: -(-(c + n) // bs)] + [0] * (width - -(-(c + n) // bs))
+                                    for t, c in zip(tables, num_cached, strict=True)], dtype=torch.long,
+                                   device=dev).flatten()
+        cached = torch.tensor(num_cached, dtype=torch.long, device=dev)[:, None, None]  # [G, 1, 1]
+        q_pos = cached + torch.arange(n, device=dev)[None, :, None]  # [G, n, 1]
+        j = torch.arange(width * bs, device=dev)[None, None, :]
+        mask = j <= q_pos  # causal; keys past a row's length are after its last query, so masked too
+        window = pool.config.sliding_window
+        if window is not None:
+            mask = mask & (q_pos - j < window)
+        self.mask = mask[:, None]  # [G, 1, n, T_keys]
+        self.keys_shape = (pool.k.shape[1], self.size, width * bs, pool.k.shape[-1])
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """This group's tokens of a packed [1, X, N, D] tensor as [G, X, n, D]."""
+        t = t[0] if self.all_tokens else t[0].index_select(1, self.token_index)
+        return t.view(t.shape[0], self.size, self.n, t.shape[-1]).transpose(0, 1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[heads, G * n, D]: the group's attention output in its packed order."""
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+        qg = self.take(q)
+        if self.fresh:
+            y = F.scaled_dot_product_attention(qg, self.take(k), self.take(v), is_causal=self.n > 1, **gqa)
+        else:
+            # Whole-block copies (block_size * head_dim contiguous values each) are much cheaper than
+            # gathering token by token; [G, kv_heads, T, D] with contiguous (T, D) planes.
+            pool = self.pool
+            keys = pool.k[layer].index_select(1, self.tables).view(self.keys_shape).transpose(0, 1)
+            values = pool.v[layer].index_select(1, self.tables).view(self.keys_shape).transpose(0, 1)
+            y = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=self.mask,
+                                               **gqa)
+        return y.transpose(0, 1).reshape(y.shape[1], self.size * self.n, y.shape[-1])

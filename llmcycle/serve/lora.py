@@ -4,8 +4,8 @@
 directory (written by llmcycle or by PEFT) and gives it an integer id (0 is the base model alone). Each
 targeted linear layer of the model becomes a `MultiLoRALinear`: the base layer, unchanged and shared, plus
 every adapter's (A, B, scaling) for that layer. Before each forward the model runner calls
-`set_batch(row_ids, num_logits)` with one adapter id per row of the batch; every layer then adds, for each
-adapter present in the batch, `B_a(A_a(x[rows of a])) * scaling_a` to those rows only. So requests for
+`set_batch(row_ids, num_new, num_logits)` with one adapter id per row of the batch; every layer then adds, for
+each adapter present in the batch, `B_a(A_a(x[tokens of a])) * scaling_a` to those rows' tokens only. So requests for
 different adapters (and for the base) run in one step, and the base's weights exist once however many
 adapters are loaded: each adapter costs its A and B matrices (r x (in + out) per layer).
 
@@ -44,20 +44,22 @@ class _Adapter:
 
 
 class _BatchRows:
-    """Which rows of the current forward use which adapter, for 3-D activations ([B, T, in]: rows of the
-    batch) and for the 2-D input of the LM head ([N, in]: the selected logit positions, row-major)."""
+    """Which tokens of the current forward use which adapter, for the packed 3-D activations ([1, N, in]: every
+    row's new tokens side by side, kv_pool.PagedBatch) and for the 2-D input of the LM head ([N_logits, in]:
+    the selected logit positions, row-major)."""
 
     def __init__(self) -> None:
-        self.by_row: list[tuple[int, torch.Tensor | None]] = []
+        self.by_token: list[tuple[int, torch.Tensor | None]] = []
         self.by_position: list[tuple[int, torch.Tensor | None]] = []
 
-    def set(self, row_ids: list[int], num_logits: list[int], device: torch.device) -> None:
-        positions = [i for i, n in zip(row_ids, num_logits) for _ in range(n)]
-        self.by_row = _groups(row_ids, device)
+    def set(self, row_ids: list[int], num_new: list[int], num_logits: list[int], device: torch.device) -> None:
+        tokens = [i for i, n in zip(row_ids, num_new, strict=True) for _ in range(n)]
+        positions = [i for i, n in zip(row_ids, num_logits, strict=True) for _ in range(n)]
+        self.by_token = _groups(tokens, device)
         self.by_position = _groups(positions, device)
 
     def groups(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
-        return self.by_row if x.dim() == 3 else self.by_position
+        return self.by_token if x.dim() == 3 else self.by_position
 
 
 def _groups(ids: list[int], device: torch.device) -> list[tuple[int, torch.Tensor | None]]:
@@ -88,7 +90,10 @@ class MultiLoRALinear(nn.Module):
         out = self.base_layer(x)
         if not self.adapters:
             return out
-        for adapter_id, idx in self._rows.groups(x):
+        groups = self._rows.groups(x)
+        shape = out.shape
+        x, out = x.reshape(-1, x.shape[-1]), out.reshape(-1, shape[-1])  # token rows
+        for adapter_id, idx in groups:
             a = self.adapters.get(adapter_id)
             if a is None:  # this adapter leaves this layer alone
                 continue
@@ -100,7 +105,7 @@ class MultiLoRALinear(nn.Module):
                     base = base - self.base_layer.bias
                 delta = (a.dora_scale - 1) * base + a.dora_scale * delta
             out = out + delta if idx is None else out.index_add(0, idx, delta)
-        return out
+        return out.view(shape)
 
 
 class LoRAAdapters:
@@ -142,9 +147,11 @@ class LoRAAdapters:
         log.debug(f"LoRA adapter {name!r} (id {adapter_id}) from {directory}: {len(layers)} layers")
         return adapter_id
 
-    def set_batch(self, row_ids: list[int], num_logits: list[int], device: torch.device) -> None:
-        """Record each row's adapter for the next forward (`num_logits[b]`: logit positions of row b)."""
-        self._rows.set(row_ids, num_logits, device)
+    def set_batch(self, row_ids: list[int], num_new: list[int], num_logits: list[int], device: torch.device
+                  ) -> None:
+        """Record each row's adapter for the next forward (`num_new[b]`: row b's packed tokens,
+        `num_logits[b]`: its logit positions)."""
+        self._rows.set(row_ids, num_new, num_logits, device)
 
     def _read(self, directory: str | Path) -> dict[str, _Adapter]:
         """{module path: its adapter tensors}, checked against the model, cast to its dtype."""

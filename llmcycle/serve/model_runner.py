@@ -47,13 +47,7 @@ def forward_paged(model: Transformer, pool: KVPool, seqs: list[Row], num_logits:
     """
     batch = PagedBatch(pool, [s[0] for s in seqs], [s[1] for s in seqs], [len(s[2]) for s in seqs])
     input_ids = batch.input_ids([s[2] for s in seqs])
-    return model(
-        input_ids,
-        positions=batch.positions,
-        kv_cache=batch,
-        attention_mask=batch.attention_mask,
-        logits_mask=batch.logits_mask(num_logits),
-    )
+    return model(input_ids, positions=batch.positions, kv_cache=batch, logits_mask=batch.logits_mask(num_logits))
 
 
 @dataclass
@@ -161,7 +155,7 @@ class ModelRunner:
         rows, num_logits = self.prepare(batch, block_table, out.drafts)
         if self.adapters.ids:
             self.adapters.set_batch([self._adapter_ids[s.seq.seq_id] for s in batch.seqs],
-                                    num_logits, self.device)
+                                    [len(r[2]) for r in rows], num_logits, self.device)
         logits = self.forward(rows, num_logits if out.drafts else None)
         ends = torch.tensor(num_logits).cumsum(0).tolist()
         plain = [i for i, s in enumerate(batch.seqs) if s.needs_sample and i not in out.drafts]

@@ -61,6 +61,7 @@ from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.registered import RegisteredModels
 from llmcycle.serve.sampling import SamplingParams
+from llmcycle.threads import set_threads
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
 
 if TYPE_CHECKING:
@@ -1123,8 +1124,7 @@ def run_server(cfg: ServeConfig) -> None:
     loras = parse_lora_modules(cfg.lora_modules, dirs)
     if cfg.draft_model is not None:
         check_model_dir(cfg.draft_model)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.set_flush_denormal(True)
     store = KeyStore(cfg.keys, create=False) if cfg.keys else None
     engine_args = cfg.engine_args()
