@@ -19,13 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.threads import usable_cpus
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """CPUs this process may use (affinity and cgroup quota): the default number of workers."""
+    return usable_cpus()
 
 
 def _with_peak(fn: Callable[[Any], Any], item: Any) -> tuple[Any, int]:

@@ -68,12 +68,11 @@ def main() -> None:
     p.add_argument("model_dir")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--concurrency", type=int, default=16, help="requests at once in the throughput run")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
     a = p.parse_args()
-    if a.threads:
-        import torch
+    from llmcycle.threads import set_threads
 
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     print(json.dumps(probe(a.model_dir, a.tokens, a.concurrency)))
 
 

@@ -35,6 +35,7 @@ from llmcycle.serve.output_processor import OutputProcessor, RequestMetrics, Req
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.serve.scheduler import Scheduler, Sequence
 from llmcycle.serve.speculative import SpeculativeDecoder
+from llmcycle.threads import adapt_threads
 from llmcycle.tokenizer import Tokenizer
 
 
@@ -198,6 +199,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if len(batch) == 0:
             return []
+        adapt_threads()
         self.output_processor.mark_scheduled(batch, time.monotonic())
         out = self.runner.execute(batch, self.block_manager.block_table)
         self.scheduler.update(batch, out.sampled)

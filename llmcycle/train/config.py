@@ -34,7 +34,7 @@ class OptimSection:
     dtype: Literal["auto", "fp32", "bf16"] = F("auto", "autocast dtype; auto = bf16 where the device is fast at it")
     device: str = F("auto", "auto, cpu, cuda, cuda:N")
     seed: int = F(42, "seed for initialisation, data order, masking and sampling")
-    threads: int | None = F(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = F(None, "torch CPU threads (default: the CPUs this process may use, cgroup quota included)")
 
 
 @dataclass

@@ -56,6 +56,7 @@ from llmcycle.model.hf_io import add_end_of_turn_to_generation_config, save_mode
 from llmcycle.model.transformer import Transformer
 from llmcycle.optimize import lora as lora_lib
 from llmcycle.paths import check_model_dir
+from llmcycle.threads import adapt_threads, set_threads
 from llmcycle.tokenizer import Tokenizer
 from llmcycle.train.core import checkpoint as ckpt
 from llmcycle.train.core.distributed import (
@@ -159,8 +160,7 @@ class Session:
         self.parallel, self.compile, self.end_of_turn = parallel, compile, end_of_turn
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        if self.opt.threads:
-            torch.set_num_threads(self.opt.threads)
+        set_threads(self.opt.threads)  # the CPUs this process may use, cgroup quota included
         torch.set_flush_denormal(True)  # denormals slowed fp32 training up to 7x on CPU
         self.device = pick_device(self.opt.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist: DistInfo = init_distributed(self.device)
@@ -397,6 +397,7 @@ class Session:
         sum is divided by the units of the whole step on all processes, count(mb) summed and all-reduced.
         Returns {"loss", "grad_norm", metrics...} averaged over the step's units.
         """
+        adapt_threads()
         started = self.usage.step_started()
         n = float(all_reduce_sum(torch.tensor(float(sum(count(mb) for mb in micro_batches))), self.dist))
         n = max(n, 1.0)
