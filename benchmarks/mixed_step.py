@@ -34,6 +34,7 @@ from llmcycle.model.config import config_for_size  # noqa: E402
 from llmcycle.model.transformer import Transformer  # noqa: E402
 from llmcycle.serve.kv_pool import KVPool  # noqa: E402
 from llmcycle.serve.model_runner import forward_paged  # noqa: E402
+from llmcycle.serve.packed_linear import pack_linears  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-pack", action="store_true", help="keep nn.Linear (the engine packs CPU fp32 weights)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     from llmcycle.threads import set_threads
@@ -81,9 +83,11 @@ def main() -> None:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     model = Transformer(config_for_size(a.size, vocab_size=a.vocab)).eval()
+    if not a.no_pack:
+        pack_linears(model)  # as ModelRunner.load_weights does
     r = measure(model, a.decodes, a.context, a.prefill, a.repeats)
-    print(f"machine: {cpu_name()}, threads {threads}, model {a.size} "
-          f"({model.num_parameters() / 1e6:.1f}M), fp32")
+    print(f"machine: {cpu_name()}, threads {threads}, model {a.size}, fp32, "
+          f"{'nn.Linear' if a.no_pack else 'packed linear layers'}")
     print(f"{a.decodes} decodes at context {a.context}: {r['decode']:.1f} ms; prefill of {a.prefill}: "
           f"{r['prefill']:.1f} ms; both in one step: {r['mixed']:.1f} ms = {r['ratio']:.2f}x the parts")
     if a.json:

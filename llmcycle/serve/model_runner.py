@@ -26,6 +26,7 @@ from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import num_blocks_for_budget
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
 from llmcycle.serve.lora import BASE_ID, LoRAAdapters
+from llmcycle.serve.packed_linear import pack_linears
 from llmcycle.serve.sampling import apply_penalties, make_generator, sample
 from llmcycle.serve.scheduler import ScheduledBatch, Sequence
 
@@ -91,10 +92,13 @@ class ModelRunner:
                      dtype: torch.dtype | None = None) -> Transformer:
         """Load a model directory for inference (eval mode): plain or quantized (`optimize/formats.py`:
         compressed-tensors int8/int4/W8A8, bitsandbytes NF4). Every model the engine runs (target and
-        draft) and `llmcycle eval` reads goes through this door."""
+        draft) and `llmcycle eval` reads goes through this door. On a CPU in fp32 the plain linear layers
+        become `PackedLinear` (inference only)."""
         from llmcycle.optimize.formats import load_model_dir
 
-        return load_model_dir(model_dir, device=device, dtype=dtype)
+        model = load_model_dir(model_dir, device=device, dtype=dtype)
+        pack_linears(model)  # CPU fp32: oneDNN's reordered weights (serve/packed_linear.py)
+        return model
 
     @classmethod
     def for_model(cls, model: Transformer, block_size: int, num_blocks: int | None, kv_cache_bytes: int

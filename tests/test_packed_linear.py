@@ -1,0 +1,42 @@
+"""oneDNN-packed linear layers for CPU inference: same outputs as nn.Linear, only where they apply."""
+
+import pytest
+import torch
+from torch import nn
+
+from llmcycle.model.config import ModelConfig
+from llmcycle.model.transformer import Transformer
+from llmcycle.serve.model_runner import ModelRunner
+from llmcycle.serve.packed_linear import PackedLinear, can_pack, pack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_matches_linear_for_every_row_count(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200, bias=bias)
+    packed = PackedLinear(lin)
+    assert torch.equal(packed.weight, lin.weight)
+    for shape in [(1, 96), (15, 96), (1, 7, 96), (3, 5, 96), (0, 96)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(packed(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pack_linears_swaps_plain_linears_of_a_cpu_fp32_model_only(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    expected = model(ids)
+    assert pack_linears(model) == 2 * 7 + 1  # q k v o gate up down per layer, and the (tied) LM head
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.model.embed_tokens.weight, nn.Parameter)
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+    assert pack_linears(model) == 0  # nothing plain is left
+    assert not can_pack(Transformer(cfg).to(torch.bfloat16))
+
+    # The engine's door packs what it loads from disk.
+    Transformer(cfg).save_pretrained(tmp_path)
+    loaded = ModelRunner.load_weights(tmp_path)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, PackedLinear)
