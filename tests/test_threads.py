@@ -120,3 +120,12 @@ def test_governor_gives_a_core_to_a_real_busy_neighbour():
             r.kill()
             r.wait()
     assert gov.threads < cpus
+
+
+def test_a_bare_cuda_device_is_this_ranks_gpu():
+    """torchrun starts one process per GPU: `train.device: cuda` must not put them all on cuda:0."""
+    from llmcycle.train.core.distributed import pick_device
+
+    assert pick_device("cuda", 3) == torch.device("cuda:3")
+    assert pick_device("cuda:1", 3) == torch.device("cuda:1")  # an explicit index is kept
+    assert pick_device("cpu", 3) == torch.device("cpu")

@@ -1,4 +1,5 @@
-"""torchrun integration: one process per device, gloo on CPU, NCCL on CUDA."""
+"""torchrun integration: one process per device, gloo on CPU, NCCL on CUDA (with gloo beside it for
+the small CPU tensors the trainers all-reduce: step counts, summed metrics, RNG states)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU when there is one, else the CPU. A bare `cuda` is this rank's GPU too: under
+    torchrun every process would otherwise land on cuda:0."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
     return torch.device(name)
 
 
@@ -38,7 +43,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL reduces CUDA tensors only, and the trainers also reduce CPU tensors (Session.step's token
+        # counts and metric sums, the replica check, the masking RNG states): gloo takes those.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
