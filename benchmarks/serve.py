@@ -13,12 +13,17 @@ One command, one checkpoint, one prompt set:
    TPOT = (e2e - TTFT) / (output tokens - 1), ITL (gaps between chunks), e2e latency. The per-request clock
    starts when the request leaves the client's semaphore (as vLLM's), so client-side queueing is not in it.
    Then a batch-1 run (concurrency 1, `--batch1-prompts` requests): decode tokens/s = 1 / mean TPOT.
-3. transformers, after the server has exited (no shared CPU): `AutoModelForCausalLM` in fp32, greedy
+   With `--llama-cpp DIR`: the same two runs against llama.cpp's `llama-server` (`--parallel` = max
+   concurrency, same threads) on the f32 GGUF of the same weights (`llmcycle export gguf`), after ours exited.
+3. transformers, after the servers have exited (no shared CPU): `AutoModelForCausalLM` in fp32, greedy
    `generate` with min_new_tokens = max_new_tokens = output-len, (a) one prompt at a time and (b) statically
    batched at batch size = max concurrency (equal-length prompts: no padding), same torch thread count.
 4. The batch-1 decode bound: measured memory bandwidth (a 512 MiB `copy_`, read + write bytes, best of 5)
    / weight bytes read per decode step (every weight, except the input embedding table when it is untied:
    a step reads only a row of it; the KV cache of these short contexts is left out).
+
+`--device cuda` puts both sides on the GPU (the server gets `--device cuda`, transformers' model and inputs
+move there, the bandwidth is the GPU memory's); the default is the CPU for both, whatever the machine has.
 
 Run it on a quiet machine: with `--threads` = all cores, any other process stealing a core stalls every
 OpenMP barrier (on 2 shared cores transformers' batch-1 decode fell 10x, llmcycle's less), so the ratios then
@@ -27,6 +32,8 @@ measure the neighbours. Under load, `--threads 1` gives steadier numbers.
     PYTHONPATH=. python benchmarks/serve.py                       # defaults: a few minutes on 2 cores
     PYTHONPATH=. python benchmarks/serve.py --quick               # smoke run, well under a minute
     PYTHONPATH=. python benchmarks/serve.py --model runs/default/sft/model --request-rate 4   # after `llmcycle run` --json serve.json
+    PYTHONPATH=. python benchmarks/serve.py --device cuda                                     # on a GPU
+    PYTHONPATH=. python benchmarks/serve.py --size base --num-prompts 16 --request-rate 1 --llama-cpp /tmp/llama-build/bin
 """
 
 from __future__ import annotations
@@ -102,13 +109,16 @@ def weight_stats(model_dir: Path) -> tuple[int, int]:
     return params, step_bytes
 
 
-def make_prompts(model_dir: Path, n: int, length: int, seed: int) -> list[list[int]]:
+def make_prompts(model_dir: Path, n: int, length: int, seed: int, shared: int = 0) -> list[list[int]]:
+    """`n` prompts of `length` random non-special tokens after BOS; the first `shared` tokens (BOS included) are
+    the same in every prompt (a common system prompt: what prefix caching saves)."""
     from llmcycle.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(model_dir)
     allowed = np.array(sorted(set(range(tok.vocab_size)) - tok.special_ids))
     rng = np.random.default_rng(seed)
-    return [[tok.bos_id, *rng.choice(allowed, size=length - 1).tolist()] for _ in range(n)]
+    head = [tok.bos_id, *rng.choice(allowed, size=max(shared, 1) - 1).tolist()]
+    return [head + rng.choice(allowed, size=length - len(head)).tolist() for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,13 +132,15 @@ def free_port() -> int:
 
 
 def start_server(a: argparse.Namespace, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    return launch_server([f"bench={model_dir}", "--threads", str(a.threads), *shlex.split(a.server_args)], port, log)
+    return launch_server([f"bench={model_dir}", "--threads", str(a.threads), "--device", a.device,
+                          *shlex.split(a.server_args)], port, log)
 
 
-def launch_server(args: list[str], port: int, log: Path) -> subprocess.Popen:
-    """`llmcycle serve ARGS --port PORT` in a process of its own (output appended to `log`), once /health
-    answers; SystemExit with the log's end when it exits or does not come up in 180 s."""
-    cmd = [sys.executable, "-m", "llmcycle", "serve", *args, "--port", str(port), "--log-level", "warning"]
+def launch_server(args: list[str], port: int, log: Path, cmd: list[str] | None = None) -> subprocess.Popen:
+    """`llmcycle serve ARGS --port PORT` (or `cmd`, another server) in a process of its own (output appended
+    to `log`), once /health answers; SystemExit with the log's end when it exits or does not come up in 180 s."""
+    if cmd is None:
+        cmd = [sys.executable, "-m", "llmcycle", "serve", *args, "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
     import httpx
@@ -136,7 +148,7 @@ def launch_server(args: list[str], port: int, log: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"llmcycle serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            raise SystemExit(f"{cmd[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -144,7 +156,7 @@ def launch_server(args: list[str], port: int, log: Path) -> subprocess.Popen:
             pass
         time.sleep(0.05)
     stop_server(proc)
-    raise SystemExit(f"llmcycle serve did not come up in 180 s:\n{log.read_text()[-3000:]}")
+    raise SystemExit(f"{' '.join(cmd[:4])} did not come up in 180 s:\n{log.read_text()[-3000:]}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -174,14 +186,17 @@ async def one_request(client, url: str, prompt: list[int], output_len: int) -> d
                 data, now = json.loads(line[6:]), time.perf_counter()
                 if "error" in data:
                     r["error"] = str(data["error"].get("message"))
-                elif data.get("choices"):
+                    continue
+                choice = (data.get("choices") or [None])[0]
+                # llama-server closes a stream with an empty-text chunk carrying the finish reason: not a token.
+                if choice is not None and (choice.get("text") or not choice.get("finish_reason")):
                     if r["ttft"] is None:
                         r["ttft"] = now - t0
                     else:
                         r["itl"].append(now - last)
-                    r["empty_chunks"] += not data["choices"][0].get("text")
+                    r["empty_chunks"] += not choice.get("text")
                     last = now
-                elif data.get("usage"):
+                if data.get("usage"):
                     r["output_tokens"] = data["usage"]["completion_tokens"]
     except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
         r["error"] = f"{type(e).__name__}: {e}"
@@ -243,6 +258,10 @@ def print_serving(name: str, s: dict) -> None:
                  for k, v in s[metric].items()]
     for label, v in rows:
         print(f"{label:<36}{v:>12}")
+    pc = s.get("prefix_cache")
+    if pc and pc.get("prefix_cache_queries"):
+        print(f"{'Prefix cache hit tokens':<36}{pc['prefix_cache_hits']:>12.0f} of {pc['prefix_cache_queries']:.0f} "
+              f"({pc['prefix_cache_hits'] / pc['prefix_cache_queries']:.0%})")
     for e in s["errors"][:5]:
         print(f"  error: {e}")
     print(flush=True)
@@ -253,6 +272,43 @@ def run_llmcycle(a: argparse.Namespace, model_dir: Path, prompts: list[list[int]
     t = time.perf_counter()
     proc = start_server(a, model_dir, port, log)
     print(f"llmcycle serve up on port {port} in {time.perf_counter() - t:.1f} s ({a.threads} threads)", flush=True)
+    return run_serving(a, "llmcycle serve", proc, port, prompts, log)
+
+
+def run_llama_cpp(a: argparse.Namespace, model_dir: Path, prompts: list[list[int]], work: Path) -> dict:
+    """The same client against llama.cpp's `llama-server` on the GGUF of the same weights (f32, as ours), with
+    `--parallel` = max concurrency slots of input + output tokens each and the same threads."""
+    gguf = work / "model-f32.gguf"
+    subprocess.run([sys.executable, "-m", "llmcycle", "export", "gguf", str(model_dir), "--type", "f32", "--out",
+                    str(gguf)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                   os.environ.get("PYTHONPATH")]))})
+    port, log = free_port(), work / "llama-server.log"
+    slots = a.max_concurrency
+    cmd = [str(a.llama_cpp / "llama-server"), "-m", str(gguf), "--port", str(port), "-t", str(a.threads),
+           "--parallel", str(slots), "-c", str(slots * (a.input_len + a.output_len + 8))]
+    t = time.perf_counter()
+    proc = launch_server([], port, log, cmd=cmd)
+    print(f"llama-server up on port {port} in {time.perf_counter() - t:.1f} s ({a.threads} threads)", flush=True)
+    return run_serving(a, "llama-server", proc, port, prompts, log)
+
+
+def prefix_cache_counters(port: int) -> dict | None:
+    """llmcycle's cumulative prefix-cache counters from /metrics (queried and hit prompt tokens, warm-up included);
+    None for a server without them."""
+    import httpx
+
+    found = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        for key in ("prefix_cache_queries", "prefix_cache_hits"):
+            if line.startswith(f"llmcycle:{key}_total{{"):
+                found[key] = float(line.rsplit(" ", 1)[1])
+    return found or None
+
+
+def run_serving(a: argparse.Namespace, name: str, proc: subprocess.Popen, port: int, prompts: list[list[int]],
+                log: Path) -> dict:
+    """The main run (rate, concurrency) and the batch-1 run against a started server, then stop it."""
     try:
         warm = asyncio.run(bench_client(port, prompts[:1], min(a.output_len, 8), float("inf"), 1, a.seed))[0][0]
         if warm["error"]:
@@ -261,7 +317,8 @@ def run_llmcycle(a: argparse.Namespace, model_dir: Path, prompts: list[list[int]
               flush=True)
         res, dur = asyncio.run(bench_client(port, prompts, a.output_len, a.request_rate, a.max_concurrency, a.seed))
         main_run = summarize(res, dur)
-        print_serving("llmcycle serve", main_run)
+        main_run["prefix_cache"] = prefix_cache_counters(port)
+        print_serving(name, main_run)
         b1 = prompts[:a.batch1_prompts]
         print(f"batch 1: {len(b1)} requests one at a time", flush=True)
         res1, dur1 = asyncio.run(bench_client(port, b1, a.output_len, float("inf"), 1, a.seed))
@@ -278,16 +335,27 @@ def run_llmcycle(a: argparse.Namespace, model_dir: Path, prompts: list[list[int]
 # transformers + bandwidth (in this process, after the server has gone)
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large `copy_` (read + write), best of `repeats`."""
+def sync(device: str) -> None:
     import torch
 
-    src = torch.ones(mib * 2**20 // 4)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes/s of a large `copy_` (read + write) on `device`, best of `repeats`."""
+    import torch
+
+    src = torch.ones(mib * 2**20 // 4, device=device)
     dst = torch.zeros_like(src)  # zeros_like touches the pages, so the timing sees no page faults
+    if device != "cpu":
+        dst.copy_(src)  # untimed: a GPU's first copy launches its kernel for the first time
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * src.numel() * 4 / best
 
@@ -296,15 +364,17 @@ def run_transformers(a: argparse.Namespace, model_dir: Path, prompts: list[list[
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(a.device).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def generate(batch: list[list[int]], n: int) -> float:
-        ids = torch.tensor(batch)
+        ids = torch.tensor(batch, device=a.device)
+        sync(a.device)
         t = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        sync(a.device)
         assert out.shape == (len(batch), ids.shape[1] + n), out.shape
         return time.perf_counter() - t
 
@@ -336,12 +406,25 @@ def report(r: dict) -> None:
     print(f"\nllmcycle output tok/s vs transformers batched: "
           f"{s['output_throughput'] / hf['batched']['output_throughput']:.2f}x, "
           f"vs sequential: {s['output_throughput'] / hf['sequential']['output_throughput']:.2f}x")
+    lc = r.get("llama_cpp")
+    if lc:
+        ls = lc["serving"]
+        print(f"\nllama-server (--parallel {conc}, f32): {ls['output_throughput']:.1f} output tok/s; llmcycle / "
+              f"llama-server: {s['output_throughput'] / ls['output_throughput']:.2f}x")
+        print("| metric | llmcycle | llama-server |\n|---|---:|---:|")
+        for metric in ("ttft", "tpot", "itl"):
+            for k in ("median_ms", "p99_ms"):
+                print(f"| {metric.upper()} {k.replace('_ms', '')} (ms) | {s[metric][k]:.1f} | {ls[metric][k]:.1f} |")
     bw, wb = r["bandwidth_gb_s"] * 1e9, r["model"]["decode_weight_bytes"]
     if b1["tpot"]["mean_ms"]:
         tps = 1e3 / b1["tpot"]["mean_ms"]
         print(f"batch-1 decode: llmcycle {tps:.1f} tok/s (mean TPOT {b1['tpot']['mean_ms']:.2f} ms over "
               f"{b1['completed']} requests); bound {bw / wb:.0f} tok/s = {bw / 1e9:.1f} GB/s / "
               f"{wb / 2**20:.1f} MiB of weights: {tps / (bw / wb):.1%} of the bound")
+        if lc and lc["batch1"]["tpot"]["mean_ms"]:
+            lt = 1e3 / lc["batch1"]["tpot"]["mean_ms"]
+            print(f"batch-1 decode: llama-server {lt:.1f} tok/s = {lt / (bw / wb):.1%} of the bound; "
+                  f"llmcycle / llama-server {tps / lt:.2f}x")
 
 
 def main() -> None:
@@ -355,12 +438,17 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request (ignore_eos)")
+    p.add_argument("--shared-prefix", type=int, default=0, help="leading prompt tokens common to every prompt")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per s (inf: at once)")
     p.add_argument("--max-concurrency", type=int, default=16, help="requests in flight; transformers batch size")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (both sides)")
     p.add_argument("--hf-sequential-prompts", type=int, default=8, help="prompts of the batch-1 transformers run")
     p.add_argument("--batch1-prompts", type=int, default=4, help="requests of the llmcycle batch-1 decode run")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:1 ...: where the server (`llmcycle serve --device`) and transformers run")
     p.add_argument("--server-args", default="", help="extra `llmcycle serve` flags, e.g. '--max-num-seqs 8'")
+    p.add_argument("--llama-cpp", type=Path, help="folder with llama.cpp's llama-server: run the same client "
+                   "against it on the f32 GGUF of the same weights (needs llmcycle[edge])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     p.add_argument("--json", type=Path, help="write config, machine and every metric here")
@@ -382,6 +470,8 @@ def main() -> None:
     import transformers
     from machine import cpu_name  # benchmarks/machine.py (the script's own folder is on sys.path)
 
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False")
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)  # `llmcycle serve` does this; give transformers the same
     transformers.utils.logging.disable_progress_bar()
@@ -390,18 +480,23 @@ def main() -> None:
         model_dir = a.model.resolve() if a.model else build_model(work / "model", a.size, a.tokenizer,
                                                                   a.tie_embeddings)
         params, step_bytes = weight_stats(model_dir)
-        prompts = make_prompts(model_dir, a.num_prompts, a.input_len, a.seed)
+        prompts = make_prompts(model_dir, a.num_prompts, a.input_len, a.seed, a.shared_prefix)
+        gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None
         r = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                  machine=dict(cpu=cpu_name(), cores=len(os.sched_getaffinity(0)), loadavg=list(os.getloadavg()),
-                              torch=torch.__version__, transformers=transformers.__version__, threads=a.threads),
+                              torch=torch.__version__, transformers=transformers.__version__, threads=a.threads,
+                              device=a.device, gpu=gpu),
                  model=dict(dir=str(a.model) if a.model else f"random {a.size}", params=params,
                             decode_weight_bytes=step_bytes))
         print(f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, load {os.getloadavg()[0]:.1f}; "
-              f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+              f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads; "
+              f"device {a.device}{f' ({gpu})' if gpu else ''}")
         print(f"model: {r['model']['dir']}, {params / 1e6:.2f}M parameters; {a.num_prompts} prompts x "
               f"{a.input_len} tokens -> {a.output_len} tokens", flush=True)
         r["llmcycle"] = run_llmcycle(a, model_dir, prompts, work)
-        r["bandwidth_gb_s"] = memory_bandwidth() / 1e9
+        if a.llama_cpp:
+            r["llama_cpp"] = run_llama_cpp(a, model_dir, prompts, work)
+        r["bandwidth_gb_s"] = memory_bandwidth(device=a.device) / 1e9
         r["transformers"] = run_transformers(a, model_dir, prompts)
         r["machine"]["loadavg_end"] = list(os.getloadavg())
         report(r)
