@@ -395,17 +395,18 @@ def run_transformers(a: argparse.Namespace, model_dir: Path, prompts: list[list[
 
 
 def report(r: dict) -> None:
-    s, hf, b1 = r["llmcycle"]["serving"], r["transformers"], r["llmcycle"]["batch1"]
+    s, hf, b1 = r["llmcycle"]["serving"], r.get("transformers"), r["llmcycle"]["batch1"]
     conc = r["config"]["max_concurrency"]
     print("\n| system | output tok/s | total tok/s | req/s |")
     print("|---|---:|---:|---:|")
     print(f"| llmcycle serve (max concurrency {conc}) | {s['output_throughput']:.1f} | "
           f"{s['total_token_throughput']:.1f} | {s['request_throughput']:.2f} |")
-    for k, label in (("batched", f"static batch {conc}"), ("sequential", "batch 1, sequential")):
-        print(f"| transformers generate, {label} | {hf[k]['output_throughput']:.1f} | | |")
-    print(f"\nllmcycle output tok/s vs transformers batched: "
-          f"{s['output_throughput'] / hf['batched']['output_throughput']:.2f}x, "
-          f"vs sequential: {s['output_throughput'] / hf['sequential']['output_throughput']:.2f}x")
+    if hf:
+        for k, label in (("batched", f"static batch {conc}"), ("sequential", "batch 1, sequential")):
+            print(f"| transformers generate, {label} | {hf[k]['output_throughput']:.1f} | | |")
+        print(f"\nllmcycle output tok/s vs transformers batched: "
+              f"{s['output_throughput'] / hf['batched']['output_throughput']:.2f}x, "
+              f"vs sequential: {s['output_throughput'] / hf['sequential']['output_throughput']:.2f}x")
     lc = r.get("llama_cpp")
     if lc:
         ls = lc["serving"]
@@ -449,6 +450,8 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra `llmcycle serve` flags, e.g. '--max-num-seqs 8'")
     p.add_argument("--llama-cpp", type=Path, help="folder with llama.cpp's llama-server: run the same client "
                    "against it on the f32 GGUF of the same weights (needs llmcycle[edge])")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers side (e.g. to compare "
+                   "server settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     p.add_argument("--json", type=Path, help="write config, machine and every metric here")
@@ -497,7 +500,8 @@ def main() -> None:
         if a.llama_cpp:
             r["llama_cpp"] = run_llama_cpp(a, model_dir, prompts, work)
         r["bandwidth_gb_s"] = memory_bandwidth(device=a.device) / 1e9
-        r["transformers"] = run_transformers(a, model_dir, prompts)
+        if not a.no_transformers:
+            r["transformers"] = run_transformers(a, model_dir, prompts)
         r["machine"]["loadavg_end"] = list(os.getloadavg())
         report(r)
         if a.json:

@@ -376,7 +376,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=none,
                    help="weights and KV dtype (default: as saved)")
     p.add_argument("--device", default=none, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
-    p.add_argument("--threads", type=int, default=none, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=none, help="torch CPU threads, kept fixed (default: the CPUs this process may use, following those other "
+                   "processes leave free)")
     p.add_argument("--log-level", default=none, help=f"uvicorn log level (default: {S.log_level})")
     p.add_argument("--max-n", type=int, default=none,
                    help=f"most sequences per prompt (n, best_of); more get 400 (default: {S.max_n})")

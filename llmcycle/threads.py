@@ -155,7 +155,7 @@ class ThreadGovernor:
         else:
             import torch
 
-            log.info(f"threads {self.threads} -> {want}: other processes use {others:.1f} of {len(self.cpus)} CPUs")
+            log.debug(f"threads {self.threads} -> {want}: other processes use {others:.1f} of {len(self.cpus)} CPUs")
             torch.set_num_threads(want)
             self.threads, self._pending = want, None
         return self.threads

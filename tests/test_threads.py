@@ -129,3 +129,14 @@ def test_a_bare_cuda_device_is_this_ranks_gpu():
     assert pick_device("cuda", 3) == torch.device("cuda:3")
     assert pick_device("cuda:1", 3) == torch.device("cuda:1")  # an explicit index is kept
     assert pick_device("cpu", 3) == torch.device("cpu")
+
+
+def test_a_thread_count_below_one_is_refused_before_any_work(capsys):
+    from llmcycle.cli import main
+    from llmcycle.errors import ConfigError
+    from llmcycle.train.config import OptimSection
+
+    with pytest.raises(ConfigError, match="train.threads must be positive"):
+        OptimSection(threads=0)
+    assert main(["pretrain", "train.threads=-1"]) == 2
+    assert "train.threads must be positive" in capsys.readouterr().err

@@ -53,7 +53,8 @@ class ServeConfig:
     num_speculative_tokens: int = F(4, "draft tokens proposed per step with draft_model")
     dtype: Dtype | None = F(None, "weights and KV dtype (null: as saved)")
     device: str | None = F(None, "cpu, cuda, cuda:1 ... (null: cuda if present, else cpu)")
-    threads: int | None = F(None, "torch CPU threads (null: the CPUs this process may use, cgroup quota included)")
+    threads: int | None = F(None, "torch CPU threads, kept fixed (null: the CPUs this process may use, cgroup quota "
+                                  "included, following those other processes leave free)")
     # admission and request limits
     max_waiting: int = F(256, "requests allowed to wait; more get 503")
     max_n: int = F(16, "most sequences per prompt (n, best_of); more get 400")

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -1124,7 +1125,7 @@ def run_server(cfg: ServeConfig) -> None:
     loras = parse_lora_modules(cfg.lora_modules, dirs)
     if cfg.draft_model is not None:
         check_model_dir(cfg.draft_model)
-    set_threads(cfg.threads)
+    threads = set_threads(cfg.threads)
     torch.set_flush_denormal(True)
     store = KeyStore(cfg.keys, create=False) if cfg.keys else None
     engine_args = cfg.engine_args()
@@ -1167,10 +1168,12 @@ def run_server(cfg: ServeConfig) -> None:
     for name, e in state.engines.items():
         pool = e.engine.pool
         print(f"model {name!r} from {dirs.get(name) or e.engine.model_dir}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
-              f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}",
-              flush=True)
+              f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}, "
+              f"{pool.device}", flush=True)
         for lora, path in loras.get(name, {}).items():
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
+    print(f"torch threads: {threads}" + (" (fixed)" if cfg.threads or "OMP_NUM_THREADS" in os.environ
+                                         else " (following the CPUs other processes leave free)"), flush=True)
     if registered is not None:
         for name, route in registered.routes.items():
             print(f"registry name {name!r} answered by {', '.join(route['keys'].values())} (followed every "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from llmcycle.config import field_help as F
+from llmcycle.errors import ConfigError
 from llmcycle.optimize.config import LoRAConfig
 
 # ---- shared by every trainer ---------------------------------------------------------------------
@@ -34,7 +35,12 @@ class OptimSection:
     dtype: Literal["auto", "fp32", "bf16"] = F("auto", "autocast dtype; auto = bf16 where the device is fast at it")
     device: str = F("auto", "auto, cpu, cuda, cuda:N")
     seed: int = F(42, "seed for initialisation, data order, masking and sampling")
-    threads: int | None = F(None, "torch CPU threads (default: the CPUs this process may use, cgroup quota included)")
+    threads: int | None = F(None, "torch CPU threads, kept fixed (default: the CPUs this process may use, cgroup "
+                            "quota included, following those other processes leave free)")
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:  # torch would fail on it after the data is loaded
+            raise ConfigError(f"train.threads must be positive (or null for automatic), not {self.threads}.")
 
 
 @dataclass
