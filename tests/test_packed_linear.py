@@ -40,3 +40,24 @@ def test_pack_linears_swaps_plain_linears_of_a_cpu_fp32_model_only(tmp_path):
     Transformer(cfg).save_pretrained(tmp_path)
     loaded = ModelRunner.load_weights(tmp_path)
     assert isinstance(loaded.model.layers[0].mlp.down_proj, PackedLinear)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])  # Llama, and Qwen2's biased q/k/v
+def test_fused_projections_give_the_same_logits(qkv_bias):
+    from llmcycle.serve.packed_linear import fuse_projections
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, qkv_bias=qkv_bias)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    expected = model(ids)
+    assert fuse_projections(model) == 2 * 2  # qkv and gate/up in each layer
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.qkv_proj.out_features == 32 + 2 * 16 and not hasattr(attn, "q_proj")
+    assert mlp.gate_up_proj.out_features == 2 * 64 and not hasattr(mlp, "up_proj")
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+    pack_linears(model)
+    assert isinstance(attn.qkv_proj, PackedLinear)
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+    assert "model.layers.0.self_attn.q_proj.weight" in Transformer(cfg).state_dict()  # training models keep HF names

@@ -60,7 +60,7 @@ class LLMEngine:
             raise ValueError("LLMEngine needs a model directory or a model")
         self.model_dir = str(model_dir) if model_dir is not None else "<in-memory model>"
         if model is None:
-            model = ModelRunner.load_weights(model_dir, device=device, dtype=dtype)
+            model = ModelRunner.load_weights(model_dir, device=device, dtype=dtype, fuse=not lora_modules)
         self.runner = ModelRunner.for_model(model, block_size, num_blocks, kv_cache_bytes)
         self.tokenizer = tokenizer if tokenizer is not None or model_dir is None else Tokenizer.from_pretrained(model_dir)
         self.block_manager = BlockManager(self.runner.pool.num_blocks, block_size, enable_prefix_caching)

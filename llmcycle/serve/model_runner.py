@@ -26,7 +26,7 @@ from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import num_blocks_for_budget
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
 from llmcycle.serve.lora import BASE_ID, LoRAAdapters
-from llmcycle.serve.packed_linear import pack_linears
+from llmcycle.serve.packed_linear import fuse_projections, pack_linears
 from llmcycle.serve.sampling import apply_penalties, make_generator, sample
 from llmcycle.serve.scheduler import ScheduledBatch, Sequence
 
@@ -89,14 +89,17 @@ class ModelRunner:
 
     @staticmethod
     def load_weights(model_dir: str | Path, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None) -> Transformer:
+                     dtype: torch.dtype | None = None, fuse: bool = False) -> Transformer:
         """Load a model directory for inference (eval mode): plain or quantized (`optimize/formats.py`:
         compressed-tensors int8/int4/W8A8, bitsandbytes NF4). Every model the engine runs (target and
         draft) and `llmcycle eval` reads goes through this door. On a CPU in fp32 the plain linear layers
-        become `PackedLinear` (inference only)."""
+        become `PackedLinear` (inference only), and with `fuse` (a model that takes no LoRA adapter) q/k/v and
+        gate/up become one product each."""
         from llmcycle.optimize.formats import load_model_dir
 
         model = load_model_dir(model_dir, device=device, dtype=dtype)
+        if fuse:
+            fuse_projections(model)
         pack_linears(model)  # CPU fp32: oneDNN's reordered weights (serve/packed_linear.py)
         return model
 

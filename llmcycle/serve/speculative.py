@@ -122,7 +122,7 @@ class SpeculativeDecoder:
         """Load the draft model next to `target`: same device and dtype, a pool of the same geometry (a slot
         id means the same token in both pools, so the target's block tables serve the draft too)."""
         p = next(target.model.parameters())
-        model = ModelRunner.load_weights(model_dir, device=p.device, dtype=p.dtype)
+        model = ModelRunner.load_weights(model_dir, device=p.device, dtype=p.dtype, fuse=True)  # drafts take no LoRA
         if model.config.vocab_size != target.model.config.vocab_size:
             raise LlmcycleError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                                 f"target's ({target.model.config.vocab_size}); they must share a tokenizer.")
