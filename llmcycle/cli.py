@@ -506,7 +506,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmcycle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, help_text, add in COMMANDS:
-        p = sub.add_parser(name, help=help_text, formatter_class=fmt)
+        # allow_abbrev=False: a misspelt flag (`--thread 2`) is an error, not silently `--threads 2`.
+        p = sub.add_parser(name, help=help_text, formatter_class=fmt, allow_abbrev=False)
         if command is None or command == name:
             add(p)
     return parser

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_cli, tiny_train_overrides
 
 
@@ -239,3 +241,13 @@ def test_progress_is_plain_lines_off_a_terminal():
     text = buf.getvalue()
     assert "\r" not in text and "\x1b" not in text
     assert text.count("a message") == 3 and "3/3" in text.splitlines()[-1]
+
+
+def test_a_misspelt_flag_is_refused_not_expanded(capsys):
+    """argparse would take `--thread` for `--threads`; a typo must be an error, as a wrong key is."""
+    from llmcycle.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "m=/nonexistent", "--thread", "2"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --thread" in capsys.readouterr().err
