@@ -386,9 +386,12 @@ def run_transformers(a: argparse.Namespace, model_dir: Path, prompts: list[list[
     batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
     print(f"transformers: {len(prompts)} prompts in {len(batches)} static batches of {bs}", flush=True)
     batch_s = [generate(b, a.output_len) for b in batches]
+    # A static batch's time to first token: every request of the batch waits for the batch's prefill and first
+    # sampled token (generate with one new token; the median over the batches).
+    ttft_s = float(np.median([generate(b, 1) for b in batches]))
     return dict(sequential=dict(prompts=len(seq), seconds=seq_s, output_throughput=len(seq) * a.output_len / seq_s),
                 batched=dict(batch_size=bs, batches=len(batches), seconds=sum(batch_s), batch_seconds=batch_s,
-                             output_throughput=len(prompts) * a.output_len / sum(batch_s)))
+                             output_throughput=len(prompts) * a.output_len / sum(batch_s), ttft_ms=1e3 * ttft_s))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,6 +410,8 @@ def report(r: dict) -> None:
         print(f"\nllmcycle output tok/s vs transformers batched: "
               f"{s['output_throughput'] / hf['batched']['output_throughput']:.2f}x, "
               f"vs sequential: {s['output_throughput'] / hf['sequential']['output_throughput']:.2f}x")
+        print(f"TTFT: llmcycle median {s['ttft']['median_ms']:.1f} ms; transformers static batch {conc}: "
+              f"{hf['batched']['ttft_ms']:.1f} ms (the batch's prefill and first token)")
     lc = r.get("llama_cpp")
     if lc:
         ls = lc["serving"]
