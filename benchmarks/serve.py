@@ -136,13 +136,17 @@ def start_server(a: argparse.Namespace, model_dir: Path, port: int, log: Path) -
                           *shlex.split(a.server_args)], port, log)
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH: children run the llmcycle under test."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def launch_server(args: list[str], port: int, log: Path, cmd: list[str] | None = None) -> subprocess.Popen:
     """`llmcycle serve ARGS --port PORT` (or `cmd`, another server) in a process of its own (output appended
     to `log`), once /health answers; SystemExit with the log's end when it exits or does not come up in 180 s."""
     if cmd is None:
         cmd = [sys.executable, "-m", "llmcycle", "serve", *args, "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=child_env())
     import httpx
 
     deadline = time.monotonic() + 180
@@ -281,8 +285,7 @@ def run_llama_cpp(a: argparse.Namespace, model_dir: Path, prompts: list[list[int
     gguf = work / "model-f32.gguf"
     subprocess.run([sys.executable, "-m", "llmcycle", "export", "gguf", str(model_dir), "--type", "f32", "--out",
                     str(gguf)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                                   os.environ.get("PYTHONPATH")]))})
+                   env=child_env())
     port, log = free_port(), work / "llama-server.log"
     slots = a.max_concurrency
     cmd = [str(a.llama_cpp / "llama-server"), "-m", str(gguf), "--port", str(port), "-t", str(a.threads),

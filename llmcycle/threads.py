@@ -92,6 +92,11 @@ def set_threads(threads: int | None = None) -> int:
     return threads
 
 
+def adaptive() -> bool:
+    """True when the last `set_threads` left the count to follow the machine (no count given)."""
+    return _governor is not None
+
+
 def adapt_threads() -> None:
     """Called once per training or engine step, from the thread that runs it: cheap (a clock read) except every
     `ThreadGovernor.interval_s`. A no-op when the user fixed the thread count."""

@@ -22,11 +22,6 @@ from llmcycle.errors import LlmcycleError
 from llmcycle.threads import usable_cpus
 
 
-def cpu_count() -> int:
-    """CPUs this process may use (affinity and cgroup quota): the default number of workers."""
-    return usable_cpus()
-
-
 def _with_peak(fn: Callable[[Any], Any], item: Any) -> tuple[Any, int]:
     """Run a task in a worker and say how much memory that worker has held at most (KiB), so the driver
     can report workers' peak memory (they are not its children: forkserver and Ray start them)."""
@@ -83,7 +78,7 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, workers: int = 0):
-        self.workers = workers if workers > 0 else cpu_count()
+        self.workers = workers if workers > 0 else usable_cpus()
         self.worker_peak_kb = 0  # the largest worker of any map so far (0: everything ran inline)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -121,7 +116,7 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": True,
                                       "configure_logging": False}
             if address is None:
-                kwargs["num_cpus"] = workers if workers > 0 else cpu_count()
+                kwargs["num_cpus"] = workers if workers > 0 else usable_cpus()
             try:
                 ray.init(**kwargs)
             except ConnectionError as e:

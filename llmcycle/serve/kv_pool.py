@@ -20,6 +20,8 @@ each decode row's context every layer, whole blocks at a time, which is simple a
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -100,10 +102,7 @@ class PagedBatch:
         self.length = 0
         self.num_new = num_new
         self.num_tokens = sum(num_new)
-        starts = [0]
-        for n in num_new[:-1]:
-            starts.append(starts[-1] + n)
-        self.starts = starts
+        self.starts = starts = list(itertools.accumulate(num_new[:-1], initial=0))
         positions, slots = [], []
         for table, c, n in zip(block_tables, num_cached, num_new, strict=True):
             pos = range(c, c + n)
@@ -168,11 +167,11 @@ class _Group:
         self.all_tokens = len(index) == num_tokens  # the whole batch, in order: views instead of gathers
         if fresh:  # an empty cache: the row's own new K/V are all its keys; SDPA's causal kernel is exact
             return
-        width = max(-(-(c + n) // bs) for c in num_cached)
-        # Each row reads whole blocks: those covering its tokens, padded with block 0 (masked out).
-        self.tables = torch.tensor([t[: -(-(c + n) // bs)] + [0] * (width - -(-(c + n) // bs))
-                                    for t, c in zip(tables, num_cached, strict=True)], dtype=torch.long,
-                                   device=dev).flatten()
+        blocks = [-(-(c + n) // bs) for c in num_cached]  # blocks covering each row's tokens
+        width = max(blocks)
+        # Each row reads whole blocks: its own, padded with block 0 (masked out).
+        self.tables = torch.tensor([t[:m] + [0] * (width - m) for t, m in zip(tables, blocks, strict=True)],
+                                   dtype=torch.long, device=dev).flatten()
         cached = torch.tensor(num_cached, dtype=torch.long, device=dev)[:, None, None]  # [G, 1, 1]
         q_pos = cached + torch.arange(n, device=dev)[None, :, None]  # [G, n, 1]
         j = torch.arange(width * bs, device=dev)[None, None, :]

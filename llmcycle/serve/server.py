@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -62,7 +61,7 @@ from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.registered import RegisteredModels
 from llmcycle.serve.sampling import SamplingParams
-from llmcycle.threads import set_threads
+from llmcycle.threads import adaptive, set_threads
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
 
 if TYPE_CHECKING:
@@ -1172,8 +1171,8 @@ def run_server(cfg: ServeConfig) -> None:
               f"{pool.device}", flush=True)
         for lora, path in loras.get(name, {}).items():
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
-    print(f"torch threads: {threads}" + (" (fixed)" if cfg.threads or "OMP_NUM_THREADS" in os.environ
-                                         else " (following the CPUs other processes leave free)"), flush=True)
+    print(f"torch threads: {threads}" + (" (following the CPUs other processes leave free)" if adaptive()
+                                         else " (fixed)"), flush=True)
     if registered is not None:
         for name, route in registered.routes.items():
             print(f"registry name {name!r} answered by {', '.join(route['keys'].values())} (followed every "
