@@ -13,6 +13,7 @@ nothing extra; a right-padded batch (every row padded to the chunk's length) mea
 
     PYTHONPATH=. python benchmarks/mixed_step.py                  # the "base" 82M model, fp32
     PYTHONPATH=. python benchmarks/mixed_step.py --size mini --threads 1
+    PYTHONPATH=. python benchmarks/mixed_step.py --dtype bfloat16     # on a CPU with native bf16
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def measure(model: Transformer, decodes: int, context: int, prefill: int, repeat
             block_size: int = 16) -> dict[str, float]:
     """Median ms of the decode step, the prefill step and the mixed step, and the mixed / parts ratio."""
     per_row = -(-(max(context + 1, prefill)) // block_size)
-    pool = KVPool(model.config, (decodes + 1) * per_row, block_size)
+    dtype = next(model.parameters()).dtype
+    pool = KVPool(model.config, (decodes + 1) * per_row, block_size, dtype=dtype)
     tables = [list(range(i * per_row, (i + 1) * per_row)) for i in range(decodes + 1)]
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -74,7 +76,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-pack", action="store_true", help="keep nn.Linear (the engine packs CPU fp32 weights)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    p.add_argument("--no-pack", action="store_true", help="keep nn.Linear (the engine packs where can_pack holds)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
     from llmcycle.threads import set_threads
@@ -82,11 +85,11 @@ def main() -> None:
     threads = set_threads(a.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    model = Transformer(config_for_size(a.size, vocab_size=a.vocab)).eval()
+    model = Transformer(config_for_size(a.size, vocab_size=a.vocab)).eval().to(getattr(torch, a.dtype))
     if not a.no_pack:
         pack_linears(model)  # as ModelRunner.load_weights does
     r = measure(model, a.decodes, a.context, a.prefill, a.repeats)
-    print(f"machine: {cpu_name()}, threads {threads}, model {a.size}, fp32, "
+    print(f"machine: {cpu_name()}, threads {threads}, model {a.size}, {a.dtype}, "
           f"{'nn.Linear' if a.no_pack else 'packed linear layers'}")
     print(f"{a.decodes} decodes at context {a.context}: {r['decode']:.1f} ms; prefill of {a.prefill}: "
           f"{r['prefill']:.1f} ms; both in one step: {r['mixed']:.1f} ms = {r['ratio']:.2f}x the parts")

@@ -15,7 +15,7 @@ One command, one checkpoint, one prompt set:
    Then a batch-1 run (concurrency 1, `--batch1-prompts` requests): decode tokens/s = 1 / mean TPOT.
    With `--llama-cpp DIR`: the same two runs against llama.cpp's `llama-server` (`--parallel` = max
    concurrency, same threads) on the f32 GGUF of the same weights (`llmcycle export gguf`), after ours exited.
-3. transformers, after the servers have exited (no shared CPU): `AutoModelForCausalLM` in fp32, greedy
+3. transformers, after the servers have exited (no shared CPU): `AutoModelForCausalLM` in `--dtype`, greedy
    `generate` with min_new_tokens = max_new_tokens = output-len, (a) one prompt at a time and (b) statically
    batched at batch size = max concurrency (equal-length prompts: no padding), same torch thread count.
 4. The batch-1 decode bound: measured memory bandwidth (a 512 MiB `copy_`, read + write bytes, best of 5)
@@ -24,6 +24,8 @@ One command, one checkpoint, one prompt set:
 
 `--device cuda` puts both sides on the GPU (the server gets `--device cuda`, transformers' model and inputs
 move there, the bandwidth is the GPU memory's); the default is the CPU for both, whatever the machine has.
+`--dtype bfloat16` runs llmcycle and transformers in bf16 (the bound counts 2-byte weights); llama-server
+stays on the f32 GGUF.
 
 Run it on a quiet machine: with `--threads` = all cores, any other process stealing a core stalls every
 OpenMP barrier (on 2 shared cores transformers' batch-1 decode fell 10x, llmcycle's less), so the ratios then
@@ -92,8 +94,8 @@ def build_model(out: Path, size: str, tokenizer_dir: Path, tie: bool) -> Path:
     return out
 
 
-def weight_stats(model_dir: Path) -> tuple[int, int]:
-    """(parameters, bytes of weights read per decode step) from the safetensors files."""
+def weight_stats(model_dir: Path, dtype: str) -> tuple[int, int]:
+    """(parameters, bytes of weights read per decode step in `dtype`) from the safetensors files."""
     from safetensors import safe_open
 
     params = step_bytes = 0
@@ -105,7 +107,7 @@ def weight_stats(model_dir: Path) -> tuple[int, int]:
                 n = int(np.prod(t.get_shape()))
                 params += n
                 if tied or not k.endswith("embed_tokens.weight"):
-                    step_bytes += n * {"F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+                    step_bytes += n * {"float32": 4, "bfloat16": 2}[dtype]
     return params, step_bytes
 
 
@@ -133,7 +135,7 @@ def free_port() -> int:
 
 def start_server(a: argparse.Namespace, model_dir: Path, port: int, log: Path) -> subprocess.Popen:
     return launch_server([f"bench={model_dir}", "--threads", str(a.threads), "--device", a.device,
-                          *shlex.split(a.server_args)], port, log)
+                          "--dtype", a.dtype, *shlex.split(a.server_args)], port, log)
 
 
 def child_env() -> dict[str, str]:
@@ -367,7 +369,7 @@ def run_transformers(a: argparse.Namespace, model_dir: Path, prompts: list[list[
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(a.device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, a.dtype)).to(a.device).eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def generate(batch: list[list[int]], n: int) -> float:
@@ -455,6 +457,8 @@ def main() -> None:
     p.add_argument("--batch1-prompts", type=int, default=4, help="requests of the llmcycle batch-1 decode run")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:1 ...: where the server (`llmcycle serve --device`) and transformers run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights of llmcycle and transformers (llama-server stays on the f32 GGUF)")
     p.add_argument("--server-args", default="", help="extra `llmcycle serve` flags, e.g. '--max-num-seqs 8'")
     p.add_argument("--llama-cpp", type=Path, help="folder with llama.cpp's llama-server: run the same client "
                    "against it on the f32 GGUF of the same weights (needs llmcycle[edge])")
@@ -490,7 +494,7 @@ def main() -> None:
     try:
         model_dir = a.model.resolve() if a.model else build_model(work / "model", a.size, a.tokenizer,
                                                                   a.tie_embeddings)
-        params, step_bytes = weight_stats(model_dir)
+        params, step_bytes = weight_stats(model_dir, a.dtype)
         prompts = make_prompts(model_dir, a.num_prompts, a.input_len, a.seed, a.shared_prefix)
         gpu = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None
         r = dict(config={k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},

@@ -128,3 +128,32 @@ def test_engine_sampler_matches_simple_sampler(model_dir):
     b = EngineSampler().generate(model, prompts, 12, temperature=1.0, top_k=50,
                                  generator=torch.Generator().manual_seed(3))
     assert a == b and all(1 <= len(x) <= 12 for x in a) and a != greedy
+
+
+def test_bf16_engine_follows_its_own_model(model_dir):
+    """`dtype=bfloat16`: the engine (packed bf16 linears where the CPU has bf16, fp32 attention over cached
+    context on the CPU) picks the fp32 model's greedy tokens wherever fp32's top token leads by a clear
+    margin (bf16 rounding may flip a near tie)."""
+    from llmcycle.serve.packed_linear import PackedLinear
+
+    prompts = _prompts(4, seed=3)
+    llm = LLM(model_dir, block_size=4, num_blocks=128, dtype=torch.bfloat16)
+    runner_model = llm.engine.runner.model
+    assert next(runner_model.parameters()).dtype == torch.bfloat16
+    packed = isinstance(runner_model.lm_head, PackedLinear)
+    assert packed == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    m = Transformer.from_pretrained(model_dir).eval()
+    compared = 0
+    for p, o in zip(prompts, outs):
+        ids = list(p)
+        for tok in o.outputs[0].token_ids:
+            with torch.no_grad():
+                logits = m(torch.tensor([ids]))[0, -1]
+            top2 = logits.topk(2).values
+            if top2[0] - top2[1] < 0.1:  # a near tie in fp32: bf16 may pick either; stop comparing this row
+                break
+            assert tok == int(logits.argmax())
+            ids.append(tok)
+            compared += 1
+    assert compared >= 8 and _free(llm)

@@ -162,3 +162,19 @@ def test_mixed_step_costs_no_more_than_its_parts():
 
     parts = best(dec) + best(pre)
     assert best(dec + pre) <= 1.2 * parts
+
+
+def test_bf16_paged_decode_matches_the_fp32_model():
+    """A bf16 pool and model (on the CPU the cached-context attention runs in fp32, which is faster there)
+    give the fp32 model's logits to bf16 precision, and the same greedy token."""
+    model = tiny_model(kv_heads=1)
+    half = tiny_model(kv_heads=1).to(torch.bfloat16)
+    pool = KVPool(half.config, num_blocks=8, block_size=BS, dtype=torch.bfloat16)
+    assert pool.k.dtype == torch.bfloat16
+    p = prompts()[2]
+    forward_paged(half, pool, [(list(range(8)), 0, p[:-1])])
+    logits = forward_paged(half, pool, [(list(range(8)), len(p) - 1, p[-1:])])[0]
+    assert logits.dtype == torch.bfloat16
+    expected = model(torch.tensor([p]))[0, -1]
+    torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.05)
+    assert logits.argmax() == expected.argmax()

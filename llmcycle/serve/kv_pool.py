@@ -199,6 +199,10 @@ class _Group:
             pool = self.pool
             keys = pool.k[layer].index_select(1, self.tables).view(self.keys_shape).transpose(0, 1)
             values = pool.v[layer].index_select(1, self.tables).view(self.keys_shape).transpose(0, 1)
-            y = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=self.mask,
-                                               **gqa)
+            # On the CPU, SDPA over a cached context is ~4x slower in bf16 than in fp32 (a decode step of 16
+            # rows at context 144: 2.1 ms against 0.48 ms including the casts, AVX512-BF16 EPYC), so half
+            # precision attends in fp32; the gathered copy is made anyway.
+            dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+            y = F.scaled_dot_product_attention(qg.to(dtype), keys.to(dtype), values.to(dtype), attn_mask=self.mask,
+                                               **gqa).to(q.dtype)
         return y.transpose(0, 1).reshape(y.shape[1], self.size * self.n, y.shape[-1])

@@ -92,15 +92,15 @@ class ModelRunner:
                      dtype: torch.dtype | None = None, fuse: bool = False) -> Transformer:
         """Load a model directory for inference (eval mode): plain or quantized (`optimize/formats.py`:
         compressed-tensors int8/int4/W8A8, bitsandbytes NF4). Every model the engine runs (target and
-        draft) and `llmcycle eval` reads goes through this door. On a CPU in fp32 the plain linear layers
-        become `PackedLinear` (inference only), and with `fuse` (a model that takes no LoRA adapter) q/k/v and
+        draft) and `llmcycle eval` reads goes through this door. On a CPU in fp32 (or bf16 where the CPU has
+        it) the plain linear layers become `PackedLinear` (inference only), and with `fuse` (a model that takes no LoRA adapter) q/k/v and
         gate/up become one product each."""
         from llmcycle.optimize.formats import load_model_dir
 
         model = load_model_dir(model_dir, device=device, dtype=dtype)
         if fuse:
             fuse_projections(model)
-        pack_linears(model)  # CPU fp32: oneDNN's reordered weights (serve/packed_linear.py)
+        pack_linears(model)  # CPU fp32/bf16: oneDNN's reordered weights (serve/packed_linear.py)
         return model
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Linear layers whose weights oneDNN lays out once for CPU inference (fp32).
+"""Linear layers whose weights oneDNN lays out once for CPU inference (fp32, and bf16 where the CPU has it).
 
 A decode step multiplies a few token rows (one per running request) by every weight matrix. MKL's sgemm,
 which `F.linear` calls, runs that shape far below its peak: on the 2-core AVX2 EPYC a [15, 768] x [768, 2048]
@@ -8,10 +8,10 @@ a 16-request decode step 1.4x faster, a 4-request one 1.9x and a 128-token prefi
 decode unchanged (benchmarks/mixed_step.py and benchmarks/serve.py; docs/benchmarks.md). PyTorch's own
 `torch.compile` freezing pass uses the same two oneDNN ops for CPU linear layers.
 
-`pack_linears(model)` swaps every plain `nn.Linear` of a CPU fp32 model loaded for inference for a
-`PackedLinear`. The reordered weight replaces the original (no second copy), so `.weight` becomes a dense copy
-made on request, for the rare readers (LoRA checks, DoRA's norms); a tied LM head packs its own copy and
-leaves the embedding table as it was. Only models loaded from disk for inference are packed: a live policy
+`pack_linears(model)` swaps every plain `nn.Linear` of a CPU model loaded for inference (fp32, or bf16 on
+a CPU with native bf16: `can_pack`) for a `PackedLinear`. The reordered weight replaces the original (no
+second copy), so `.weight` becomes a dense copy made on request, for the rare readers (LoRA checks, DoRA's
+norms); a tied LM head packs its own copy and leaves the embedding table as it was. Only models loaded from disk for inference are packed: a live policy
 handed to the engine for rollouts keeps training its own parameters. Quantized layers are left alone.
 """
 
@@ -47,9 +47,14 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(model: nn.Module) -> bool:
-    """True for a model on the CPU in fp32 when this torch has oneDNN."""
+    """True for a model on the CPU when this torch has oneDNN, in fp32, or in bf16 where the CPU computes
+    bf16 natively (oneDNN's check: AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX). There a packed bf16 layer ran
+    ~2x a packed fp32 one at 1 to 128 rows (the [768, 8192] LM head at one row: 0.21 ms against 0.53 ms;
+    AVX512-BF16 EPYC, docs/benchmarks.md); elsewhere bf16 stays on `F.linear`."""
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    if p.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -79,7 +84,7 @@ def _concat(linears: list[nn.Module]) -> nn.Linear:
 
 def fuse_projections(model: nn.Module) -> int:
     """Replace each attention's q/k/v and each MLP's gate/up by one linear layer (`qkv_proj`, `gate_up_proj`)
-    and drop the originals; returns how many groups were fused. CPU fp32 only (where it was measured: on the
+    and drop the originals; returns how many groups were fused. Where `can_pack` holds (measured in fp32: on the
     AVX2 EPYC, one [1, 256] x [256, 512] product took 116 us where q, k and v took 235 us; gate/up 125 against
     183 us; 4-8% of a batch-1 decode step). Only for models that take no LoRA adapters: those attach to q_proj
     and friends by name. Call before `pack_linears`."""
