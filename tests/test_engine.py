@@ -136,7 +136,7 @@ def test_bf16_engine_follows_its_own_model(model_dir):
     margin (bf16 rounding may flip a near tie)."""
     from llmcycle.serve.packed_linear import PackedLinear
 
-    prompts = _prompts(4, seed=3)
+    prompts = _prompts(8, seed=3)
     llm = LLM(model_dir, block_size=4, num_blocks=128, dtype=torch.bfloat16)
     runner_model = llm.engine.runner.model
     assert next(runner_model.parameters()).dtype == torch.bfloat16
@@ -153,7 +153,7 @@ def test_bf16_engine_follows_its_own_model(model_dir):
             top2 = logits.topk(2).values
             if top2[0] - top2[1] < 0.1:  # a near tie in fp32: bf16 may pick either; stop comparing this row
                 break
-            assert tok == int(logits.argmax())
+            assert tok == int(logits.argmax()), (p, o.outputs[0].token_ids)
             ids.append(tok)
             compared += 1
-    assert compared >= 8 and _free(llm)
+    assert compared >= 10 and _free(llm)  # of 32 tokens
