@@ -201,6 +201,10 @@ class PackedLoader:
         positions = _ranges(plan.seg_start[segs], plan.seg_len[segs])
         return self.shards.take(positions).reshape(len(rows), self.row_len)
 
+    def rows(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        """Rows `indices` of an epoch's plan, [len(indices), seq_len + 1], without moving the cursor."""
+        return self._gather(self.plan(epoch), np.asarray(indices, dtype=np.int64))
+
     def next_batch(self) -> torch.Tensor:
         parts = []
         epoch, pos, need = self.epoch, self.cursor + self.rank * self.batch_size, self.batch_size

@@ -168,6 +168,10 @@ class OnlineEval:
 class SFTData(DataSection):
     loss_on: Literal["assistant", "all"] = F("assistant", "train on assistant tokens only, or on every token")
     packing: bool = F(True, "pack several examples per row (no attention across them); false pads one per row")
+    pretrain_mix: float = F(0.0, "share of trained tokens that are pre-training text, trained on every token, so "
+                            "SFT keeps the language model it starts from (0: none)")
+    pretrain_shards: str | None = F(None, "token shards replayed by pretrain_mix (default: the model's own "
+                                    "pre-training shards, from its manifest)")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from llmcycle.train.posttrain.chat_data import (
 )
 from llmcycle.train.posttrain.evaluate import exact_match, heldout_loss
 from llmcycle.train.posttrain.examples import SFTExample
+from llmcycle.train.posttrain.replay import ReplayRows, pretrain_shards_of, rows_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     sets = load_train_and_heldout(d, s.out_dir, "sft", load, load, "SFT training", "training examples",
                                   split_noun="examples")
     train, heldout = sets.train, sets.heldout
+    n_tokens = sum(sum(e.trained[1:]) for e in train)
+    replay, replay_rows = None, rows_per_epoch(d.pretrain_mix, n_tokens, d.max_length)
+    if replay_rows:
+        shards = pretrain_shards_of(cfg.model, d.pretrain_shards)
+        replay = ReplayRows(shards, d.max_length, t.seed, tok.vocab_size)
+        log.info(f"data: {replay_rows} new rows of {d.max_length} pre-training tokens per epoch from {shards} "
+                 f"(pretrain_mix {d.pretrain_mix})")
+        sets.paths.append(shards)
 
     modules = s.trained_modules(lambda: {"policy": Transformer.from_pretrained(cfg.model)})
     model = modules["policy"]
@@ -75,6 +84,8 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         log.info(f"note: data.max_length {d.max_length} exceeds the model's context "
                  f"{model.config.max_position_embeddings}; positions past it were never trained")
     data_hash = examples_hash(train)
+    if replay is not None:
+        data_hash += f"+replay:{replay.content_hash}:{replay_rows}"
     if s.state is not None and s.state["extra"].get("data_hash") != data_hash:
         raise LlmcycleError(f"the training data differ from those of checkpoint {s.resume_from}; cannot resume.")
 
@@ -86,16 +97,22 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         units = [[order[j] for j in row] for row in plan]
     else:
         units = [[i] for i in range(len(train))]
+    # Replay slots: unit -1 - j is the epoch's j-th row of pre-training text (each epoch reads new rows).
+    units += [[-1 - j] for j in range(replay_rows)]
     loader, max_steps = s.epoch_loader(len(units), t.batch_size * t.grad_accum)
-    n_tokens = sum(sum(e.trained[1:]) for e in train)
     log.info(f"train: {max_steps} steps, {len(units)} {'packed rows' if d.packing else 'examples'} "
-             f"({n_tokens:,} trained tokens) per epoch, batch {t.batch_size} x {t.grad_accum} x {s.dist.world_size}")
+             f"({n_tokens + replay_rows * (d.max_length - 1):,} trained tokens) per epoch, batch {t.batch_size} "
+             f"x {t.grad_accum} x {s.dist.world_size}")
+
+    def example(i: int) -> tuple[list[int], list[bool]]:
+        if i < 0:  # `loader.epoch`: the batch is built right after the loader hands out its indices
+            return replay.example(loader.epoch * replay_rows + (-1 - i))
+        return train[i].ids, train[i].trained
 
     def make_batch(unit_ids: list[int]):
         if d.packing:
-            rows = [[(train[i].ids, train[i].trained) for i in units[u]] for u in unit_ids]
-            return packed_batch(rows, pad_id).to(s.device)
-        return pad_batch([(train[units[u][0]].ids, train[units[u][0]].trained) for u in unit_ids], pad_id).to(s.device)
+            return packed_batch([[example(i) for i in units[u]] for u in unit_ids], pad_id).to(s.device)
+        return pad_batch([example(units[u][0]) for u in unit_ids], pad_id).to(s.device)
 
     with_ref = [e for e in heldout if e.reference is not None and e.prompt_ids][: cfg.eval.generate]
 
@@ -115,7 +132,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         s, "sft", max_steps, loader, lambda idx: [make_batch(list(c)) for c in chunks(idx, t.batch_size)],
         lambda b: float((b.targets != IGNORE).sum()), lambda b: sft_loss(wrapped, b), evaluate, cfg.eval.every,
         _eval_line, {"data_hash": data_hash, "first_eval": first_eval})
-    result = {"train_examples": len(train), "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
+    result = {"train_examples": len(train), "pretrain_rows_per_epoch": replay_rows, "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
     result.update(s.usage_metrics())  # parameters trained, step time, peak memory (core/usage.py)
