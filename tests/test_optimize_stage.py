@@ -15,7 +15,7 @@ USED = ("trainable_parameters", "parameters", "trainable_share", "mean_step_seco
 def test_optimize_stage_trains_lora_beside_sft_and_compares(tiny_data, tmp_path, capsys):
     runs = tmp_path / "runs"
     args = [*miniature(tiny_data, runs, "[pretrain,sft,dpo,optimize,report]"), "optimize.lora.r=4",
-            "optimize.lora.alpha=8"]
+            "optimize.lora.alpha=8", "optimize.lora_lr_scale=2.0"]
     assert main(["run", *args]) == 0
     out = capsys.readouterr().out
     root = runs / "mini"
@@ -23,7 +23,7 @@ def test_optimize_stage_trains_lora_beside_sft_and_compares(tiny_data, tmp_path,
     assert rec["status"] == "done"
     assert set(rec["inputs"]) == {"pretrain", "sft"}  # not dpo: a new dpo model does not redo LoRA
     assert rec["config"]["lora_sft"]["model"] == str(root / "pretrain" / "model")  # sft's starting model
-    assert rec["config"]["lora_sft"]["train"]["lr"] == 5 * read_record(root / "sft")["config"]["train"]["lr"]
+    assert rec["config"]["lora_sft"]["train"]["lr"] == 2 * read_record(root / "sft")["config"]["train"]["lr"]
 
     # the adapter: PEFT's files, a manifest naming its base, and lineage walks through it to the base
     adapter = root / "optimize" / "lora" / "model"
