@@ -123,6 +123,8 @@ def test_sft_replays_pretraining_text_and_keeps_the_language_model(tiny_base_mod
     assert len(ids) == 64 and trained == [False] + [True] * 63
     assert ReplayRows(Path(tiny_data["train"]), 64, 0, 512).row(3) == ids != replay.row(4)
     assert len(replay.row(10_000)) == 64  # past the first epoch of the shard set: the next epoch's packing
+    with pytest.raises(LlmcycleError, match="another tokenizer"):
+        ReplayRows(Path(tiny_data["train"]), 64, 0, 512, tokenizer_hash="0" * 64)
 
     common = {"data.train": word_data["sft_train"], "data.eval": None, "train.lr": 3e-3}
     plain, mixed = tmp_path / "plain", tmp_path / "mixed"

@@ -49,11 +49,15 @@ class ReplayRows:
     """Row k of an endless, deterministic stream of `length`-token rows of a shard set (pre-training's own
     packing, epoch after epoch, seeded), so a resumed run reads exactly the rows it would have read."""
 
-    def __init__(self, shards_dir: Path, length: int, seed: int, vocab_size: int) -> None:
+    def __init__(self, shards_dir: Path, length: int, seed: int, vocab_size: int,
+                 tokenizer_hash: str | None = None) -> None:
         from llmcycle.data.loader import PackedLoader
         from llmcycle.data.shards import ShardSet
 
         shards = ShardSet(shards_dir)
+        if tokenizer_hash and shards.tokenizer_hash and shards.tokenizer_hash != tokenizer_hash:
+            raise LlmcycleError(f"data.pretrain_shards {shards_dir} were tokenized with another tokenizer than the "
+                                "model's; replay shards made with the model's own tokenizer.")
         if shards.vocab_size > vocab_size:
             raise LlmcycleError(f"data.pretrain_shards {shards_dir}: token ids up to {shards.vocab_size - 1} do "
                                 f"not fit the model's vocabulary of {vocab_size}.")

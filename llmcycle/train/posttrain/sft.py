@@ -70,7 +70,7 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
     replay, replay_rows = None, rows_per_epoch(d.pretrain_mix, n_tokens, d.max_length)
     if replay_rows:
         shards = pretrain_shards_of(cfg.model, d.pretrain_shards)
-        replay = ReplayRows(shards, d.max_length, t.seed, tok.vocab_size)
+        replay = ReplayRows(shards, d.max_length, t.seed, tok.vocab_size, tok.content_hash())
         log.info(f"data: {replay_rows} new rows of {d.max_length} pre-training tokens per epoch from {shards} "
                  f"(pretrain_mix {d.pretrain_mix})")
         sets.paths.append(shards)
