@@ -11,8 +11,9 @@ decode unchanged (benchmarks/mixed_step.py and benchmarks/serve.py; docs/benchma
 `pack_linears(model)` swaps every plain `nn.Linear` of a CPU model loaded for inference (fp32, or bf16 on
 a CPU with native bf16: `can_pack`) for a `PackedLinear`. The reordered weight replaces the original (no
 second copy), so `.weight` becomes a dense copy made on request, for the rare readers (LoRA checks, DoRA's
-norms); a tied LM head packs its own copy and leaves the embedding table as it was. Only models loaded from disk for inference are packed: a live policy
-handed to the engine for rollouts keeps training its own parameters. Quantized layers are left alone.
+norms); a tied LM head packs its own copy and leaves the embedding table as it was. Only models loaded from
+disk for inference are packed: a live policy handed to the engine for rollouts keeps training its own
+parameters. Quantized layers are left alone.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def _concat(linears: list[nn.Module]) -> nn.Linear:
 
 def fuse_projections(model: nn.Module) -> int:
     """Replace each attention's q/k/v and each MLP's gate/up by one linear layer (`qkv_proj`, `gate_up_proj`)
-    and drop the originals; returns how many groups were fused. Where `can_pack` holds (measured in fp32: on the
-    AVX2 EPYC, one [1, 256] x [256, 512] product took 116 us where q, k and v took 235 us; gate/up 125 against
-    183 us; 4-8% of a batch-1 decode step). Only for models that take no LoRA adapters: those attach to q_proj
+    and drop the originals; returns how many groups were fused. Applies where `can_pack` holds (measured in
+    fp32 on the AVX2 EPYC: one [1, 256] x [256, 512] product took 116 us where q, k and v took 235 us; gate/up
+    125 against 183 us; 4-8% of a batch-1 decode step). Only for models that take no LoRA adapters: those attach to q_proj
     and friends by name. Call before `pack_linears`."""
     if not can_pack(model):
         return 0

@@ -132,7 +132,8 @@ def _sft(cfg: SFTConfig, s: Session) -> dict:
         s, "sft", max_steps, loader, lambda idx: [make_batch(list(c)) for c in chunks(idx, t.batch_size)],
         lambda b: float((b.targets != IGNORE).sum()), lambda b: sft_loss(wrapped, b), evaluate, cfg.eval.every,
         _eval_line, {"data_hash": data_hash, "first_eval": first_eval})
-    result = {"train_examples": len(train), "pretrain_rows_per_epoch": replay_rows, "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
+    result = {"train_examples": len(train), "pretrain_rows_per_epoch": replay_rows,
+              "rejected": sets.rejects.to_dict(), "eval_rejected": sets.eval_rejects.to_dict(),
               "eval_before": {k: v for k, v in first_eval.items() if k != "eval_samples"},
               **{k: v for k, v in last_eval.items() if k != "eval_samples"}}
     result.update(s.usage_metrics())  # parameters trained, step time, peak memory (core/usage.py)
