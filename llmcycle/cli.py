@@ -332,7 +332,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     from llmcycle.serve.config import ServeConfig as S
 
     p.description = ("Serve one or more model directories (each its own engine) with the OpenAI "
-                     "API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, "
+                     "API (/v1/completions, /v1/chat/completions, /v1/models) and Anthropic's "
+                     "(/v1/messages), /health, /metrics, "
                      "a chat page at / and a monitoring dashboard at /dashboard (every request is logged: "
                      "llmcycle monitor). SIGTERM/SIGINT drain running requests, then exit. Options come "
                      "from a recipe (--config, keys below) with key=value overrides; the flags override both.")
@@ -379,6 +380,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=none, help="torch CPU threads, kept fixed (default: the CPUs this process may use, following those other "
                    "processes leave free)")
     p.add_argument("--log-level", default=none, help=f"uvicorn log level (default: {S.log_level})")
+    p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json"], default=none,
+                   help="how tool calls are found in answers (default: auto, from each model's chat template)")
+    p.add_argument("--ssl-certfile", metavar="PEM", default=none,
+                   help="serve https with this certificate chain (with --ssl-keyfile), as uvicorn's flag")
+    p.add_argument("--ssl-keyfile", metavar="PEM", default=none, help="the certificate's private key")
+    p.add_argument("--ssl-ca-certs", metavar="PEM", default=none,
+                   help="require client certificates that chain to these CAs (mutual TLS)")
     p.add_argument("--max-n", type=int, default=none,
                    help=f"most sequences per prompt (n, best_of); more get 400 (default: {S.max_n})")
     p.add_argument("--max-prompts", type=int, default=none,
@@ -468,7 +476,7 @@ COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...]
     *((name, help_text, _add_posttrain(module, config, func))
       for name, module, config, func, help_text in POSTTRAIN_COMMANDS),
     ("generate", "continue a prompt with a model directory", _add_generate),
-    ("serve", "serve model directories behind an OpenAI-compatible HTTP API", _add_serve),
+    ("serve", "serve model directories behind OpenAI- and Anthropic-compatible HTTP APIs", _add_serve),
     ("eval", "evaluate a model (bits/byte, multiple choice, exact match), or gate B against A", _add_eval),
     ("merge", "fold a LoRA adapter into its base model: a plain Hugging Face model directory", _add_merge),
     ("quantize", "quantize a model: int8, int4 (RTN or GPTQ), W8A8, NF4 (compressed-tensors / bitsandbytes formats)", _add_quantize),

@@ -189,7 +189,7 @@ def test_sft_bad_records_are_counted_with_locations(tok, tmp_path):
         "[1, 2]",                                                          # 3 not an object
         {"instruction": "Say hi.", "output": "Hi!"},                       # 4 good
         {"messages": [SYS, U1]},                                           # 5 no assistant turn
-        {"messages": [U1, {"role": "tool", "content": "42"}, A1]},         # 6 unknown role
+        {"messages": [U1, {"role": "robot", "content": "42"}, A1]},         # 6 unknown role
         {"prompt": "Two plus two is", "completion": " four."},             # 7 good
         {"messages": [U1, {"role": "assistant"}]},                         # 8 missing content
         {"messages": [U1, {"role": "assistant", "content": 7}]},           # 9 non-string content
@@ -211,14 +211,14 @@ def test_sft_bad_records_are_counted_with_locations(tok, tmp_path):
     f = tmp_path / "d.jsonl"
     assert [e.source for e in exs] == [f"{f}:{n}" for n in (1, 4, 7, 14, 16, 19)]
     assert rejects.counts == {
-        "malformed JSON": 1, "record is not an object": 1, "no assistant turn": 2, "unknown role 'tool'": 1,
+        "malformed JSON": 1, "record is not an object": 1, "no assistant turn": 2, "unknown role 'robot'": 1,
         "missing or non-string content": 3, UNKNOWN_SHAPE: 2, "empty assistant content": 1,
         "prompt longer than max_length": 1, "invalid UTF-8": 2,
         "messages are not a list of {role, content} objects": 1,
     }
     assert rejects.examples == {
         "malformed JSON": [f"{f}:2"], "record is not an object": [f"{f}:3"],
-        "no assistant turn": [f"{f}:5", f"{f}:22"], "unknown role 'tool'": [f"{f}:6"],
+        "no assistant turn": [f"{f}:5", f"{f}:22"], "unknown role 'robot'": [f"{f}:6"],
         "missing or non-string content": [f"{f}:8", f"{f}:9", f"{f}:21"],
         UNKNOWN_SHAPE: [f"{f}:10", f"{f}:15"], "empty assistant content": [f"{f}:11"],
         "prompt longer than max_length": [f"{f}:13"], "invalid UTF-8": [f"{f}:17", f"{f}:20"],
@@ -306,7 +306,7 @@ def test_preference_bad_records_and_truncation(tok, tmp_path):
         {"prompt": "Q?", "chosen": "", "rejected": " No."},                        # 3 empty chosen
         {"prompt": "Q?", "chosen": " Same.", "rejected": " Same."},                # 4 equal
         {"prompt": LONG, "chosen": " Yes.", "rejected": " No."},                   # 5 prompt too long
-        {"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"},  # 6 unknown role
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},  # 6 unknown role
         {"prompt": "Q?", "chosen": LONG + "Yes.", "rejected": " No."},             # 7 good, truncated
         {"prompt": "Q?", "chosen": long_a, "rejected": long_b},                    # 8 equal after the cut
         {"chosen": [U1, A1], "rejected": [U2, A2]},                                # 9 no shared prompt
@@ -322,7 +322,7 @@ def test_preference_bad_records_and_truncation(tok, tmp_path):
     assert rejects.examples == {
         "missing key 'rejected'": [f"{f}:2"], "empty chosen or rejected": [f"{f}:3"],
         "chosen equal to rejected": [f"{f}:4", f"{f}:12"], "prompt longer than max_length": [f"{f}:5"],
-        "unknown role 'tool'": [f"{f}:6"], "chosen equal to rejected after truncation": [f"{f}:8"],
+        "unknown role 'robot'": [f"{f}:6"], "chosen equal to rejected after truncation": [f"{f}:8"],
         "chosen and rejected differ before their last assistant turn": [f"{f}:9"],
         "missing key 'prompt'": [f"{f}:10"], "completion is not a single assistant message": [f"{f}:11"],
     }

@@ -171,7 +171,8 @@ def test_chat_role_errors(toks):
     tok = toks["bpe"]
     bad = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]
     with pytest.raises(LlmcycleError, match="role"):
-        tok.apply_chat_template(bad)
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}])
+    assert "<tool_response>\nx\n</tool_response>" in tok.apply_chat_template(bad)  # our template takes tools
     with pytest.raises(LlmcycleError, match="role"):
         tok.encode_chat([{"content": "no role"}])
     # A custom template's raise_exception() surfaces as LlmcycleError too.
@@ -242,7 +243,13 @@ def test_transformers_loads_our_directory(toks, saved, split, kind):
         # transformers stops at a span starting on a character no WordPiece token covers (a dropped space).
         assert list(out["assistant_masks"]) == mask
     with pytest.raises(Exception, match="role must be"):
-        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+        hf.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+    # tools, calls and results render as transformers renders them (its `tools` argument)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    calls = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]
+    assert hf.apply_chat_template(calls, tools=tools, tokenize=False) == tok.apply_chat_template(calls, tools=tools)
 
 
 @pytest.mark.parametrize("token_format", ["string", "dict"])

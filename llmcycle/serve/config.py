@@ -41,6 +41,10 @@ class ServeConfig:
     port: int = F(8000, "port")
     keys: str | None = F(None, "API key database (llmcycle keys create ...): keys required")
     log_level: str = F("info", "uvicorn log level")
+    ssl_certfile: str | None = F(None, "TLS: the server's certificate chain (PEM); with ssl_keyfile it serves https")
+    ssl_keyfile: str | None = F(None, "TLS: the certificate's private key (PEM)")
+    ssl_keyfile_password: str | None = F(None, "TLS: the private key's password, if it has one")
+    ssl_ca_certs: str | None = F(None, "TLS: CA certificates that client certificates must chain to (mutual TLS)")
     # engine (one per served model)
     block_size: int = F(16, "tokens per KV block")
     kv_cache_mb: int = F(256, "KV cache budget per model in MiB")
@@ -55,6 +59,9 @@ class ServeConfig:
     device: str | None = F(None, "cpu, cuda, cuda:1 ... (null: cuda if present, else cpu)")
     threads: int | None = F(None, "torch CPU threads, kept fixed (null: the CPUs this process may use, cgroup quota "
                                   "included, following those other processes leave free)")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = F(
+        "auto", "how tool calls are found in an answer (vLLM's names): hermes (<tool_call> JSON: Hermes, Qwen, "
+                "llmcycle's own template), llama3_json; auto: from each model's chat template")
     # admission and request limits
     max_waiting: int = F(256, "requests allowed to wait; more get 503")
     max_n: int = F(16, "most sequences per prompt (n, best_of); more get 400")
@@ -100,6 +107,14 @@ class ServeConfig:
             raise ConfigError("serve: quality_every_s must be >= 0 (0: off) and quality_limit >= 1.")
         if self.drift_every_s < 0:
             raise ConfigError(f"serve: drift_every_s must be >= 0 (0: off), not {self.drift_every_s}.")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("serve: TLS needs both ssl_certfile and ssl_keyfile.")
+        for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"serve: {key} {path}: no such file.")
+        if self.ssl_ca_certs and not self.ssl_certfile:
+            raise ConfigError("serve: ssl_ca_certs (client certificates) needs ssl_certfile and ssl_keyfile.")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"serve: port must be in [0, 65535], not {self.port}.")
         from llmcycle.monitor.pricing import PriceTable
@@ -154,6 +169,17 @@ class ServeConfig:
                     chunk_size=self.chunk_size, enable_prefix_caching=self.enable_prefix_caching,
                     draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens,
                     dtype=getattr(torch, self.dtype) if self.dtype else None, device=self.device)
+
+    def ssl_args(self) -> dict[str, Any]:
+        """uvicorn's TLS settings (empty without a certificate); ssl_ca_certs makes client certificates
+        required."""
+        if not self.ssl_certfile:
+            return {}
+        import ssl
+
+        return dict(ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+                    ssl_keyfile_password=self.ssl_keyfile_password, ssl_ca_certs=self.ssl_ca_certs,
+                    ssl_cert_reqs=ssl.CERT_REQUIRED if self.ssl_ca_certs else ssl.CERT_NONE)
 
     @property
     def max_body_bytes(self) -> int:

@@ -18,6 +18,7 @@ a generator seeded from (seed, i), so the same request gives the same outputs wh
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from llmcycle.model.hf_io import generation_eos_ids
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import BlockManager
 from llmcycle.serve.config import ServeConfig
+from llmcycle.serve.guided import GuidedDecoding, StructuredOutputsParams
 from llmcycle.serve.kv_pool import KVPool
 from llmcycle.serve.model_runner import ModelRunner
 from llmcycle.serve.output_processor import OutputProcessor, RequestMetrics, RequestOutput, RequestState
@@ -77,6 +79,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_id, finish=self.scheduler.finish,
                                                 release=self.runner.remove_sequence)
         self._ids = itertools.count()
+        self._guided_lock = threading.Lock()  # prepare() runs in server threads beside the engine's
         for name, path in (lora_modules or {}).items():
             self.add_lora(name, path)
 
@@ -124,9 +127,27 @@ class LLMEngine:
                 f"of {self.max_model_len} tokens."
             )
 
+    def guided(self) -> GuidedDecoding:
+        """The grammar side of this engine (built at the first structured-outputs request)."""
+        with self._guided_lock:
+            if self.runner.guided is None:
+                if self.tokenizer is None:
+                    raise LlmcycleError("structured outputs need a tokenizer; this engine works in token ids.")
+                stops = sorted({*self.tokenizer.end_of_turn_ids, *self.extra_stop_ids})
+                self.runner.guided = GuidedDecoding(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
+                                                    stops)
+            return self.runner.guided
+
+    def _grammar(self, structured: StructuredOutputsParams) -> str:
+        if self.drafter is not None:
+            raise ValueError("structured_outputs are not supported with speculative decoding on this server")
+        return self.guided().check(structured)
+
     def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Validate the settings and tokenize: ValueError / LlmcycleError name what is wrong."""
         params.validate()
+        if params.structured_outputs is not None:
+            self._grammar(params.structured_outputs)
         ids = self.encode_prompt(prompt)
         if not ids:
             raise LlmcycleError("the prompt is empty.")
@@ -148,10 +169,11 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already in use")
         seqs = [Sequence(f"{rid}#{i}", list(ids), params, eos_token_id=self.eos_id, adapter_id=adapter_id)
                 for i in range(params.n)]
+        grammar = None if params.structured_outputs is None else self._grammar(params.structured_outputs)
         for i, seq in enumerate(seqs):
             self.scheduler.add(seq)  # first: it refuses a request that can never fit the cache
             self.runner.add_sequence(seq.seq_id, None if params.seed is None else params.seed * 1_000_003 + i,
-                                     adapter_id)
+                                     adapter_id, grammar)
         metrics = RequestMetrics(arrival_time or time.monotonic())
         self.output_processor.add_request(RequestState(rid, ids, params, metrics), seqs)
         return rid

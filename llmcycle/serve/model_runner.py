@@ -24,6 +24,7 @@ import torch
 from llmcycle.errors import LlmcycleError
 from llmcycle.model.transformer import Transformer
 from llmcycle.serve.block_manager import num_blocks_for_budget
+from llmcycle.serve.guided import GuidedDecoding
 from llmcycle.serve.kv_pool import KVPool, PagedBatch
 from llmcycle.serve.lora import BASE_ID, LoRAAdapters
 from llmcycle.serve.packed_linear import fuse_projections, pack_linears
@@ -82,6 +83,7 @@ class ModelRunner:
         self.pool = pool
         self.adapters = LoRAAdapters(model)
         self.spec: SpeculativeDecoder | None = None
+        self.guided: GuidedDecoding | None = None  # the engine sets it at the first structured-outputs request
         self._generators: dict[str, torch.Generator | None] = {}
         self._adapter_ids: dict[str, int] = {}
 
@@ -122,11 +124,15 @@ class ModelRunner:
 
     # ---- per-sequence state ------------------------------------------------------------------
 
-    def add_sequence(self, seq_id: str, seed: int | None, adapter_id: int = BASE_ID) -> None:
-        """Register a sequence before it is scheduled: its generator and its LoRA adapter (an id of
-        `self.adapters`; BASE_ID for none)."""
+    def add_sequence(self, seq_id: str, seed: int | None, adapter_id: int = BASE_ID,
+                     grammar: str | None = None) -> None:
+        """Register a sequence before it is scheduled: its generator, its LoRA adapter (an id of
+        `self.adapters`; BASE_ID for none) and the grammar its tokens must follow (`guided.py`), if any."""
         self._generators[seq_id] = make_generator(seed, self.device)
         self._adapter_ids[seq_id] = adapter_id
+        if grammar is not None:
+            assert self.guided is not None
+            self.guided.add(seq_id, grammar)
 
     def remove_sequence(self, seq_id: str) -> None:
         """Forget a finished or aborted sequence (unknown ids are ignored)."""
@@ -134,6 +140,8 @@ class ModelRunner:
         self._adapter_ids.pop(seq_id, None)
         if self.spec is not None:
             self.spec.forget(seq_id)
+        if self.guided is not None:
+            self.guided.remove(seq_id)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -184,12 +192,16 @@ class ModelRunner:
         params = [s.sampling_params for s in seqs]
         processed = apply_penalties(raw, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                                     params)
+        if self.guided is not None:  # structured outputs: only what each sequence's grammar allows
+            self.guided.mask(seqs, processed)
         tokens, chosen_lp, (top_ids, top_lp) = sample(processed, params, [self._generators[s.seq_id] for s in seqs],
                                                       raw_logits=raw)
         chosen = chosen_lp.tolist()
         for j, seq in enumerate(seqs):
             tok = int(tokens[j])
             out.sampled[seq.seq_id] = tok
+            if self.guided is not None:
+                self.guided.advance(seq, tok)
             out.chosen_logprobs[seq.seq_id] = chosen[j]
             k = seq.sampling_params.logprobs
             if k is not None:

@@ -33,6 +33,9 @@ class CompletionOutput:
     # the sum of the generated tokens' raw logprobs (vLLM's name); None where some were not scored
     # (speculative decoding)
     cumulative_logprob: float | None = None
+    # vLLM's stop_reason: the stop string or stop token id that finished the sequence; None for eos,
+    # length or an unfinished sequence
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ class SeqState:
     text: str = ""
     cumulative_logprob: float = 0.0
     num_scored: int = 0  # tokens whose logprob is in cumulative_logprob
+    stop_reason: str | int | None = None  # see CompletionOutput
 
 
 @dataclass
@@ -151,6 +155,8 @@ class OutputProcessor:
         ids = seq.output_token_ids
         if ids and seq.finish_reason == "stop" and not seq.sampling_params.ignore_eos and (
                 ids[-1] == self.eos_id or ids[-1] in seq.sampling_params.stop_token_ids):
+            if ids[-1] != self.eos_id:
+                st.stop_reason = ids[-1]
             ids = ids[:-1]  # the stop token is not part of the text, as in vLLM
         delta = st.detok.push(ids, final=seq.is_finished)
         if not delta:
@@ -162,6 +168,7 @@ class OutputProcessor:
             begin = max(0, old - max(len(s) for s in stop) + 1)
             cut = find_stop(st.text[begin:], stop)
             if cut is not None:
+                st.stop_reason = next(s for s in stop if s and st.text.startswith(s, begin + cut))
                 st.text = st.text[: begin + cut]
                 if seq.is_finished:
                     seq.finish_reason = "stop"  # the stop string came with the last allowed token
@@ -177,7 +184,7 @@ class OutputProcessor:
             scored = st.num_scored == len(st.seq.output_token_ids) and st.num_scored > 0
             outs.append(CompletionOutput(st.index, text, list(st.seq.output_token_ids), st.seq.finish_reason,
                                          list(st.logprobs) if req.params.logprobs is not None else None,
-                                         st.cumulative_logprob if scored else None))
+                                         st.cumulative_logprob if scored else None, st.stop_reason))
         finished = req.finished
         if finished:
             req.metrics.finished_time = now

@@ -10,13 +10,16 @@ is an error naming the field instead of a silently ignored setting; so are NaN a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmcycle.serve.config import ServeConfig
+from llmcycle.serve.guided import StructuredOutputsParams, parse_response_format
 from llmcycle.serve.sampling import SamplingParams
+from llmcycle.serve.tool_calls import Tool, ToolRequest
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON that follows a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), json_object, regex, choice, grammar (Lark)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -65,6 +95,8 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -73,6 +105,10 @@ class _SamplingFields(BaseModel):
             raise ValueError("metadata holds at most 16 pairs, keys of at most 64 characters and values of "
                              "at most 512")
         return v
+
+    def trace_fields(self) -> tuple[str | None, dict[str, str] | None]:
+        """(user, metadata) as the request log keeps them."""
+        return self.user, self.metadata
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         extra_stop_token_ids: list[int] | None = None) -> SamplingParams:
@@ -91,7 +127,22 @@ class _SamplingFields(BaseModel):
             max_tokens=max_tokens,
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            structured_outputs=self.structured(),
         )
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The constraint on the output, from response_format or structured_outputs (not both);
+        ValueError naming the field."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            if self.response_format.type != "text":
+                raise ValueError("structured_outputs and response_format cannot both constrain the output")
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            return StructuredOutputsParams(json=so.json_, json_object=so.json_object, regex=so.regex,
+                                           choice=so.choice, grammar=so.grammar)
+        if self.response_format is not None:
+            return parse_response_format(self.response_format.model_dump(by_alias=True))
+        return None
 
     def check_limits(self, limits: RequestLimits) -> tuple[str, str] | None:
         """(field, message) for the first of the server's limits this request goes over, else None."""
@@ -154,15 +205,76 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict = "{}"  # OpenAI sends a JSON string; Hugging Face chat data holds a dict
+
+
+class ToolCallItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: accepted, ignored by the template
-    role: Literal["system", "user", "assistant", "developer"]
+    model_config = ConfigDict(extra="allow")  # name, ...: accepted, ignored by the template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it: developer is system; a call's arguments as a dict
+        (templates write `arguments | tojson`), where they parse."""
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _arguments(value: str | dict) -> str | dict:
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        return parsed if isinstance(parsed, dict) else value
+    return value
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -171,3 +283,20 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_request(self) -> ToolRequest | None:
+        """The tools offered and how the answer may use them; None without tools (or tool_choice none is
+        then the only choice allowed). ValueError naming the field."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ValueError("tool_choice needs tools")
+            return None
+        tools = [Tool(t.function.name, t.function.description, t.function.parameters
+                      or {"type": "object", "properties": {}}) for t in self.tools]
+        choice = self.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.function.name
+        return ToolRequest(tools, choice, self.parallel_tool_calls is not False)

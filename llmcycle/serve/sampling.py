@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from llmcycle.serve.guided import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20; vLLM's default max_logprobs is 20 too.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a torch long (top_k) or a seed can hold
 
@@ -47,6 +49,7 @@ class SamplingParams:
     max_tokens: int = 16
     logprobs: int | None = None  # number of top alternatives to return alongside the chosen token
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (serve/guided.py)
 
     def __post_init__(self) -> None:
         # OpenAI accepts `stop` as one string or a list; keep one shape downstream.

@@ -56,11 +56,14 @@ from llmcycle.paths import check_model_dir
 from llmcycle.serve.async_engine import AsyncLLMEngine, EngineStepError, EngineUnavailable, QueueFull
 from llmcycle.serve.auth import KeyRecord, KeyStore, RateLimiter
 from llmcycle.serve.config import ServeConfig
+from llmcycle.serve.guided import StructuredOutputsParams
 from llmcycle.serve.metrics import ServerMetrics
 from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.registered import RegisteredModels
 from llmcycle.serve.sampling import SamplingParams
+from llmcycle.serve.tool_calls import ToolCallStream, parser_for_template
+from llmcycle.serve.tool_calls import parse as parse_tool_calls
 from llmcycle.threads import adaptive, set_threads
 from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
 
@@ -104,6 +107,7 @@ class ServerState:
                  safety: list[dict] | None = None, otel: Any = None, drift_every_s: float = 300.0,
                  registered: RegisteredModels | None = None) -> None:
         self.registered = registered  # registry names followed live (serve/registered.py)
+        self.tool_call_parser = "auto"  # run_server sets the configured one
         if registered is not None:
             engines = {**engines, **registered.engines}
         if not engines:
@@ -159,6 +163,12 @@ class ServerState:
             return base, self.engines[base], name
         served = ", ".join([*(self.registered.routes if self.registered else ()), *self.engines, *self.adapters])
         raise APIError(404, f"The model `{name}` does not exist. Served models: {served}.", "model")
+
+    def tool_parser_for(self, tokenizer: Any) -> str:
+        """The tool-call format of a model: the configured parser, or (auto) its chat template's."""
+        if self.tool_call_parser != "auto":
+            return self.tool_call_parser
+        return parser_for_template(tokenizer.chat_template)
 
     def engine(self, name: str) -> AsyncLLMEngine:
         return self.route(name)[1]
@@ -314,9 +324,11 @@ def _authorize(state: ServerState, request: Request, roles: tuple[str, ...] = ("
         return None
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
-    record = state.keys.verify(key.strip()) if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+        key = request.headers.get("x-api-key", "")
+    record = state.keys.verify(key.strip()) if key.strip() else None
     if record is None:
-        raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>`.")
+        raise APIError(401, "Missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.")
     if not record.may(*roles):
         raise APIError(403, f"Key {record.prefix}... has role {record.role or 'user'}; {request.url.path} needs "
                             f"one of: {', '.join(roles)}.")
@@ -460,6 +472,8 @@ class _Logprobs:
 
 
 def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeout) -> FastAPI:
+    from llmcycle.serve import messages_api  # it builds on this module's helpers
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for eng in state.engines.values():
@@ -489,10 +503,10 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        messages = {404: f"There is no route {request.url.path}.",
-                    405: f"{request.method} is not allowed on {request.url.path}."}
-        return APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
-                        headers=exc.headers).response()
+        texts = {404: f"There is no route {request.url.path}.",
+                 405: f"{request.method} is not allowed on {request.url.path}."}
+        err = APIError(exc.status_code, texts.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+        return messages_api.error_response(err) if request.url.path.startswith("/v1/messages") else err.response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -542,6 +556,14 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         return await _monitored(state, "/v1/chat/completions", lambda trace: _chat(state, request, trace))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        return await messages_api.answer(state, request, "/v1/messages", messages_api.messages)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        return await messages_api.answer(state, request, "/v1/messages/count_tokens", messages_api.count_tokens)
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Response:
@@ -608,12 +630,13 @@ async def _admit(state: ServerState, request: Request, model: type[_SamplingFiel
     key = _authorize(state, request)
     trace.key_id = key.id if key is not None else None
     req = await _request(request, model, state.limits)
-    trace.model, trace.stream, trace.user, trace.metadata = req.model, bool(req.stream), req.user, req.metadata
+    trace.model, trace.stream = req.model, bool(req.stream)
+    trace.user, trace.metadata = req.trace_fields()
     reg = state.registered
     if reg is not None and (req.model in reg or reg.variant(req.model)):
         # a registry name (its alias or A/B split picks the version, sticky per user or key), or a loaded
         # version pinned as NAME@N; the version is held until the request ends, so it is not retired under it
-        base, trace.variant, engine, release = (reg.pick(req.model, req.user or trace.key_id) if req.model in reg
+        base, trace.variant, engine, release = (reg.pick(req.model, trace.user or trace.key_id) if req.model in reg
                                                 else reg.hold(req.model))
         trace.on_end.append(release)
         lora = None
@@ -760,30 +783,44 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
 async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
     key, req, base, engine, lora = await _admit(state, request, ChatCompletionRequest, trace)
     tok = engine.engine.tokenizer
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
+    messages = [m.for_template() for m in req.messages]
     if state.monitor.safety:
         messages = [{**m, "content": _screen_prompt(state, trace, m["content"], "messages")} for m in messages]
     _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
-    ids = await asyncio.to_thread(_encode_chat, tok, messages)
+    try:
+        tools = req.tool_request()
+    except ValueError as exc:
+        raise APIError(400, str(exc), "tool_choice" if "tool_choice" in str(exc) else "tools") from None
+    parser = state.tool_parser_for(tok) if tools is not None else None
+    ids = await asyncio.to_thread(_encode_chat, tok, messages, tools.template_tools() if tools else None)
     k = req.top_logprobs if req.logprobs else None
     if req.logprobs and k is None:
         k = 0
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    ids_list, params_list = await asyncio.to_thread(
-        _check_params, engine, [ids],
-        lambda n: req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids), "messages")
+
+    def params(n: int) -> SamplingParams:
+        p = req.sampling_params(_max_tokens(limit, n, engine), k, tok.end_of_turn_ids)
+        forced = tools.grammar(parser) if tools is not None else None
+        if forced is not None:  # tool_choice required or named: the call is decoded under a grammar
+            if p.structured_outputs is not None:
+                raise ValueError("tool_choice required or a named tool cannot be combined with response_format "
+                                 "or structured_outputs")
+            p.structured_outputs = StructuredOutputsParams(grammar=forced)
+        return p
+
+    ids_list, params_list = await asyncio.to_thread(_check_params, engine, [ids], params, "messages")
     if state.monitor.log is not None:
         trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         trace.messages = messages
+    calls = None if tools is None or tools.choice == "none" else (parser, tools.names)
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora,
-                          trace=trace)
+                          trace=trace, tool_calls=calls)
 
 
-def _encode_chat(tok: Any, messages: list[dict]) -> list[int]:
+def _encode_chat(tok: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """The chat's prompt ids (blocking: run off the event loop); a template error is a 400."""
     try:
-        return tok.encode_chat(messages, add_generation_prompt=True)[0]
+        return tok.encode_chat(messages, add_generation_prompt=True, tools=tools)[0]
     except LlmcycleError as exc:
         raise APIError(400, str(exc), "messages") from None
 
@@ -881,46 +918,108 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class _Generation:
+    """One admitted request's sequences in flight: budgets reserved, engine requests started, tokens
+    counted against the key's limit once they are known. Both APIs (OpenAI's in `_respond`, Anthropic's in
+    `messages_api.py`) answer from one: `collect()` for a whole answer, `stream()` for events."""
+
+    def __init__(self, state: ServerState, request: Request, engine: AsyncLLMEngine, key: KeyRecord | None,
+                 ids_list: list[list[int]], params_list: list[SamplingParams], lora: str | None, trace: Trace,
+                 rid: str) -> None:
+        self.state, self.request, self.key, self.trace = state, request, key, trace
+        self.prompt_lens = [len(i) for i in ids_list]
+        self.finals: dict[int, RequestOutput] = {}
+        trace.request_id, trace.prompt_lens, trace.outputs = rid, self.prompt_lens, self.finals  # the monitor reads finals
+        try:
+            state.monitor.admit(trace, key, sum(self.prompt_lens), sum(p.max_tokens * p.n for p in params_list))
+        except BudgetExceeded as e:
+            raise APIError(429, str(e), code="insufficient_quota") from None
+        self.gens = [engine.generate(ids, p, request_id=f"{rid}-{i}", lora_name=lora)
+                     for i, (ids, p) in enumerate(zip(ids_list, params_list))]
+
+    def record_tokens(self) -> None:
+        if self.key is not None:
+            used = sum(self.prompt_lens) + sum(len(c.token_ids) for o in self.finals.values() for c in o.outputs)
+            self.state.limiter.record_tokens(self.key.id, used, self.key.tokens_per_minute)
+
+    async def collect(self) -> dict[int, RequestOutput]:
+        """Every request's final output (the client's disconnect aborts them); errors as APIError."""
+        try:
+            async for i, out in _with_disconnect(self.request, _merge(self.gens)):
+                self.finals[i] = out
+        except BaseException as exc:
+            self.record_tokens()
+            raise _engine_error(exc) from None
+        self.record_tokens()
+        if self.state.monitor.safety:
+            _screen_completions(self.state, self.trace, self.finals, can_change=True)
+        return self.finals
+
+    async def stream(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The outputs as they come, each also kept in `finals`. The first is pulled before this returns, so
+        an engine that refuses the request (queue full, shutting down) still answers with a proper status
+        code instead of a broken stream. Closing the iterator aborts what is unfinished."""
+        merged = _merge(self.gens)
+        try:
+            first = await merged.__anext__()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await merged.aclose()
+            self.record_tokens()
+            raise _engine_error(exc) from None
+
+        async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
+            try:
+                self.finals[first[0]] = first[1]
+                yield first
+                async for i, out in merged:
+                    self.finals[i] = out
+                    yield i, out
+            finally:
+                with contextlib.suppress(Exception):
+                    await merged.aclose()
+                self.record_tokens()
+        return items()
+
+    def streamed(self, events: AsyncIterator[str]) -> StreamingResponse:
+        """The server-sent events response. The stream ends its trace itself; should it never start (the
+        client gone before the first event), the background task still ends it, so no request goes unlogged
+        and no budget reservation stays held."""
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(self.trace.end, CLIENT_CLOSED, "ClientDisconnected"))
+
+
 async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine, req: Any,
                    key: KeyRecord | None, ids_list: list[list[int]], params_list: list[SamplingParams],
-                   chat: bool, lora: str | None, trace: Trace) -> Response:
+                   chat: bool, lora: str | None, trace: Trace,
+                   tool_calls: tuple[str, set[str]] | None = None) -> Response:
+    """The OpenAI answer, whole or streamed. `tool_calls`: (parser, offered names) where the answer's tool
+    calls are to be parsed out of its text (`tool_calls.py`)."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     n = req.n
     lp = _Logprobs(engine.engine.tokenizer)
     k = params_list[0].logprobs
-    prompt_lens = [len(i) for i in ids_list]
-    finals: dict[int, RequestOutput] = {}
-    trace.request_id, trace.prompt_lens, trace.outputs = rid, prompt_lens, finals  # the monitor reads finals
-    try:
-        state.monitor.admit(trace, key, sum(prompt_lens), sum(p.max_tokens * p.n for p in params_list))
-    except BudgetExceeded as e:
-        raise APIError(429, str(e), code="insufficient_quota") from None
-    gens = [engine.generate(ids, p, request_id=f"{rid}-{i}", lora_name=lora)
-            for i, (ids, p) in enumerate(zip(ids_list, params_list))]
-
-    def record_tokens() -> None:
-        if key is not None:
-            used = sum(prompt_lens) + sum(len(c.token_ids) for o in finals.values() for c in o.outputs)
-            state.limiter.record_tokens(key.id, used, key.tokens_per_minute)
+    gen = _Generation(state, request, engine, key, ids_list, params_list, lora, trace, rid)
+    prompt_lens, finals = gen.prompt_lens, gen.finals
 
     if not req.stream:
-        try:
-            async for i, out in _with_disconnect(request, _merge(gens)):
-                finals[i] = out
-        except BaseException as exc:
-            record_tokens()
-            raise _engine_error(exc) from None
-        record_tokens()
-        if state.monitor.safety:
-            _screen_completions(state, trace, finals, can_change=True)
+        await gen.collect()
         choices = []
         for i in sorted(finals):
             for c in finals[i].outputs:
                 if chat:
-                    choices.append({"index": i * n + c.index, "message": {"role": "assistant", "content": c.text},
+                    message: dict = {"role": "assistant", "content": c.text}
+                    finish = c.finish_reason
+                    calls = parse_tool_calls(c.text, *tool_calls) if tool_calls and finish == "stop" else ("", [])
+                    if calls[1]:
+                        message = {"role": "assistant", "content": calls[0] or None,
+                                   "tool_calls": [call.openai() for call in calls[1]]}
+                        finish = "tool_calls"
+                    choices.append({"index": i * n + c.index, "message": message,
                                     "logprobs": lp.chat(c, 0, k or 0) if k is not None else None,
-                                    "finish_reason": c.finish_reason})
+                                    "finish_reason": finish})
                 else:
                     prefix = engine.engine.tokenizer.decode(ids_list[i], skip_special_tokens=True) if req.echo else ""
                     choices.append({"index": i * n + c.index, "text": prefix + c.text,
@@ -930,16 +1029,7 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
                 "model": req.model, "choices": choices, "usage": _usage(prompt_lens, finals)}
         return JSONResponse(body)
 
-    # Streaming: the first item is pulled before the response starts, so an engine that refuses the
-    # request (queue full, shutting down) still answers with a proper status code instead of a broken stream.
-    merged = _merge(gens)
-    try:
-        first = await merged.__anext__()
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            await merged.aclose()
-        record_tokens()
-        raise _engine_error(exc) from None
+    merged = await gen.stream()
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -948,6 +1038,7 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
         sent_text: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         done: set[tuple[int, int]] = set()
+        held: dict[tuple[int, int], ToolCallStream] = {}  # per choice, with tool calls parsed
 
         def chunk(choices: list[dict]) -> str:
             return _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices})
@@ -955,19 +1046,13 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
         try:
             if chat:
                 yield chunk([{"index": i * n + j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(len(gens)) for j in range(n)])
+                              "finish_reason": None} for i in range(len(ids_list)) for j in range(n)])
             elif req.echo:
                 tok = engine.engine.tokenizer
                 yield chunk([{"index": i * n + j, "text": tok.decode(ids_list[i], skip_special_tokens=True),
-                              "logprobs": None, "finish_reason": None} for i in range(len(gens)) for j in range(n)])
+                              "logprobs": None, "finish_reason": None} for i in range(len(ids_list)) for j in range(n)])
 
-            async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
-                yield first
-                async for it in merged:
-                    yield it
-
-            async for i, out in items():
-                finals[i] = out
+            async for i, out in merged:
                 choices = []
                 for c in out.outputs:
                     key_ = (i, c.index)
@@ -976,6 +1061,10 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
                     t0, n0 = sent_text.get(key_, 0), sent_tokens.get(key_, 0)
                     delta = c.text[t0:]
                     finished = c.finish_reason is not None
+                    calls: list = []
+                    if tool_calls:  # text that may be a call is held back until the answer ends
+                        stream = held.setdefault(key_, ToolCallStream(*tool_calls))
+                        delta, calls = stream.delta(c.text, finished and c.finish_reason == "stop", finished)
                     if not delta and not finished and len(c.token_ids) == n0:
                         continue
                     sent_text[key_], sent_tokens[key_] = len(c.text), len(c.token_ids)
@@ -983,8 +1072,11 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
                     if k is not None:
                         logprobs = lp.chat(c, n0, k) if chat else lp.completion(c, n0, k, t0)
                     if chat:
-                        choice = {"index": i * n + c.index, "delta": {"content": delta} if delta else {},
-                                  "logprobs": logprobs, "finish_reason": c.finish_reason}
+                        body = {"content": delta} if delta else {}
+                        if calls:
+                            body["tool_calls"] = [{"index": j, **call.openai()} for j, call in enumerate(calls)]
+                        choice = {"index": i * n + c.index, "delta": body, "logprobs": logprobs,
+                                  "finish_reason": "tool_calls" if calls else c.finish_reason}
                     else:
                         choice = {"index": i * n + c.index, "text": delta, "logprobs": logprobs,
                                   "finish_reason": c.finish_reason}
@@ -1010,14 +1102,9 @@ async def _respond(state: ServerState, request: Request, engine: AsyncLLMEngine,
         finally:
             with contextlib.suppress(Exception):
                 await merged.aclose()
-            record_tokens()
             trace.end(status, error_type)
 
-    # The stream ends its trace itself; should it never start (the client gone before the first event), the
-    # background task still ends it, so no request goes unlogged and no budget reservation stays held.
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(trace.end, CLIENT_CLOSED, "ClientDisconnected"))
+    return gen.streamed(events())
 
 
 async def _with_disconnect(request: Request, gen: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -1157,6 +1244,7 @@ def run_server(cfg: ServeConfig) -> None:
         otel = OtelExporter(cfg.otlp_endpoint)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
                         otel, cfg.drift_every_s, registered)
+    state.tool_call_parser = cfg.tool_call_parser
     if request_log is not None:
         from llmcycle.improve.labels import Labels
 
@@ -1183,7 +1271,10 @@ def run_server(cfg: ServeConfig) -> None:
     print(f"request log: {request_log.store if request_log else 'off'}{text}", flush=True)
     # The drain happens before uvicorn's own shutdown: connections left then are idle ones.
     config = uvicorn.Config(build_app(state, cfg.drain_timeout), host=cfg.host, port=cfg.port,
-                            log_level=cfg.log_level, timeout_graceful_shutdown=5)
+                            log_level=cfg.log_level, timeout_graceful_shutdown=5, **cfg.ssl_args())
+    if cfg.ssl_certfile:
+        print(f"TLS: https://{cfg.host}:{cfg.port} with {cfg.ssl_certfile}"
+              + (" (client certificates required)" if cfg.ssl_ca_certs else ""), flush=True)
     server = DrainingServer(config, state, cfg.drain_timeout)
     where = f"{cfg.host}:{cfg.port}"
     if audit is not None:

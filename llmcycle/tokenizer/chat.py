@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmcycle.errors import LlmcycleError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 END_OF_TURN_TOKEN = "<|end|>"
 
 # One line, so trim_blocks/lstrip_blocks (which transformers turns on) have no newlines to eat; the
@@ -29,18 +29,40 @@ END_OF_TURN_TOKEN = "<|end|>"
 # {% generation %}: those are exactly the tokens the assistant mask marks.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    # Tools (transformers' `tools`: OpenAI function dicts) come first, in a system turn of their own.
+    "{% if tools %}"
+    "{{ '<|system|>\\nYou may call these tools:\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ 'To call one, answer with <tool_call>\\n{\"name\": ..., \"arguments\": {...}}\\n</tool_call>.<|end|>\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Chat message role must be system, user or assistant, got '"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('Chat message role must be system, user, assistant or tool, got '"
     " ~ message['role'] ~ '.') }}"
     "{% endif %}"
+    # A tool's result is shown to the model as a user turn, as Hermes and Qwen templates do: no new token.
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\\n<tool_response>\\n' ~ message['content'] ~ '\\n</tool_response><|end|>\\n' }}"
+    "{% else %}"
     "{{ '<|' ~ message['role'] ~ '|>\\n' }}"
     "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% generation %}{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if call['function'] is defined %}{% set call = call['function'] %}{% endif %}"
+    "{% if loop.first and message['content'] %}{{ '\\n' }}{% endif %}"
+    "{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% if call['arguments'] is string %}"
+    "{{ '<tool_call>\\n{\"name\": ' ~ (call['name'] | tojson) ~ ', \"arguments\": ' ~ call['arguments'] ~ '}\\n</tool_call>' }}"
+    "{% else %}"
+    "{{ '<tool_call>\\n' ~ ({'name': call['name'], 'arguments': call['arguments']} | tojson) ~ '\\n</tool_call>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "<|end|>{% endgeneration %}"
     "{% else %}"
     "{{ message['content'] }}<|end|>"
     "{% endif %}"
     "{{ '\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -112,22 +134,24 @@ def check_messages(messages: list[dict], strict_roles: bool) -> list[dict]:
             raise LlmcycleError(
                 f"Chat message {i} has role {m['role']!r}; roles must be one of {', '.join(CHAT_ROLES)}."
             )
-        if strict_roles and not isinstance(m.get("content"), str):
+        if strict_roles and not isinstance(m.get("content"), str) and not (
+                m["role"] == "assistant" and m.get("tool_calls") and m.get("content") is None):
             raise LlmcycleError(f"Chat message {i} must have a string 'content'.")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 
 
 def render_chat(
-    template: str, messages: list[dict], add_generation_prompt: bool, variables: dict
+    template: str, messages: list[dict], add_generation_prompt: bool, variables: dict, tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages`; return the text and the character spans of `{% generation %}` blocks."""
+    """Render `messages` (with `tools`, OpenAI function dicts, where the template lists them); return the
+    text and the character spans of `{% generation %}` blocks."""
     compiled = compile_template(template)
     rec = _Recorder()
     token = _RECORDER.set(rec)
     try:
         for chunk in compiled.generate(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=tools or None, documents=None, add_generation_prompt=add_generation_prompt,
             **variables,
         ):
             rec.chunks.append(chunk)

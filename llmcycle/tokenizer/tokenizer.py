@@ -223,32 +223,34 @@ class Tokenizer:
         values.update({k: getattr(self, k) for k in TOKEN_KEYS})
         return {k: v for k, v in values.items() if v is not None}
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[dict], list]:
+    def _render(self, messages: list[dict], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> tuple[str, list[dict], list]:
         if self.chat_template is None:
             raise LlmcycleError("This tokenizer has no chat_template in its tokenizer_config.json.")
         # Our own template only knows these roles; say so before Jinja does, with the message index.
         messages = check_messages(messages, strict_roles=self.chat_template == DEFAULT_CHAT_TEMPLATE)
         variables = self._template_variables()
-        text, spans = render_chat(self.chat_template, messages, add_generation_prompt, variables)
+        text, spans = render_chat(self.chat_template, messages, add_generation_prompt, variables, tools)
         return text, messages, spans
 
-    def _prefix_renderer(self, messages: list[dict]):
+    def _prefix_renderer(self, messages: list[dict], tools: list[dict] | None = None):
         """i -> messages[:i] rendered with the generation prompt, or None where the template refuses it."""
         variables = self._template_variables()
 
         def render(i: int) -> str | None:
             try:
-                return render_chat(self.chat_template, messages[:i], True, variables)[0]
+                return render_chat(self.chat_template, messages[:i], True, variables, tools)[0]
             except LlmcycleError:  # e.g. a template that needs a first user message
                 return None
 
         return render
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._render(messages, add_generation_prompt)[0]
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None) -> str:
+        return self._render(messages, add_generation_prompt, tools)[0]
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = False
+        self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
     ) -> tuple[list[int], list[int]]:
         """Token ids of the rendered chat and its assistant mask.
 
@@ -256,10 +258,10 @@ class Tokenizer:
         token after it (the `{% generation %}` spans of the template), 0 on system/user text, role headers
         and bos. The ids are exactly `encode(apply_chat_template(messages))`.
         """
-        text, messages, spans = self._render(messages, add_generation_prompt)
+        text, messages, spans = self._render(messages, add_generation_prompt, tools)
         if not GENERATION_TAG.search(self.chat_template):
             end_tokens = [t for t in (self.end_of_turn_token, self.eos_token) if t]
-            spans = find_assistant_spans(text, messages, end_tokens, self._prefix_renderer(messages))
+            spans = find_assistant_spans(text, messages, end_tokens, self._prefix_renderer(messages, tools))
         enc = self.backend.encode(text, add_special_tokens=False)
         mask = [0] * len(enc.ids)
         for i, (start, end) in enumerate(enc.offsets):

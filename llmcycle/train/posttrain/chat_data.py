@@ -46,6 +46,7 @@ MALFORMED_MESSAGES = "messages are not a list of {role, content} objects"
 BAD_CONTENT = "missing or non-string content"
 NO_ASSISTANT = "no assistant turn"
 EMPTY_ASSISTANT = "empty assistant content"
+BAD_TOOLS = "tools is not a list of function schemas"
 EMPTY_COMPLETION = "empty completion"
 NOT_ONE_ASSISTANT = "completion is not a single assistant message"
 NOT_PREFIX = "prompt does not tokenize as a prefix of the conversation"
@@ -222,14 +223,34 @@ def _messages(value) -> list[dict]:
         raise _Bad(MALFORMED_MESSAGES)
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value):
         raise _Bad(MALFORMED_MESSAGES)
-    if not all(isinstance(m.get("content"), str) for m in value):
+    # An assistant turn that calls tools may have no text (OpenAI's and TRL's shape: content null).
+    if not all(isinstance(m.get("content"), str) or (_calls(m) and m.get("content") is None) for m in value):
         raise _Bad(BAD_CONTENT)
     return value
 
 
-def _encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False):
+def _calls(message: dict) -> bool:
+    calls = message.get("tool_calls")
+    return message.get("role") == "assistant" and isinstance(calls, list) and bool(calls)
+
+
+def _tools(record: dict) -> list[dict] | None:
+    """A record's `tools` (TRL's column: function schemas the template lists), a list or its JSON text."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise _Bad(BAD_TOOLS) from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise _Bad(BAD_TOOLS)
+    return tools or None
+
+
+def _encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+                 tools: list[dict] | None = None):
     try:
-        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except LlmcycleError as e:  # the template refused this conversation: a bad record, not a bad run
         unknown = [m["role"] for m in messages if m["role"] not in CHAT_ROLES]
         if unknown:
@@ -297,22 +318,24 @@ def _load(paths, rejects: Rejects, parse: Callable[[dict, str], object]) -> list
 # ---- SFT ----
 
 
-def _sft_chat(tok: Tokenizer, messages: list[dict], n_prompt: int = 0):
-    """ids, trained, prompt_ids, reference of a chat; with n_prompt, only turns after it are trained."""
+def _sft_chat(tok: Tokenizer, messages: list[dict], n_prompt: int = 0, tools: list[dict] | None = None):
+    """ids, trained, prompt_ids, reference of a chat; with n_prompt, only turns after it are trained. With
+    `tools` (listed by the template), assistant tool calls are trained like text; tool results, shown in
+    their own turns, are context."""
     if not any(m["role"] == "assistant" for m in messages[n_prompt:]):
         raise _Bad(NO_ASSISTANT)
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+    if any(m["role"] == "assistant" and not (m.get("content") or "").strip() and not _calls(m) for m in messages):
         raise _Bad(EMPTY_ASSISTANT)
-    ids, mask = _encode_chat(tok, messages)
+    ids, mask = _encode_chat(tok, messages, tools=tools)
     trained = [bool(x) for x in mask]
     if n_prompt:  # TRL's prompt-completion: assistant turns inside the prompt are context, not targets
-        head = _encode_chat(tok, messages[:n_prompt], add_generation_prompt=True)[0]
+        head = _encode_chat(tok, messages[:n_prompt], add_generation_prompt=True, tools=tools)[0]
         if ids[: len(head)] != head:
             raise _Bad(NOT_PREFIX)
         trained = [t and i >= len(head) for i, t in enumerate(trained)]
     prompt_ids = reference = None
-    if messages[-1]["role"] == "assistant" and len(messages) > 1:
-        p = _encode_chat(tok, messages[:-1], add_generation_prompt=True)[0]
+    if messages[-1]["role"] == "assistant" and len(messages) > 1 and not _calls(messages[-1]):
+        p = _encode_chat(tok, messages[:-1], add_generation_prompt=True, tools=tools)[0]
         # A template that renders history differently (e.g. drops earlier reasoning) breaks the prefix;
         # the example still trains, it just has no exact-match pair.
         if ids[: len(p)] == p:
@@ -322,7 +345,7 @@ def _sft_chat(tok: Tokenizer, messages: list[dict], n_prompt: int = 0):
 
 def _sft_record(tok: Tokenizer, record: dict):
     if "messages" in record:
-        return _sft_chat(tok, _messages(record["messages"]))
+        return _sft_chat(tok, _messages(record["messages"]), tools=_tools(record))
     if "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list):
@@ -333,7 +356,7 @@ def _sft_record(tok: Tokenizer, record: dict):
                 done = [{"role": "assistant", "content": completion}]
             else:
                 raise _Bad(BAD_CONTENT)
-            return _sft_chat(tok, messages + done, n_prompt=len(messages))
+            return _sft_chat(tok, messages + done, n_prompt=len(messages), tools=_tools(record))
         text = _text(completion)
         if not isinstance(prompt, str):
             raise _Bad(BAD_CONTENT)
