@@ -75,6 +75,23 @@ def make_serving_model(tokenizer_dir: str | Path, out: Path, seed: int = 0, laye
     return str(out)
 
 
+def wait_until_healthy(proc, url: str, timeout: float = 60.0) -> None:
+    """Wait for a `llmcycle serve` subprocess to answer /health 200; fails with its output if it exits."""
+    import contextlib
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"{url} did not answer /health within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 def run_cli(args: list[str], **kw):
     import subprocess
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import make_serving_model
+from conftest import make_serving_model, wait_until_healthy
 from llmcycle.serve.async_engine import AsyncLLMEngine
 from llmcycle.serve.auth import KeyStore
 from llmcycle.serve.engine import LLM, LLMEngine
@@ -361,14 +361,7 @@ def test_sigterm_drains_running_requests_then_exits(model_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         # the command's request limits reach the server
         assert httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "def", "n": 3}).status_code == 400
         assert httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "x" * 20_000}).status_code == 413

@@ -64,6 +64,8 @@ class Trace:
         self.messages: list[dict] | None = None  # a chat request's messages (logged with store_text)
         self.prompt_lens: list[int] = []
         self.outputs: dict[int, RequestOutput] = {}  # the latest output of each prompt
+        # (prompt, completion) tokens an upstream deployment reported (serve/gateway.py): no engine output
+        self.upstream_usage: tuple[int, int] | None = None
         self.reservation: Reservation | None = None  # what the key's budget holds for this request
         self.safety: list[Trigger] = []  # the safety checks that fired on its prompt or completion
         self.ended = False
@@ -140,6 +142,8 @@ class RequestMonitor:
         # costs none, and the log then agrees with /metrics' token counters)
         prompt = sum(trace.prompt_lens[i] for i in trace.outputs)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        if trace.upstream_usage is not None:
+            prompt, completion = trace.upstream_usage
         cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics)
         finishes = [c.finish_reason or "abort" for o in outs for c in o.outputs]
         total = end - trace.start
@@ -157,7 +161,7 @@ class RequestMonitor:
             row["safety"] = [dataclasses.asdict(t) for t in trace.safety]
             for t in trace.safety:
                 self.safety_triggers.labels(t.check, t.where, t.action).inc()
-        if trace.model is not None and outs:
+        if trace.model is not None and (outs or trace.upstream_usage is not None):
             row["cost"] = self.prices.cost(trace.model, prompt, cached, completion, total)
         if trace.prompt_text is not None:
             row["_prompt_text"] = trace.prompt_text  # the log's writer finds its language, then drops it

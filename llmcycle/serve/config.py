@@ -62,6 +62,14 @@ class ServeConfig:
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = F(
         "auto", "how tool calls are found in an answer (vLLM's names): hermes (<tool_call> JSON: Hermes, Qwen, "
                 "llmcycle's own template), llama3_json; auto: from each model's chat template")
+    # upstream deployments (docs/serve.md, "Routing to other endpoints")
+    upstreams: list[dict] = F([], "served names answered by another OpenAI- or Anthropic-compatible endpoint, each "
+                                  "{model, provider: openai|anthropic, base_url, api_key_env, upstream_model, "
+                                  "timeout_s}; several with one model are its deployments, tried in order")
+    fallbacks: dict[str, list[str]] = F({}, "name -> names to try when every deployment of it failed (upstream "
+                                            "names or models served here)")
+    upstream_cooldown_s: float = F(60.0, "seconds a failing deployment is skipped")
+    upstream_allowed_fails: int = F(1, "failures in a row before a deployment cools down")
     # admission and request limits
     max_waiting: int = F(256, "requests allowed to wait; more get 503")
     max_n: int = F(16, "most sequences per prompt (n, best_of); more get 400")
@@ -94,7 +102,7 @@ class ServeConfig:
 
     def validate(self) -> ServeConfig:
         """Raise ConfigError naming the first bad value; returns self."""
-        if not self.models and not self.registered:
+        if not self.models and not self.registered and not self.upstreams:
             raise ConfigError("serve: no model to serve; give a model directory (or models: [...] in the recipe, "
                               "or registered: [NAME] for registry names).")
         for key in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "chunk_size",
@@ -107,6 +115,16 @@ class ServeConfig:
             raise ConfigError("serve: quality_every_s must be >= 0 (0: off) and quality_limit >= 1.")
         if self.drift_every_s < 0:
             raise ConfigError(f"serve: drift_every_s must be >= 0 (0: off), not {self.drift_every_s}.")
+        if self.upstreams:
+            from llmcycle.serve.upstream import Router
+
+            router = Router.from_config(self.upstreams, self.fallbacks, self.upstream_cooldown_s,
+                                        self.upstream_allowed_fails)
+            unknown = [n for n in self.fallbacks if n not in router.names]
+            if unknown:
+                raise ConfigError(f"serve: fallbacks for {unknown[0]!r}, which is no upstream name.")
+        if self.upstream_allowed_fails < 1 or self.upstream_cooldown_s < 0:
+            raise ConfigError("serve: upstream_allowed_fails must be >= 1 and upstream_cooldown_s >= 0.")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ConfigError("serve: TLS needs both ssl_certfile and ssl_keyfile.")
         for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):

@@ -59,6 +59,7 @@ from llmcycle.serve.config import ServeConfig
 from llmcycle.serve.guided import StructuredOutputsParams
 from llmcycle.serve.metrics import ServerMetrics
 from llmcycle.serve.output_processor import CompletionOutput, RequestOutput
+from llmcycle.serve.pooling import Pooler, is_reward_model
 from llmcycle.serve.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits, _SamplingFields
 from llmcycle.serve.registered import RegisteredModels
 from llmcycle.serve.sampling import SamplingParams
@@ -69,6 +70,7 @@ from llmcycle.tokenizer.tokenizer import BYTE_OF_CHAR
 
 if TYPE_CHECKING:
     from llmcycle.improve.labels import Labels
+    from llmcycle.serve.upstream import Router
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -105,13 +107,25 @@ class ServerState:
                  limits: RequestLimits | None = None, request_log: RequestLog | None = None,
                  prices: PriceTable | None = None, store_text: bool = False,
                  safety: list[dict] | None = None, otel: Any = None, drift_every_s: float = 300.0,
-                 registered: RegisteredModels | None = None) -> None:
+                 registered: RegisteredModels | None = None, poolers: dict[str, Pooler] | None = None,
+                 router: Router | None = None) -> None:
         self.registered = registered  # registry names followed live (serve/registered.py)
         self.tool_call_parser = "auto"  # run_server sets the configured one
+        # reward models, served as scorers only (pooling_api.py); every engine's model also embeds, through
+        # a pooler over its own weights made at its first pooling request
+        self.poolers: dict[str, Pooler] = dict(poolers or {})
+        self.router = router  # upstream deployments (serve/upstream.py, serve/gateway.py)
+        self.engine_poolers: dict[str, Pooler] = {}
         if registered is not None:
             engines = {**engines, **registered.engines}
-        if not engines:
+        if not engines and not self.poolers and router is None:
             raise LlmcycleError("serve needs at least one model.")
+        clash = sorted(set(self.poolers) & set(engines))
+        if clash:
+            raise LlmcycleError(f"two models are named {clash[0]!r}.")
+        clash = sorted((router.names if router else set()) & (set(engines) | set(self.poolers)))
+        if clash:
+            raise LlmcycleError(f"{clash[0]!r} names both an upstream and a model served here; rename one.")
         self.engines: dict[str, AsyncLLMEngine] = {}  # filled by add_engine, below
         self.adapters = {lora: name for name, e in engines.items() for lora in e.engine.lora_names}
         clash = sorted(set(self.adapters) & set(engines))
@@ -161,6 +175,9 @@ class ServerState:
         if name in self.adapters:
             base = self.adapters[name]
             return base, self.engines[base], name
+        if name in self.poolers:
+            raise APIError(400, f"`{name}` is a reward model: it answers /v1/score, /classify and /pooling, not "
+                                "generation.", "model")
         served = ", ".join([*(self.registered.routes if self.registered else ()), *self.engines, *self.adapters])
         raise APIError(404, f"The model `{name}` does not exist. Served models: {served}.", "model")
 
@@ -226,7 +243,10 @@ def _require_json(request: Request) -> None:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 past `limit` bytes: from Content-Length before reading anything, and counted while
-    reading, for a chunked body has no Content-Length."""
+    reading, for a chunked body has no Content-Length. A body the gateway read already is not read twice."""
+    cached = getattr(request.state, "raw_body", None)
+    if cached is not None:
+        return cached
     too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -472,7 +492,7 @@ class _Logprobs:
 
 
 def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeout) -> FastAPI:
-    from llmcycle.serve import messages_api  # it builds on this module's helpers
+    from llmcycle.serve import gateway, messages_api, pooling_api  # they build on this module's helpers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -491,6 +511,8 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
             w.stop()
         # uvicorn has already waited for open requests (graceful shutdown); stop the engine threads.
         await asyncio.gather(*(e.shutdown(drain=True, timeout=drain_timeout) for e in state.engines.values()))
+        if state.router is not None:
+            await state.router.close()
 
     # The docs are routes of ours (below), so that with keys on they need a key like the API they describe.
     app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -551,19 +573,29 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
 
     @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
-        return await _monitored(state, "/v1/completions", lambda trace: _completions(state, request, trace))
+        return await _monitored(state, "/v1/completions",
+                                lambda trace: gateway.dispatch(state, request, trace, "completions", _completions))
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
-        return await _monitored(state, "/v1/chat/completions", lambda trace: _chat(state, request, trace))
+        return await _monitored(state, "/v1/chat/completions",
+                                lambda trace: gateway.dispatch(state, request, trace, "chat", _chat))
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
-        return await messages_api.answer(state, request, "/v1/messages", messages_api.messages)
+        async def handler(state: ServerState, request: Request, trace: Trace) -> Response:
+            return await gateway.dispatch(state, request, trace, "messages", messages_api.messages)
+
+        return await messages_api.answer(state, request, "/v1/messages", handler)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         return await messages_api.answer(state, request, "/v1/messages/count_tokens", messages_api.count_tokens)
+
+    for route, handler in (("/v1/embeddings", pooling_api.embeddings), ("/v1/score", pooling_api.score),
+                           ("/score", pooling_api.score), ("/classify", pooling_api.classify),
+                           ("/pooling", pooling_api.pooling)):
+        app.add_api_route(route, _pooling_route(state, route, handler), methods=["POST"])
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Response:
@@ -603,6 +635,13 @@ def build_app(state: ServerState, drain_timeout: float = ServeConfig.drain_timeo
 
     app.openapi = lambda: _openapi(app)
     return app
+
+
+def _pooling_route(state: ServerState, route: str, handler: Callable) -> Callable:
+    async def answer(request: Request) -> Response:
+        return await _monitored(state, route, lambda trace: handler(state, request, trace))
+
+    return answer
 
 
 async def _monitored(state: ServerState, route: str, handler: Callable[[Trace], Awaitable[Response]]) -> Response:
@@ -752,6 +791,11 @@ async def _models(state: ServerState, request: Request, trace: Trace) -> Respons
     data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle",
              "root": name, "parent": parent, "max_model_len": state.engines[base].engine.max_model_len}
             for name, base, parent in names]
+    data += [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcycle", "root": name,
+              "parent": None, "max_model_len": p.max_len, "task": "reward"} for name, p in state.poolers.items()]
+    if state.router is not None:  # upstream names: owned by their provider
+        data += [{"id": name, "object": "model", "created": state.created, "owned_by": state.router.provider(name),
+                  "root": name, "parent": None} for name in sorted(state.router.names)]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -1215,9 +1259,15 @@ def run_server(cfg: ServeConfig) -> None:
     torch.set_flush_denormal(True)
     store = KeyStore(cfg.keys, create=False) if cfg.keys else None
     engine_args = cfg.engine_args()
+    rewards = {name: path for name, path in dirs.items() if is_reward_model(path)}
+    for name in rewards:
+        if loras[name]:
+            raise LlmcycleError(f"{name!r} is a reward model; LoRA adapters are served over generation models.")
+    poolers = {name: Pooler.load_reward(path, engine_args["device"], engine_args["dtype"])
+               for name, path in rewards.items()}
     engines = {name: AsyncLLMEngine(LLMEngine(path, lora_modules=loras[name], **engine_args),
                                     max_waiting=cfg.max_waiting)
-               for name, path in dirs.items()}
+               for name, path in dirs.items() if name not in rewards}
     registered = None
     if cfg.registered:
         from llmcycle.improve.registry import Registry
@@ -1242,15 +1292,25 @@ def run_server(cfg: ServeConfig) -> None:
         from llmcycle.monitor.otel import OtelExporter
 
         otel = OtelExporter(cfg.otlp_endpoint)
+    router = None
+    if cfg.upstreams:
+        from llmcycle.serve.upstream import Router
+
+        router = Router.from_config(cfg.upstreams, cfg.fallbacks, cfg.upstream_cooldown_s, cfg.upstream_allowed_fails)
     state = ServerState(engines, store, limits, request_log, PriceTable(cfg.prices), cfg.store_text, cfg.safety,
-                        otel, cfg.drift_every_s, registered)
+                        otel, cfg.drift_every_s, registered, poolers, router)
     state.tool_call_parser = cfg.tool_call_parser
+    if router is not None:
+        for d in router.deployments:
+            print(f"upstream {d.model!r}: {d.label} as {d.upstream_model or d.model!r}"
+                  + (f", key from ${d.api_key_env}" if d.api_key_env else ""), flush=True)
     if request_log is not None:
         from llmcycle.improve.labels import Labels
 
         state.labels = Labels(request_log.store)
     if cfg.quality_every_s > 0:
-        state.quality_watch = QualityWatch(state.monitor, dirs, cfg.quality_every_s, cfg.quality_limit,
+        generators = {n: d for n, d in dirs.items() if n not in rewards}  # a reward model has no eval suite
+        state.quality_watch = QualityWatch(state.monitor, generators, cfg.quality_every_s, cfg.quality_limit,
                                            cfg.quality_heldout, log=request_log.store if request_log else None)
     for name, e in state.engines.items():
         pool = e.engine.pool
@@ -1259,6 +1319,10 @@ def run_server(cfg: ServeConfig) -> None:
               f"{pool.device}", flush=True)
         for lora, path in loras.get(name, {}).items():
             print(f"LoRA adapter {lora!r} from {path} over {name!r}", flush=True)
+    for name, p in poolers.items():
+        state.monitor.versions[name] = model_version(dirs[name])
+        print(f"reward model {name!r} from {dirs[name]}: /v1/score, /classify, /pooling; context {p.max_len}, "
+              f"{p.device}", flush=True)
     print(f"torch threads: {threads}" + (" (following the CPUs other processes leave free)" if adaptive()
                                          else " (fixed)"), flush=True)
     if registered is not None:

@@ -295,6 +295,17 @@ def _completion_ids(tok: Tokenizer, prompt_ids: list[int], messages: list[dict] 
     return ids[n : span[-1] + 1]  # drops what the template writes after the turn (a newline)
 
 
+def pair_ids(tok: Tokenizer, prompt: str, answer: str) -> list[int]:
+    """The ids a reward model scores for a (prompt, answer) pair, tokenized exactly as a preference record
+    `{"prompt": [user turn], "chosen": answer}` (plain text where the tokenizer has no chat template)."""
+    try:
+        prompt_ids, messages = _prompt_ids(tok, [{"role": "user", "content": prompt}] if tok.chat_template
+                                           else prompt)
+        return prompt_ids + _completion_ids(tok, prompt_ids, messages, answer)
+    except _Bad as exc:
+        raise LlmcycleError(f"cannot score this pair: {exc}") from None
+
+
 def _need(record: dict, *keys: str) -> None:
     for key in keys:
         if key not in record:
