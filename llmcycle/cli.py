@@ -380,6 +380,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=none, help="torch CPU threads, kept fixed (default: the CPUs this process may use, following those other "
                    "processes leave free)")
     p.add_argument("--log-level", default=none, help=f"uvicorn log level (default: {S.log_level})")
+    p.add_argument("--ray-replicas", type=int, metavar="N", default=none,
+                   help="run each model's engine as N Ray Serve replicas behind this server (pip install "
+                        "'llmcycle[ray]'); ray_autoscaling in a recipe scales them on queue length")
     p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json"], default=none,
                    help="how tool calls are found in answers (default: auto, from each model's chat template)")
     p.add_argument("--ssl-certfile", metavar="PEM", default=none,

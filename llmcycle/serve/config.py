@@ -62,6 +62,12 @@ class ServeConfig:
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = F(
         "auto", "how tool calls are found in an answer (vLLM's names): hermes (<tool_call> JSON: Hermes, Qwen, "
                 "llmcycle's own template), llama3_json; auto: from each model's chat template")
+    # engine replicas on Ray Serve (serve/ray_engine.py)
+    ray_replicas: int = F(0, "run each model's engine as this many Ray Serve replicas (0: in this process)")
+    ray_autoscaling: dict | None = F(None, "Ray Serve autoscaling instead of a fixed count: {min_replicas, "
+                                           "max_replicas, target_ongoing_requests, ...}")
+    ray_address: str | None = F(None, "the Ray cluster to join (auto: the one `ray start` made; null: a local one)")
+    ray_num_cpus: float = F(1.0, "CPUs Ray reserves per replica")
     # upstream deployments (docs/serve.md, "Routing to other endpoints")
     upstreams: list[dict] = F([], "served names answered by another OpenAI- or Anthropic-compatible endpoint, each "
                                   "{model, provider: openai|anthropic, base_url, api_key_env, upstream_model, "
@@ -123,6 +129,11 @@ class ServeConfig:
             unknown = [n for n in self.fallbacks if n not in router.names]
             if unknown:
                 raise ConfigError(f"serve: fallbacks for {unknown[0]!r}, which is no upstream name.")
+        if self.ray_replicas < 0 or (self.ray_autoscaling is not None and not isinstance(self.ray_autoscaling, dict)):
+            raise ConfigError("serve: ray_replicas must be >= 0 and ray_autoscaling a mapping of Ray Serve's "
+                              "autoscaling_config.")
+        if (self.ray_replicas or self.ray_autoscaling) and self.draft_model:
+            raise ConfigError("serve: speculative decoding (draft_model) is not run on Ray replicas yet.")
         if self.upstream_allowed_fails < 1 or self.upstream_cooldown_s < 0:
             raise ConfigError("serve: upstream_allowed_fails must be >= 1 and upstream_cooldown_s >= 0.")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -187,6 +198,10 @@ class ServeConfig:
                     chunk_size=self.chunk_size, enable_prefix_caching=self.enable_prefix_caching,
                     draft_model=self.draft_model, num_speculative_tokens=self.num_speculative_tokens,
                     dtype=getattr(torch, self.dtype) if self.dtype else None, device=self.device)
+
+    @property
+    def on_ray(self) -> bool:
+        return bool(self.ray_replicas or self.ray_autoscaling)
 
     def ssl_args(self) -> dict[str, Any]:
         """uvicorn's TLS settings (empty without a certificate); ssl_ca_certs makes client certificates

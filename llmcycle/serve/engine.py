@@ -95,6 +95,10 @@ class LLMEngine:
     def drafter(self) -> SpeculativeDecoder | None:
         return self.runner.spec
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
     # ---- requests -----------------------------------------------------------------------------
 
     def add_lora(self, name: str, path: str | Path) -> int:
@@ -134,7 +138,7 @@ class LLMEngine:
                 if self.tokenizer is None:
                     raise LlmcycleError("structured outputs need a tokenizer; this engine works in token ids.")
                 stops = sorted({*self.tokenizer.end_of_turn_ids, *self.extra_stop_ids})
-                self.runner.guided = GuidedDecoding(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
+                self.runner.guided = GuidedDecoding(self.tokenizer.backend.to_str(), self.vocab_size,
                                                     stops)
             return self.runner.guided
 
@@ -152,7 +156,7 @@ class LLMEngine:
         if not ids:
             raise LlmcycleError("the prompt is empty.")
         self.check_length(len(ids), params.max_tokens)
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise LlmcycleError(f"prompt token ids must be in [0, {vocab}).")
         return ids

@@ -55,7 +55,8 @@ class _EngineStatsCollector:
         for key, doc in gauges.items():
             fam = GaugeMetricFamily(f"llmcycle:{key}", doc, labels=["model_name"])
             for name, s in stats.items():
-                fam.add_metric([name], float(s[key]))
+                if key in s:  # an engine on Ray replicas reports its gauges to Ray (serve/ray_engine.py)
+                    fam.add_metric([name], float(s[key]))
             yield fam
         for key, doc in counters.items():
             fam = CounterMetricFamily(f"llmcycle:{key}", doc, labels=["model_name"])

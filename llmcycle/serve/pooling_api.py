@@ -107,6 +107,9 @@ def _pooler(state: srv.ServerState, name: str) -> Pooler:
     if name in state.adapters:
         raise srv.APIError(400, f"`{name}` is a LoRA adapter; pooling routes serve base models.", "model")
     engine = state.route(name)[1].engine  # 404 for an unknown name
+    if not hasattr(engine, "model"):
+        raise srv.APIError(400, f"`{name}` runs on Ray replicas; pooling routes serve models in this process.",
+                           "model")
     if name not in state.engine_poolers:
         state.engine_poolers[name] = Pooler(engine.model, engine.tokenizer)
     return state.engine_poolers[name]

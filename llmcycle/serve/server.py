@@ -1265,9 +1265,16 @@ def run_server(cfg: ServeConfig) -> None:
             raise LlmcycleError(f"{name!r} is a reward model; LoRA adapters are served over generation models.")
     poolers = {name: Pooler.load_reward(path, engine_args["device"], engine_args["dtype"])
                for name, path in rewards.items()}
-    engines = {name: AsyncLLMEngine(LLMEngine(path, lora_modules=loras[name], **engine_args),
-                                    max_waiting=cfg.max_waiting)
-               for name, path in dirs.items() if name not in rewards}
+    if cfg.on_ray:  # each model's engine on Ray Serve replicas (serve/ray_engine.py)
+        from llmcycle.serve.ray_engine import deploy
+
+        engines = {name: deploy(name, path, engine_args, loras[name], cfg.max_waiting, cfg.ray_replicas,
+                                cfg.ray_autoscaling, cfg.ray_address, cfg.ray_num_cpus, cfg.threads)
+                   for name, path in dirs.items() if name not in rewards}
+    else:
+        engines = {name: AsyncLLMEngine(LLMEngine(path, lora_modules=loras[name], **engine_args),
+                                        max_waiting=cfg.max_waiting)
+                   for name, path in dirs.items() if name not in rewards}
     registered = None
     if cfg.registered:
         from llmcycle.improve.registry import Registry
@@ -1313,6 +1320,11 @@ def run_server(cfg: ServeConfig) -> None:
         state.quality_watch = QualityWatch(state.monitor, generators, cfg.quality_every_s, cfg.quality_limit,
                                            cfg.quality_heldout, log=request_log.store if request_log else None)
     for name, e in state.engines.items():
+        if cfg.on_ray:
+            scale = cfg.ray_autoscaling or f"{cfg.ray_replicas} replicas"
+            print(f"model {name!r} from {dirs.get(name)}: engines on Ray Serve ({scale}), context "
+                  f"{e.engine.max_model_len}", flush=True)
+            continue
         pool = e.engine.pool
         print(f"model {name!r} from {dirs.get(name) or e.engine.model_dir}: {pool.num_blocks} KV blocks of {pool.block_size} tokens "
               f"({pool.k.numel() * 2 * pool.k.element_size() / 2**20:.0f} MiB), context {e.engine.max_model_len}, "
@@ -1351,6 +1363,10 @@ def run_server(cfg: ServeConfig) -> None:
         server.run()
     finally:
         state.monitor.close()  # the rows still queued are written before the process ends
+        if cfg.on_ray:
+            from llmcycle.serve.ray_engine import teardown
+
+            teardown([n for n in dirs if n not in rewards])
         if audit is not None:
             audit.append("server_stop", where, {"drained_cleanly": server.drained_cleanly})
     if server.forced:
