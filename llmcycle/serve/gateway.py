@@ -7,6 +7,7 @@ hands it to the local handler, which reads the same bytes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,7 +32,7 @@ async def dispatch(state: srv.ServerState, request: Request, trace: Trace, api: 
     srv._require_json(request)
     raw = await srv._read_body(request, state.limits.max_body_bytes)
     request.state.raw_body = raw  # the local handler reads these bytes again
-    body = srv._loads(raw, state.limits.max_json_depth)
+    body = await asyncio.to_thread(srv._loads, raw, state.limits.max_json_depth)  # megabytes: off the loop
     name = body.get("model") if isinstance(body, dict) else None
     if not isinstance(name, str) or (name not in router.names and name not in router.fallbacks):
         return await local(state, request, trace)

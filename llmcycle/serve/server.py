@@ -342,6 +342,8 @@ def _authorize(state: ServerState, request: Request, roles: tuple[str, ...] = ("
     its role may not use this route (a scrape key outside /metrics, a user key on /metrics)."""
     if state.keys is None:
         return None
+    if hasattr(request.state, "key"):  # authorized already (a gateway request falling back): counted once
+        return request.state.key
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
@@ -357,6 +359,7 @@ def _authorize(state: ServerState, request: Request, roles: tuple[str, ...] = ("
         seconds = max(1, math.ceil(wait))
         raise APIError(429, f"Rate limit reached for key {record.prefix}...; retry in {seconds} s.",
                        headers={"Retry-After": str(seconds)})
+    request.state.key = record
     return record
 
 
