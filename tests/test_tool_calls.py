@@ -26,7 +26,7 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
            "required": ["city", "unit"], "additionalProperties": False}
 ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-       "required": ["a", "b"], "additionalProperties": False}
+       "required": ["a", "b"]}  # no additionalProperties: a forced call takes only the declared ones
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "add", "parameters": ADD}}]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
@@ -148,6 +148,7 @@ def test_forced_calls_from_a_random_model_follow_the_schemas(server):
     calls = r.choices[0].message.tool_calls
     assert [c.function.name for c in calls] == ["add"]
     jsonschema.validate(json.loads(calls[0].function.arguments), ADD)
+    assert set(json.loads(calls[0].function.arguments)) == {"a", "b"}
     # streamed: the same call arrives as a tool_calls delta, and no call text leaks as content
     stream = client.chat.completions.create(model="m", messages=chat, tools=TOOLS, tool_choice=named, max_tokens=300,
                                             temperature=0, stream=True)

@@ -23,6 +23,7 @@ from llmcycle.serve.guided import JSON_OPTIONS
 PARSERS = ("auto", "hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+MAX_CALLS = 8  # calls in one forced answer: a weak model would otherwise call until max_tokens
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -183,19 +184,24 @@ class ToolCallStream:
 
 
 def forced_grammar(tools: list[Tool], parser: str, parallel: bool = True) -> str:
-    """A Lark grammar (llguidance's dialect) of one call of `tools` (or several, with `parallel`) in the
-    parser's format, each call's arguments constrained by its tool's schema: tool_choice "required" or a
+    """A Lark grammar (llguidance's dialect) of one call of `tools` (or up to MAX_CALLS, with `parallel`) in
+    the parser's format, each call's arguments constrained by its tool's schema: tool_choice "required" or a
     named tool."""
     def call_schema(t: Tool, args_key: str) -> str:
-        return json.dumps({"type": "object", "properties": {"name": {"const": t.name}, args_key: t.parameters},
+        # Arguments are the declared parameters: where a schema does not say, no others (as OpenAI's strict
+        # mode requires); JSON Schema's default would let a weak model invent keys until max_tokens.
+        params = t.parameters if "additionalProperties" in t.parameters else {**t.parameters,
+                                                                               "additionalProperties": False}
+        return json.dumps({"type": "object", "properties": {"name": {"const": t.name}, args_key: params},
                            "required": ["name", args_key], "additionalProperties": False,
                            "x-guidance": JSON_OPTIONS})
 
     if parser == "hermes":
         rules = [f"call_{i}: %json {call_schema(t, 'arguments')}" for i, t in enumerate(tools)]
         alts = " | ".join(f"call_{i}" for i in range(len(tools)))
-        start = 'start: call ("\\n" call)*' if parallel else "start: call"
+        start = f'start: call ("\\n" call){{0,{MAX_CALLS - 1}}}' if parallel else "start: call"
         return "\n".join([start, f'call: "{HERMES_OPEN}\\n" ({alts}) "\\n{HERMES_CLOSE}"', *rules])
     rules = [f"call_{i}: %json {call_schema(t, 'parameters')}" for i, t in enumerate(tools)]
     alts = " | ".join(f"call_{i}" for i in range(len(tools)))
-    return "\n".join(['start: call ("; " call)*' if parallel else "start: call", f"call: {alts}", *rules])
+    start = f'start: call ("; " call){{0,{MAX_CALLS - 1}}}' if parallel else "start: call"
+    return "\n".join([start, f"call: {alts}", *rules])
