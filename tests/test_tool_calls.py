@@ -176,3 +176,27 @@ def test_tool_choice_none_and_the_tool_role(server):
                          ({"tools": [TOOLS[1], TOOLS[1]]}, "distinct")]:
         r = httpx.post(server + "/v1/chat/completions", json={"model": "m", "messages": chat, "max_tokens": 4, **body})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], (body, r.text)
+
+
+def test_a_transformers_qwen2_with_its_own_tool_template(tiny_data, tmp_path):
+    """A checkpoint and tokenizer written by transformers (Qwen2 layout, bos_token null, a Hermes-style
+    template of its own): served, offered tools, it answers forced calls in its format, parsed back."""
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=tiny_data["tokenizer"] + "/tokenizer.json",
+                                                  eos_token="<|end_of_text|>", pad_token="<|pad|>")
+    hf_tok.chat_template = HERMES_TEMPLATE
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                   tie_word_embeddings=True, eos_token_id=hf_tok.eos_token_id, bos_token_id=None)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    hf_tok.save_pretrained(tmp_path / "qwen")
+    engine = AsyncLLMEngine(LLMEngine(str(tmp_path / "qwen"), block_size=8, num_blocks=256))
+    with serve_in_thread(ServerState({"qwen": engine})) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "2 + 3?"}],
+                                           tools=TOOLS, tool_choice="required", max_tokens=400, temperature=0)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and 1 <= len(calls) <= 8
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
