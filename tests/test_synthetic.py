@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmcycle.errors import LlmcycleError
+from llmcycle.serve.tool_calls import parse as parse_tool_calls
 from llmcycle.train.posttrain.synthetic import (
     EXTRA_TASKS,
     TASKS,
@@ -225,6 +226,13 @@ def _check(item: Item) -> None:
         name, module = re.fullmatch(r"Write the import statement for `(\w+)` from `([\w.]+)`\.", p).groups()
         assert a == f"from {module} import {name}"
         assert re.search(rf"^(def|class) {name}\b", _stdlib_source(module), re.MULTILINE)
+    elif item.task == "tool":
+        name, param, value = re.fullmatch(r"Call `(\w+)` with (\w+) set to '(\w+)'\.", p).groups()
+        (tool,) = item.tools
+        assert tool["function"]["name"] == name and param in tool["function"]["parameters"]["properties"]
+        content, calls = parse_tool_calls(a, "hermes", {name})  # the answer is a call the server parses
+        assert content == "" and [(c.name, c.arguments) for c in calls] == [(name, {param: value})]
+        assert parse_tool_calls(item.wrong, "hermes", {name})[1] == []  # the wrong one stays text
     else:
         raise AssertionError(item.task)
 
@@ -238,6 +246,35 @@ def test_answers_are_right_and_wrong_answers_wrong():
     for item in items:
         assert item.wrong != item.answer and item.answer.strip() == item.answer and item.answer, item
         _check(item)
+
+
+def test_tool_records_carry_their_tools_and_load_with_them(tmp_path, tiny_data):
+    from llmcycle.tokenizer import Tokenizer
+    from llmcycle.train.posttrain.chat_data import Rejects, load_preferences, load_prompts, load_sft
+
+    files = write_embedded_datasets(tmp_path, per_task=30, tasks=("add", "tool"))
+    rows = _rows(files["sft_train"])
+    assert {("tools" in r) for r in rows} == {True, False}
+    assert all(("tools" in r) == r["messages"][1]["content"].startswith("<tool_call>") for r in rows)
+    tok = Tokenizer.from_pretrained(tiny_data["tokenizer"])
+    rejects = Rejects()
+    sft = load_sft([files["sft_train"]], tok, max_length=1024, rejects=rejects)
+    prefs = load_preferences([files["pref_train"]], tok, max_length=1024, rejects=rejects)
+    prompts = load_prompts([files["prompts_train"]], tok, max_prompt_length=1024, rejects=rejects)
+    assert rejects.total() == 0 and len(sft) == len(prefs) == len(prompts) == len(rows)
+    tool_rows = [i for i, r in enumerate(rows) if "tools" in r]
+    for i in tool_rows[:5]:  # the tools turn is in every prompt of the item, and the call is what is trained
+        name = rows[i]["tools"][0]["function"]["name"]
+        for ids in (sft[i].prompt_ids, prefs[i].prompt_ids, prompts[i].prompt_ids):
+            assert "You may call these tools" in tok.decode(ids, skip_special_tokens=False) and name in tok.decode(ids)
+        trained = tok.decode([t for t, m in zip(sft[i].ids, sft[i].trained) if m], skip_special_tokens=False)
+        assert trained.startswith("<tool_call>") and trained.endswith("<|end|>")
+    # a recipe picks the task with data.embedded_tasks
+    from llmcycle.train.config import DataSection
+    from llmcycle.train.posttrain.chat_data import resolve_data
+
+    train, _ = resolve_data(DataSection(embedded_tasks=["add", "tool"], embedded_per_task=20), tmp_path / "r", "sft")
+    assert any('"tools"' in line for line in train[0].read_text().splitlines())
 
 
 def test_answers_are_short():

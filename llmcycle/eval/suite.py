@@ -132,7 +132,7 @@ def _padded(seqs: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
 def answer_logprobs(model: Transformer, tok: Tokenizer, items: Sequence[Item], answers: Sequence[str],
                     batch_size: int = 16) -> list[float]:
     """Total log p(answer tokens + end-of-turn | chat prompt): the tokens the chat mask marks assistant."""
-    encoded = [tok.encode_chat(_chat(it, a)) for it, a in zip(items, answers)]
+    encoded = [tok.encode_chat(_chat(it, a), tools=it.tools) for it, a in zip(items, answers)]
     out: list[float] = []
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i: i + batch_size]
@@ -162,7 +162,7 @@ def generate_answers(model: Transformer, tok: Tokenizer, items: Sequence[Item],
     """Greedy answers from the serving engine, batched, stopped at end of turn."""
     llm = LLM(None, model=model, tokenizer=tok, kv_cache_bytes=64 * 2**20)
     stop = set(tok.end_of_turn_ids)
-    prompts = [tok.encode_chat(_chat(it), add_generation_prompt=True)[0] for it in items]
+    prompts = [tok.encode_chat(_chat(it), add_generation_prompt=True, tools=it.tools)[0] for it in items]
     limit = model.config.max_position_embeddings
     params = [SamplingParams(temperature=0.0, max_tokens=max(1, min(max_new_tokens, limit - len(p))),
                              stop_token_ids=sorted(stop)) for p in prompts]
@@ -181,7 +181,7 @@ def em_metrics(items: Sequence[Item], answers: Sequence[str]) -> dict:
 @torch.no_grad()
 def reward_scores(rm: ScalarHeadModel, tok: Tokenizer, items: Sequence[Item], answers: Sequence[str],
                   batch_size: int = 16) -> list[float]:
-    seqs = [tok.encode_chat(_chat(it, a))[0] for it, a in zip(items, answers)]
+    seqs = [tok.encode_chat(_chat(it, a), tools=it.tools)[0] for it, a in zip(items, answers)]
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i: i + batch_size]

@@ -139,6 +139,8 @@ class DataSection:
     max_length: int = F(256, "tokens per example (prompt + completion); longer ones are truncated and counted")
     embedded_per_task: int = F(400, "examples per embedded task (train + eval)")
     embedded_seed: int = F(0, "seed of the embedded tasks")
+    embedded_tasks: list[str] | None = F(None, "which embedded tasks (null: the default set; also 'reverse', "
+                                               "'count', and 'tool', calls of a listed tool)")
 
 
 @dataclass

@@ -270,22 +270,22 @@ def _text(value) -> str:
     return value
 
 
-def _prompt_ids(tok: Tokenizer, prompt) -> tuple[list[int], list[dict] | None]:
-    """Ids a completion follows: the chat with the generation prompt, or [bos] + text."""
+def _prompt_ids(tok: Tokenizer, prompt, tools: list[dict] | None = None) -> tuple[list[int], list[dict] | None]:
+    """Ids a completion follows: the chat (with its `tools`) and the generation prompt, or [bos] + text."""
     if isinstance(prompt, list):
         messages = _messages(prompt)
-        return _encode_chat(tok, messages, add_generation_prompt=True)[0], messages
+        return _encode_chat(tok, messages, add_generation_prompt=True, tools=tools)[0], messages
     if not isinstance(prompt, str):
         raise _Bad(BAD_CONTENT)
     return tok.encode(prompt, add_special_tokens=True), None
 
 
 def _completion_ids(tok: Tokenizer, prompt_ids: list[int], messages: list[dict] | None,
-                    text: str) -> list[int]:
+                    text: str, tools: list[dict] | None = None) -> list[int]:
     """The tokens after `prompt_ids`: the assistant span (content + end-of-turn), or text + eos."""
     if messages is None:
         return tok.encode(text, add_eos=True)
-    ids, mask = _encode_chat(tok, [*messages, {"role": "assistant", "content": text}])
+    ids, mask = _encode_chat(tok, [*messages, {"role": "assistant", "content": text}], tools=tools)
     n = len(prompt_ids)
     if ids[:n] != prompt_ids:
         raise _Bad(NOT_PREFIX)
@@ -452,10 +452,11 @@ def load_preferences(paths, tokenizer: Tokenizer, max_length: int,
             raise _Bad(EMPTY_PAIR)
         if chosen == rejected:
             raise _Bad(SAME_PAIR)
-        p, messages = _prompt_ids(tokenizer, prompt)
+        tools = _tools(record)
+        p, messages = _prompt_ids(tokenizer, prompt, tools)
         if len(p) >= max_length:  # before encoding the completions: they would be thrown away
             raise _Bad(PROMPT_TOO_LONG)
-        full = [_completion_ids(tokenizer, p, messages, t) for t in (chosen, rejected)]
+        full = [_completion_ids(tokenizer, p, messages, t, tools) for t in (chosen, rejected)]
         (c, r), truncated = _fit(p, full, max_length)
         if c == r:  # the pair differed only past the cut: nothing left to prefer
             raise _Bad(SAME_AFTER_TRUNCATION)
@@ -474,10 +475,11 @@ def load_unpaired(paths, tokenizer: Tokenizer, max_length: int, rejects: Rejects
         text = _text(record["completion"])
         if not text.strip():
             raise _Bad(EMPTY_COMPLETION)
-        p, messages = _prompt_ids(tokenizer, record["prompt"])
+        tools = _tools(record)
+        p, messages = _prompt_ids(tokenizer, record["prompt"], tools)
         if len(p) >= max_length:
             raise _Bad(PROMPT_TOO_LONG)
-        (c,), truncated = _fit(p, [_completion_ids(tokenizer, p, messages, text)], max_length)
+        (c,), truncated = _fit(p, [_completion_ids(tokenizer, p, messages, text, tools)], max_length)
         return UnpairedExample(p, c, record["label"], source, truncated)
 
     return _load(paths, rejects, parse)
@@ -497,7 +499,7 @@ def load_prompts(paths, tokenizer: Tokenizer, max_prompt_length: int,
             answer = str(answer)  # numeric answers (GSM8K-style) compare as text
         if isinstance(prompt, str) and not prompt.strip():
             raise _Bad(EMPTY_PROMPT)
-        p, _ = _prompt_ids(tokenizer, prompt)
+        p, _ = _prompt_ids(tokenizer, prompt, _tools(record))
         if len(p) >= max_prompt_length:
             raise _Bad(PROMPT_TOO_LONG_ONLINE)
         return PromptExample(p, prompt, answer, source)
@@ -585,7 +587,8 @@ def resolve_data(data: DataSection, out_dir: Path, kind: str) -> tuple[list[Path
     if "embedded" in (data.train, data.eval):
         from llmcycle.train.posttrain.synthetic import write_embedded_datasets
 
-        files = write_embedded_datasets(out_dir / "data", seed=data.embedded_seed, per_task=data.embedded_per_task)
+        files = write_embedded_datasets(out_dir / "data", seed=data.embedded_seed, per_task=data.embedded_per_task,
+                                        **({"tasks": data.embedded_tasks} if data.embedded_tasks else {}))
 
     def pick(value: str | None, which: int) -> list[Path]:
         if value is None:

@@ -32,7 +32,10 @@ docstrings of public modules, both taken from the corpus' ``stdlib-docstrings`` 
 as `ast.unparse` wrote them) and checked against its ``stdlib-source`` documents, so the data is
 exactly as deterministic as the corpus: the same Python gives the same files.
 
-Also available, but not in `TASKS`: ``reverse`` ("Reverse the word 'socket'." -> "tekcos") and
+Also available, but not in `TASKS` (`data.embedded_tasks` picks them): ``tool`` ("Call `urljoin` with url
+set to 'socket'." with `urljoin` listed as a tool -> ``<tool_call>\n{"name": "urljoin", "arguments": {"url":
+"socket"}}\n</tool_call>``; wrong: the same JSON without its tags, a call that stays text), whose records
+carry `tools` for the chat template; ``reverse`` ("Reverse the word 'socket'." -> "tekcos") and
 ``count`` ("How many times does 'e' occur in 'deepcopy'?" -> "2"). They need every letter of every BPE
 token (and reversing re-splits the word into different tokens), where ``last`` needs one letter and
 ``upper`` maps piece to piece; a few CPU minutes will not teach a tiny model that, so in the default
@@ -62,7 +65,7 @@ from llmcycle.data.pycorpus import collect_python_corpus
 from llmcycle.errors import LlmcycleError
 
 TASKS: tuple[str, ...] = ("add", "sub", "max", "last", "upper", "name", "param", "arity", "import")
-EXTRA_TASKS: tuple[str, ...] = ("reverse", "count")
+EXTRA_TASKS: tuple[str, ...] = ("reverse", "count", "tool")
 SPLIT_SALT = "llmcycle-synthetic"
 MAX_SIGNATURE = 60  # characters of `def f(...)` shown in a prompt: longer ones make slow, hard prompts
 
@@ -73,6 +76,7 @@ class Item:
     prompt: str
     answer: str
     wrong: str  # a plausible incorrect answer, never equal to `answer`
+    tools: list[dict] | None = None  # the tools the chat template lists for this item (the `tool` task)
 
 
 # --- what the corpus gives -------------------------------------------------------------------------------
@@ -238,9 +242,27 @@ def _import(rng: random.Random) -> list[Item]:
     return out
 
 
+def _tool(rng: random.Random) -> list[Item]:
+    """Call a listed function with one argument: the format of a tool call, and a copy of name and value."""
+    out = []
+    words = corpus_pools().words
+    for f in corpus_pools().functions:
+        params = [p for p in f.params if p.isidentifier()][:3]
+        if not params:
+            continue
+        schema = {"type": "object", "properties": {p: {"type": "string"} for p in params}}
+        tool = {"type": "function", "function": {"name": f.name, "parameters": schema}}
+        param, value = rng.choice(params), rng.choice(words)
+        call = json.dumps({"name": f.name, "arguments": {param: value}})
+        # Wrong: the same call without its tags - the slip that leaves a call unparsed, as text.
+        out.append(Item("tool", f"Call `{f.name}` with {param} set to '{value}'.",
+                        f"<tool_call>\n{call}\n</tool_call>", call, [tool]))
+    return out
+
+
 GENERATORS: dict[str, Callable[[random.Random], list[Item]]] = {
     "add": _add, "sub": _sub, "max": _max, "last": _last, "upper": _upper, "name": _name, "param": _param,
-    "arity": _arity, "import": _import, "reverse": _reverse, "count": _count,
+    "arity": _arity, "import": _import, "reverse": _reverse, "count": _count, "tool": _tool,
 }
 
 
@@ -307,6 +329,10 @@ def _assistant(text: str) -> list[dict]:
 
 
 def _records(name: str, items: list[Item]) -> list[dict]:
+    return [{**r, "tools": it.tools} if it.tools else r for r, it in zip(_plain_records(name, items), items)]
+
+
+def _plain_records(name: str, items: list[Item]) -> list[dict]:
     if name.startswith("sft"):
         return [{"messages": _user(it) + _assistant(it.answer)} for it in items]
     if name.startswith("pref"):
