@@ -158,19 +158,3 @@ class GuidedDecoding:
         if not matcher.consume_token(token):  # cannot happen for a token from the mask
             raise LlmcycleError(f"guided decoding: {matcher.get_error()}")
 
-
-def parse_response_format(response_format: dict | None) -> StructuredOutputsParams | None:
-    """OpenAI's `response_format` ({"type": "text" | "json_object" | "json_schema", "json_schema": {"name",
-    "schema", "strict"}}) as structured-outputs params; ValueError naming the problem."""
-    if response_format is None or response_format.get("type") == "text":
-        return None
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise ValueError("response_format json_schema needs {\"name\": ..., \"schema\": {...}}")
-        return StructuredOutputsParams(json=spec.get("schema") or {"type": "object"})
-    raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
-

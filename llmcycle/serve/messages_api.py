@@ -256,19 +256,11 @@ async def _prompt(state: srv.ServerState, request: Request, model: type, trace: 
         if exc.status == 422:  # the trace records what the client is answered
             raise srv.APIError(400, exc.message, exc.param) from None
         raise
-    messages = req.chat()
     try:
         tools = req.tool_request()
     except ValueError as exc:
         raise srv.APIError(400, str(exc), "tools") from None
-    if state.monitor.safety:
-        messages = [{**m, "content": srv._screen_prompt(state, trace, m["content"], "messages")} for m in messages]
-    srv._check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
-    ids = await asyncio.to_thread(srv._encode_chat, engine.engine.tokenizer, messages,
-                                  tools.template_tools() if tools else None)
-    if state.monitor.log is not None:
-        trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        trace.messages = messages
+    ids = await srv._chat_prompt(state, trace, base, engine, req.chat(), tools)
     return key, req, base, engine, lora, ids, tools
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmcycle.serve.config import ServeConfig
-from llmcycle.serve.guided import StructuredOutputsParams, parse_response_format
+from llmcycle.serve.guided import StructuredOutputsParams
 from llmcycle.serve.sampling import SamplingParams
 from llmcycle.serve.tool_calls import Tool, ToolRequest
 
@@ -140,9 +140,12 @@ class _SamplingFields(BaseModel):
             so = self.structured_outputs
             return StructuredOutputsParams(json=so.json_, json_object=so.json_object, regex=so.regex,
                                            choice=so.choice, grammar=so.grammar)
-        if self.response_format is not None:
-            return parse_response_format(self.response_format.model_dump(by_alias=True))
-        return None
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=(fmt.json_schema.schema_ if fmt.json_schema else None) or {"type": "object"})
 
     def check_limits(self, limits: RequestLimits) -> tuple[str, str] | None:
         """(field, message) for the first of the server's limits this request goes over, else None."""

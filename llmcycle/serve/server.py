@@ -830,16 +830,12 @@ async def _completions(state: ServerState, request: Request, trace: Trace) -> Re
 async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
     key, req, base, engine, lora = await _admit(state, request, ChatCompletionRequest, trace)
     tok = engine.engine.tokenizer
-    messages = [m.for_template() for m in req.messages]
-    if state.monitor.safety:
-        messages = [{**m, "content": _screen_prompt(state, trace, m["content"], "messages")} for m in messages]
-    _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
     try:
         tools = req.tool_request()
     except ValueError as exc:
         raise APIError(400, str(exc), "tool_choice" if "tool_choice" in str(exc) else "tools") from None
     parser = state.tool_parser_for(tok) if tools is not None else None
-    ids = await asyncio.to_thread(_encode_chat, tok, messages, tools.template_tools() if tools else None)
+    ids = await _chat_prompt(state, trace, base, engine, [m.for_template() for m in req.messages], tools)
     k = req.top_logprobs if req.logprobs else None
     if req.logprobs and k is None:
         k = 0
@@ -856,12 +852,25 @@ async def _chat(state: ServerState, request: Request, trace: Trace) -> Response:
         return p
 
     ids_list, params_list = await asyncio.to_thread(_check_params, engine, [ids], params, "messages")
-    if state.monitor.log is not None:
-        trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        trace.messages = messages
     calls = None if tools is None or tools.choice == "none" else (parser, tools.names)
     return await _respond(state, request, engine, req, key, ids_list, params_list, chat=True, lora=lora,
                           trace=trace, tool_calls=calls)
+
+
+async def _chat_prompt(state: ServerState, trace: Trace, base: str, engine: AsyncLLMEngine,
+                       messages: list[dict], tools: Any) -> list[int]:
+    """A chat's prompt ids, for either API: its messages screened by the safety checks, bounded by bytes,
+    rendered with the template (and `tools`, a ToolRequest, where offered) off the event loop, and noted on
+    the trace for the request log."""
+    if state.monitor.safety:
+        messages = [{**m, "content": _screen_prompt(state, trace, m["content"], "messages")} for m in messages]
+    _check_prompt_bytes(state, base, [m["content"] for m in messages], "messages")
+    ids = await asyncio.to_thread(_encode_chat, engine.engine.tokenizer, messages,
+                                  tools.template_tools() if tools else None)
+    if state.monitor.log is not None:
+        trace.prompt_text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        trace.messages = messages
+    return ids
 
 
 def _encode_chat(tok: Any, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

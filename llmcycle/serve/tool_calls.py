@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from llmcycle.serve.guided import JSON_OPTIONS
+from llmcycle.serve.sampling import stop_holdback
 
 PARSERS = ("auto", "hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -93,11 +94,6 @@ def parser_for_template(template: str | None) -> str:
     return "hermes"  # Hermes/Qwen templates and llmcycle's own
 
 
-def marker(parser: str) -> str:
-    """The text that begins a tool call: what a stream holds back until it knows."""
-    return HERMES_OPEN if parser == "hermes" else "{"
-
-
 def _call(obj: object, args_key: str) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
@@ -151,12 +147,7 @@ def held_from(text: str, parser: str) -> int:
     and holds the rest until the answer ends (a partial marker at the end is held too)."""
     if parser == "hermes":
         start = text.find(HERMES_OPEN)
-        if start >= 0:
-            return start
-        for n in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-            if text.endswith(HERMES_OPEN[:n]):
-                return len(text) - n
-        return len(text)
+        return start if start >= 0 else len(text) - stop_holdback(text, [HERMES_OPEN])
     head = text.lstrip()  # llama3_json: a call is the whole answer
     if not head or head.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(head):
         return 0
